@@ -125,3 +125,23 @@ def quantize_q8(w: np.ndarray, name: str = "", group: int = 32) -> QTensor:
     q = np.clip(np.round(b * inv[..., None]), -127, 127).astype(np.int8)
     return QTensor(name, "q8", (n, k), codes=q, scales=d.astype(np.float32), mins=None,
                    group=group, source_type="Q8_0")
+
+
+def dequantize_rows(qt: QTensor, rows: np.ndarray) -> np.ndarray:
+    """Dequantize only the given rows (an embedding lookup) -> float32 [len(rows), K]."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if qt.kind == "f32":
+        return np.asarray(qt.data[rows], dtype=np.float32)
+    n, k = qt.shape
+    if rows.size and (rows.min() < 0 or rows.max() >= n):
+        raise IndexError(f"{qt.name}: token id out of range 0..{n - 1}")
+    codes = np.asarray(qt.codes[rows])
+    if qt.kind == "q4":
+        q = unpack_q4(codes).astype(np.float32) - qt.offset
+    else:
+        q = codes.reshape(len(rows), -1).astype(np.float32)
+    g = qt.group
+    w = q.reshape(len(rows), k // g, g) * qt.scales[rows][:, :, None]
+    if qt.mins is not None:
+        w = w + qt.mins[rows][:, :, None]
+    return w.reshape(len(rows), k).astype(np.float32)

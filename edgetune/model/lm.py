@@ -1,0 +1,126 @@
+"""The user-facing language model: edgetune.load(path) -> Model with tokenize / logits / generate."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..errors import EdgetuneError, FormatError
+from ..formats.gguf_reader import GGUFFile
+from .tokenizer import Tokenizer
+from .transformer import Transformer
+
+
+class Model:
+    def __init__(self, path):
+        self.path = str(path)
+        self.gguf = GGUFFile(self.path)
+        self.net = Transformer(self.gguf)
+        self.config = self.net.config
+        self.tokenizer = Tokenizer(self.path)
+        self.chat_template = self.gguf.get("tokenizer.chat_template")
+
+    def __repr__(self):
+        c = self.config
+        return (f"Model({Path(self.path).name}: {c.arch}, {c.n_layer} layers, d={c.n_embd}, "
+                f"heads {c.n_head}/{c.n_head_kv}, vocab {c.n_vocab})")
+
+    # -- text ----------------------------------------------------------------------------------
+    def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:
+        return self.tokenizer.encode(text, add_bos=add_bos, special=special)
+
+    def detokenize(self, ids) -> str:
+        return self.tokenizer.decode(ids)
+
+    # -- forward -------------------------------------------------------------------------------
+    def _pad(self, batch) -> tuple[torch.Tensor, list[int]]:
+        if len(batch) and isinstance(batch[0], (int, np.integer)):
+            batch = [batch]
+        if not len(batch) or any(len(s) == 0 for s in batch):
+            raise EdgetuneError("logits: every sequence needs at least one token")
+        lengths = [len(s) for s in batch]
+        T = max(lengths)
+        if T > self.config.context_length:
+            raise EdgetuneError(f"logits: sequence of {T} tokens exceeds the model's context "
+                                f"length {self.config.context_length}")
+        tokens = torch.zeros((len(batch), T), dtype=torch.long)  # right padding: causal mask suffices
+        for i, s in enumerate(batch):
+            ids = torch.as_tensor(list(s), dtype=torch.long)
+            if ids.min() < 0 or ids.max() >= self.config.n_vocab:
+                raise EdgetuneError(f"logits: token id out of range 0..{self.config.n_vocab - 1}")
+            tokens[i, : len(s)] = ids
+        return tokens, lengths
+
+    @staticmethod
+    def _resolve_positions(positions, lengths) -> list[list[int]]:
+        B = len(lengths)
+        if len(positions) and isinstance(positions[0], (int, np.integer)):
+            positions = [list(positions)] * B
+        if len(positions) != B:
+            raise EdgetuneError(f"logits: got positions for {len(positions)} sequences, batch has {B}")
+        out = []
+        for p, n in zip(positions, lengths):
+            row = [int(x) + n if int(x) < 0 else int(x) for x in p]
+            if any(x < 0 or x >= n for x in row):
+                raise EdgetuneError(f"logits: position out of range for a sequence of {n} tokens")
+            out.append(row)
+        if len({len(r) for r in out}) > 1:
+            raise EdgetuneError("logits: every sequence needs the same number of positions")
+        return out
+
+    @torch.inference_mode()
+    def logits(self, batch: Sequence[Sequence[int]], positions=None, perturb=None) -> np.ndarray:
+        """Logits for a batch of token lists.
+
+        positions=None -> [B, T, V] for every position (padding rows are 0);
+        positions=[p, ...] (applied to every sequence) or [[p, ...], ...] per sequence, negative
+        counting from each sequence's end (-1 = its last token) -> [B, P, V].  Only the requested
+        positions go through the output head.
+        """
+        tokens, lengths = self._pad(batch)
+        h = self.net.hidden(tokens, perturb)
+        B, T, _ = h.shape
+        V = self.config.n_vocab
+        if positions is None:
+            rows = torch.cat([h[i, :n] for i, n in enumerate(lengths)])
+            lg = self.net.head(rows, perturb)
+            out = np.zeros((B, T, V), np.float32)
+            o = 0
+            for i, n in enumerate(lengths):
+                out[i, :n] = lg[o:o + n].numpy()
+                o += n
+            return out
+        pos = self._resolve_positions(positions, lengths)
+        idx = torch.tensor(pos, dtype=torch.long)                       # [B, P]
+        sel = h[torch.arange(B)[:, None], idx]                          # [B, P, d]
+        return self.net.head(sel, perturb).numpy()
+
+    # -- generation ----------------------------------------------------------------------------
+    def generate(self, prompt, max_tokens: int = 32, stop_at_eos: bool = True) -> str:
+        """Greedy continuation of `prompt` (text or token ids); returns the generated text."""
+        return self.detokenize(self.generate_ids(prompt, max_tokens, stop_at_eos))
+
+    def generate_ids(self, prompt, max_tokens: int = 32, stop_at_eos: bool = True) -> list[int]:
+        ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise EdgetuneError("generate: empty prompt")
+        out = []
+        for _ in range(max_tokens):  # no KV cache yet: each step re-runs the prefix
+            if len(ids) >= self.config.context_length:
+                break
+            nxt = int(np.argmax(self.logits([ids], positions=[-1])[0, 0]))
+            if stop_at_eos and self.tokenizer.is_eog(nxt):
+                break
+            out.append(nxt)
+            ids.append(nxt)
+        return out
+
+
+def load(path) -> Model:
+    """Open a GGUF model file for inference and training."""
+    p = Path(path)
+    if not p.exists():
+        raise FormatError(p, "model file not found")
+    return Model(p)

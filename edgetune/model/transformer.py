@@ -1,0 +1,233 @@
+"""Forward-only llama-family transformer (llama, mistral, qwen2, SmolLM) on int4 QTensors.
+
+No autograd: every matmul with a weight goes through kernels.qgemm, which can perturb a tensor's
+group scales on the fly (ZO training).  Activations are fp32 torch CPU tensors.  Sequences in a
+batch are right-padded, so the causal mask alone keeps padding out of every real position.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import kernels
+from ..errors import FormatError, UnsupportedError
+from ..formats.gguf_reader import GGUFFile
+from ..quant import QTensor, dequantize_rows
+
+# architectures whose GGUF layout we implement, with their RoPE pairing convention
+ARCHITECTURES = {"llama": "normal", "mistral": "normal", "qwen2": "neox"}
+LAYER_WEIGHTS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+@dataclass
+class ModelConfig:
+    arch: str
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    n_ff: int
+    n_vocab: int
+    rope_base: float
+    rope_dim: int
+    rope_mode: str            # "normal": rotate (x[2i], x[2i+1]); "neox": rotate (x[i], x[i+d/2])
+    rope_scale: float = 1.0   # linear position scaling
+    rms_eps: float = 1e-5
+    context_length: int = 2048
+    tied_embeddings: bool = False
+    qkv_bias: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def from_gguf(cls, g: GGUFFile) -> "ModelConfig":
+        arch = g.require("general.architecture")
+        if arch not in ARCHITECTURES:
+            raise UnsupportedError(g.path, f"architecture {arch!r} is not supported "
+                                           f"(supported: {', '.join(ARCHITECTURES)})")
+        a = arch
+
+        def key(k, default=None):
+            v = g.get(f"{a}.{k}", default)
+            if v is None:
+                raise FormatError(g.path, f"missing metadata key '{a}.{k}'")
+            return v
+
+        n_embd = int(key("embedding_length"))
+        n_head = int(key("attention.head_count"))
+        emb = g.tensors.get("token_embd.weight")
+        if emb is None:
+            raise FormatError(g.path, "missing tensor 'token_embd.weight'")
+        n_vocab = int(g.get(f"{a}.vocab_size", emb.shape[0]))
+        scaling = g.get(f"{a}.rope.scaling.type", "none")
+        if scaling not in ("none", "linear"):
+            raise UnsupportedError(g.path, f"RoPE scaling {scaling!r} is not supported (none, linear)")
+        factor = float(g.get(f"{a}.rope.scaling.factor", 1.0) or 1.0) if scaling == "linear" else 1.0
+        return cls(
+            arch=arch, n_embd=n_embd, n_layer=int(key("block_count")), n_head=n_head,
+            n_head_kv=int(g.get(f"{a}.attention.head_count_kv", n_head)),
+            n_ff=int(key("feed_forward_length")), n_vocab=n_vocab,
+            rope_base=float(g.get(f"{a}.rope.freq_base", 10000.0)),
+            rope_dim=int(g.get(f"{a}.rope.dimension_count", n_embd // n_head)),
+            rope_mode=ARCHITECTURES[arch], rope_scale=factor,
+            rms_eps=float(g.get(f"{a}.attention.layer_norm_rms_epsilon", 1e-5)),
+            context_length=int(g.get(f"{a}.context_length", 2048)),
+            tied_embeddings="output.weight" not in g.tensors,
+            qkv_bias="blk.0.attn_q.bias" in g.tensors,
+        )
+
+
+@dataclass
+class Layer:
+    attn_norm: torch.Tensor
+    ffn_norm: torch.Tensor
+    w: dict                                   # name in LAYER_WEIGHTS -> QTensor
+    bias: dict = field(default_factory=dict)  # "attn_q"/"attn_k"/"attn_v" -> torch vector (qwen2)
+
+
+class Transformer:
+    """Weights + forward.  `perturb` arguments map tensor names to kernels.Perturbation."""
+
+    def __init__(self, g: GGUFFile):
+        self.path = g.path
+        self.config = c = ModelConfig.from_gguf(g)
+        self.tensor_names = []  # stable order: the tensor_id of a QTensor is its index here
+        self.embed = self._q(g, "token_embd.weight")
+        self.layers = []
+        for i in range(c.n_layer):
+            w = {n: self._q(g, f"blk.{i}.{n}.weight") for n in LAYER_WEIGHTS}
+            bias = {}
+            if c.qkv_bias:
+                for n in ("attn_q", "attn_k", "attn_v"):
+                    bias[n] = self._vec(g, f"blk.{i}.{n}.bias")
+            self.layers.append(Layer(self._vec(g, f"blk.{i}.attn_norm.weight"),
+                                     self._vec(g, f"blk.{i}.ffn_norm.weight"), w, bias))
+        self.output_norm = self._vec(g, "output_norm.weight")
+        self.output = self.embed if c.tied_embeddings else self._q(g, "output.weight")
+        self._check_shapes()
+        self._rope_cache = {}
+        freqs = None
+        if "rope_freqs.weight" in g.tensors:  # llama3-style per-dimension frequency factors
+            freqs = torch.from_numpy(np.array(g.qtensor("rope_freqs.weight").data, np.float32))
+        self._rope_freq_factors = freqs
+
+    # -- loading -------------------------------------------------------------------------------
+    def _q(self, g: GGUFFile, name: str) -> QTensor:
+        qt = g.qtensor(name, tensor_id=len(self.tensor_names))
+        self.tensor_names.append(name)
+        return qt
+
+    def _vec(self, g: GGUFFile, name: str) -> torch.Tensor:
+        qt = g.qtensor(name)
+        return torch.from_numpy(np.array(qt.data, dtype=np.float32).reshape(-1))
+
+    def _check_shapes(self):
+        c = self.config
+        kv = c.n_head_kv * c.head_dim
+        want = {"attn_q": (c.n_embd, c.n_embd), "attn_k": (kv, c.n_embd), "attn_v": (kv, c.n_embd),
+                "attn_output": (c.n_embd, c.n_embd), "ffn_gate": (c.n_ff, c.n_embd),
+                "ffn_up": (c.n_ff, c.n_embd), "ffn_down": (c.n_embd, c.n_ff)}
+        for i, layer in enumerate(self.layers):
+            for n, shape in want.items():
+                if tuple(layer.w[n].shape) != shape:
+                    raise FormatError(self.path, f"tensor 'blk.{i}.{n}.weight' has shape "
+                                                 f"{tuple(layer.w[n].shape)}, expected {shape}")
+        if tuple(self.embed.shape) != (c.n_vocab, c.n_embd):
+            raise FormatError(self.path, f"token_embd.weight has shape {tuple(self.embed.shape)}, "
+                                         f"expected {(c.n_vocab, c.n_embd)}")
+
+    def qtensors(self) -> dict:
+        """name -> QTensor for every matrix (the embedding/head included once)."""
+        out = {"token_embd.weight": self.embed}
+        for i, layer in enumerate(self.layers):
+            for n, qt in layer.w.items():
+                out[f"blk.{i}.{n}.weight"] = qt
+        if not self.config.tied_embeddings:
+            out["output.weight"] = self.output
+        return out
+
+    # -- pieces --------------------------------------------------------------------------------
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        var = x.pow(2).mean(-1, keepdim=True)
+        return x * torch.rsqrt(var + self.config.rms_eps) * weight
+
+    def rope(self, T: int):
+        """cos/sin tables [T, rope_dim/2] for positions 0..T-1."""
+        if T not in self._rope_cache:
+            c = self.config
+            d = c.rope_dim
+            inv = 1.0 / (c.rope_base ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+            if self._rope_freq_factors is not None:
+                inv = inv / self._rope_freq_factors.double()
+            pos = torch.arange(T, dtype=torch.float64) / c.rope_scale
+            ang = torch.outer(pos, inv)
+            self._rope_cache[T] = (ang.cos().float(), ang.sin().float())
+        return self._rope_cache[T]
+
+    def apply_rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x: [B, H, T, head_dim]; rotates the first rope_dim dims of each head."""
+        d = self.config.rope_dim
+        xr, xp = x[..., :d], x[..., d:]
+        if self.config.rope_mode == "normal":
+            x1, x2 = xr[..., 0::2], xr[..., 1::2]
+            o1 = x1 * cos - x2 * sin
+            o2 = x1 * sin + x2 * cos
+            out = torch.stack([o1, o2], dim=-1).flatten(-2)
+        else:
+            x1, x2 = xr[..., : d // 2], xr[..., d // 2:]
+            out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+        return out if xp.shape[-1] == 0 else torch.cat([out, xp], dim=-1)
+
+    def linear(self, x: torch.Tensor, qt: QTensor, perturb=None) -> torch.Tensor:
+        shp = x.shape
+        y = kernels.qgemm(x.reshape(-1, shp[-1]).contiguous(), qt,
+                          perturb=None if perturb is None else perturb.get(qt.name))
+        return y.reshape(*shp[:-1], qt.shape[0])
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        ids = tokens.reshape(-1).numpy()
+        rows = dequantize_rows(self.embed, ids)
+        return torch.from_numpy(rows).reshape(*tokens.shape, self.config.n_embd)
+
+    def layer_forward(self, i: int, h: torch.Tensor, perturb=None) -> torch.Tensor:
+        """One transformer block on hidden states h [B, T, n_embd] (causal attention)."""
+        c = self.config
+        L = self.layers[i]
+        B, T, _ = h.shape
+        x = self.rms_norm(h, L.attn_norm)
+        q = self.linear(x, L.w["attn_q"], perturb)
+        k = self.linear(x, L.w["attn_k"], perturb)
+        v = self.linear(x, L.w["attn_v"], perturb)
+        if L.bias:
+            q, k, v = q + L.bias["attn_q"], k + L.bias["attn_k"], v + L.bias["attn_v"]
+        hd = c.head_dim
+        q = q.view(B, T, c.n_head, hd).transpose(1, 2)
+        k = k.view(B, T, c.n_head_kv, hd).transpose(1, 2)
+        v = v.view(B, T, c.n_head_kv, hd).transpose(1, 2)
+        cos, sin = self.rope(T)
+        q, k = self.apply_rope(q, cos, sin), self.apply_rope(k, cos, sin)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           enable_gqa=c.n_head != c.n_head_kv)
+        a = a.transpose(1, 2).reshape(B, T, c.n_embd)
+        h = h + self.linear(a, L.w["attn_output"], perturb)
+        x = self.rms_norm(h, L.ffn_norm)
+        gate = self.linear(x, L.w["ffn_gate"], perturb)
+        up = self.linear(x, L.w["ffn_up"], perturb)
+        return h + self.linear(F.silu(gate) * up, L.w["ffn_down"], perturb)
+
+    def head(self, h: torch.Tensor, perturb=None) -> torch.Tensor:
+        """Final norm + output projection for selected hidden states [..., n_embd] -> logits."""
+        return self.linear(self.rms_norm(h, self.output_norm), self.output, perturb)
+
+    @torch.inference_mode()
+    def hidden(self, tokens: torch.Tensor, perturb=None) -> torch.Tensor:
+        h = self.embed_tokens(tokens)
+        for i in range(self.config.n_layer):
+            h = self.layer_forward(i, h, perturb)
+        return h
