@@ -1,6 +1,25 @@
 """edgetune: fine-tune int4 LLMs on the device that uses them, with forward passes only."""
 from .errors import EdgetuneError, FormatError, UnsupportedError
-from .model.lm import Model, load
 
 __version__ = "0.1.0"
-__all__ = ["load", "Model", "EdgetuneError", "FormatError", "UnsupportedError", "__version__"]
+__all__ = ["load", "finetune", "Model", "EdgetuneError", "FormatError", "UnsupportedError",
+           "__version__"]
+
+
+def load(path):
+    """Open a GGUF model file: `m.tokenize`, `m.logits`, `m.generate` (see model/lm.py)."""
+    from .model.lm import load as _load
+    return _load(path)
+
+
+def finetune(config):
+    """Run a ZO fine-tune from a TrainConfig or a dict of its fields; returns a Run."""
+    from .train.loop import finetune as _finetune
+    return _finetune(config)
+
+
+def __getattr__(name):  # torch is imported only when a model is used (keeps `edgetune synth` lean)
+    if name == "Model":
+        from .model.lm import Model
+        return Model
+    raise AttributeError(name)
