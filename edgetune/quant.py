@@ -145,3 +145,18 @@ def dequantize_rows(qt: QTensor, rows: np.ndarray) -> np.ndarray:
     if qt.mins is not None:
         w = w + qt.mins[rows][:, :, None]
     return w.reshape(len(rows), k).astype(np.float32)
+
+
+def slice_rows(qt: QTensor, rows: np.ndarray) -> QTensor:
+    """A QTensor holding only the given output rows (copies those rows' codes and scales)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if qt.kind == "f32":
+        return QTensor(f"{qt.name}[rows]", "f32", (len(rows), qt.shape[1]),
+                       data=np.ascontiguousarray(qt.data[rows]), tensor_id=qt.tensor_id,
+                       source_type=qt.source_type)
+    return QTensor(f"{qt.name}[rows]", qt.kind, (len(rows), qt.shape[1]),
+                   codes=np.ascontiguousarray(qt.codes[rows]),
+                   scales=np.ascontiguousarray(qt.scales[rows]),
+                   mins=None if qt.mins is None else np.ascontiguousarray(qt.mins[rows]),
+                   group=qt.group, offset=qt.offset, tensor_id=qt.tensor_id,
+                   source_type=qt.source_type)

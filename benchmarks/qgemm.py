@@ -1,0 +1,96 @@
+"""qgemm benchmark: edgetune int4 qgemm vs torch bf16 matmul, measured in the same run.
+
+Main shape M=512, N=K=4096 (q4, offset 0, with mins, random codes); then the SmolLM2-135M shapes.
+Prints GFLOP/s (2·M·N·K / time, best of several runs after warm-up) and ratios; the LAST line is
+`qgemm: vs_torch_bf16=R` (edgetune int4 / torch bf16 GFLOP/s on the main shape).
+Never pass/fail on time.  Usage: python benchmarks/qgemm.py [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from edgetune import kernels
+from edgetune.quant import QTensor
+
+
+def best_time(fn, reps: int, min_time: float = 0.3) -> float:
+    fn()  # warm-up (also sizes the scratch buffers)
+    fn()
+    best = float("inf")
+    t_end = time.perf_counter() + min_time
+    i = 0
+    while i < reps or time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+        i += 1
+        if i >= 50 * reps:
+            break
+    return best
+
+
+def random_q4(n: int, k: int, seed: int = 0) -> QTensor:
+    r = np.random.default_rng(seed)
+    return QTensor("w", "q4", (n, k), codes=r.integers(0, 256, (n, k // 32, 16), dtype=np.uint8),
+                   scales=(0.01 + 0.01 * r.random((n, k // 32))).astype(np.float32),
+                   mins=(-0.08 * r.random((n, k // 32))).astype(np.float32), tensor_id=3)
+
+
+def gflops(m, n, k, t):
+    return 2.0 * m * n * k / t / 1e9
+
+
+def bench_shape(m, n, k, reps, extra=False):
+    qt = random_q4(n, k)
+    x = torch.randn(m, k)
+    xb, wb = x.to(torch.bfloat16), torch.randn(n, k).to(torch.bfloat16)
+    out = torch.empty(m, n)
+    t_bf16 = best_time(lambda: torch.matmul(xb, wb.T), reps)
+    t_q4 = best_time(lambda: kernels.qgemm(x, qt, out=out), reps)
+    res = {"torch_bf16": gflops(m, n, k, t_bf16), "edgetune_q4": gflops(m, n, k, t_q4)}
+    if extra:
+        xf, wf = x.clone(), wb.float()
+        res["torch_fp32"] = gflops(m, n, k, best_time(lambda: torch.matmul(xf, wf.T), reps))
+        p = kernels.Perturbation(seed=2**63 + 1, eps=1e-3, sign=1)
+        res["edgetune_q4_perturbed"] = gflops(
+            m, n, k, best_time(lambda: kernels.qgemm(x, qt, perturb=p, out=out), reps))
+        pg = kernels.Perturbation(seed=2**63 + 1, eps=1e-3, sign=-1, dist="gaussian")
+        res["edgetune_q4_perturbed_gauss"] = gflops(
+            m, n, k, best_time(lambda: kernels.qgemm(x, qt, perturb=pg, out=out), reps))
+        for path in kernels.available_paths():
+            if path in (kernels.best_path(), "scalar"):
+                continue
+            res[f"edgetune_q4_{path}"] = gflops(
+                m, n, k, best_time(lambda: kernels.qgemm(x, qt, out=out, path=path), max(1, reps // 3)))
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions")
+    args = ap.parse_args()
+    reps = 3 if args.quick else 10
+    torch.set_num_threads(kernels.get_num_threads())
+    print(f"# threads: torch {torch.get_num_threads()}, edgetune {kernels.get_num_threads()}; "
+          f"paths {kernels.available_paths()} (best {kernels.best_path()})")
+
+    print("# SmolLM2-135M shapes (M, N, K): GFLOP/s edgetune q4 vs torch bf16")
+    for m, n, k in [(512, 576, 576), (512, 192, 576), (512, 1536, 576), (512, 576, 1536),
+                    (16, 49152, 576)]:
+        r = bench_shape(m, n, k, reps)
+        print(f"smollm2 M={m} N={n} K={k}: edgetune_q4 {r['edgetune_q4']:.1f}  "
+              f"torch_bf16 {r['torch_bf16']:.1f}  ratio {r['edgetune_q4'] / r['torch_bf16']:.2f}")
+
+    m, n, k = 512, 4096, 4096
+    r = bench_shape(m, n, k, reps, extra=True)
+    for name, g in r.items():
+        print(f"main M={m} N={n} K={k}: {name} {g:.1f} GFLOP/s")
+    print(f"qgemm: vs_torch_bf16={r['edgetune_q4'] / r['torch_bf16']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

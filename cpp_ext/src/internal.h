@@ -1,0 +1,116 @@
+// internal.h — helpers shared by the kernel paths: the problem struct, perturbed-scale rows,
+// activation quantization, scratch memory, work partitioning.
+//
+// Everything here with a body lives in an anonymous namespace: each path's translation unit is
+// compiled with its own -m flags, and an ordinary inline function would be emitted once per TU
+// and merged by the linker — possibly keeping the AVX-512 copy for the scalar path.
+#pragma once
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+
+#include "edgetune/qgemm.h"
+#include "edgetune/rng.h"
+
+namespace edgetune {
+
+struct Problem {
+    const float* x;  // [M, K]
+    int64_t M;
+    QMatrix w;
+    Perturbation p;
+    float* y;  // [M, N]
+};
+
+// Per-thread 64-byte-aligned scratch that is reused across calls (slot = independent buffer).
+// Defined in qgemm.cpp (plain x86-64 code).
+void* thread_scratch(int slot, size_t bytes);
+enum ScratchSlot { SCRATCH_PANEL = 0, SCRATCH_SCALES = 1, SCRATCH_ROW = 2, SCRATCH_ACT = 3 };
+
+// Activations quantized to int8 per group of G (shared by all the integer paths).
+struct QuantAct {
+    int8_t* q;    // [M, K]
+    float* d;     // [M, K/G] scale
+    float* sum;   // [M, K/G] d * sum(q): the group sum of the dequantized activations
+};
+
+// Path entry points (each in its own translation unit).
+void qgemm_scalar(const Problem& pr);
+void qgemm_avx2(const Problem& pr);
+void qgemm_avx512(const Problem& pr);
+void qgemm_neon(const Problem& pr);
+bool cpu_has_avx2();
+bool cpu_has_avx512();
+bool cpu_has_neon_dotprod();
+
+namespace {
+
+// Perturbed scales of row n: out[g] = s[n,g] + eps_sign * z(n*G + g).  Written as a separate
+// product and sum (the library is built with -ffp-contract=off) so it rounds exactly like numpy's
+// `scales + np.float32(eps*sign) * z`.
+inline void scale_row(const QMatrix& w, const Perturbation& p, uint64_t key, int64_t n, float* out) {
+    const int64_t G = w.n_groups();
+    const float* s = w.scales + n * G;
+    if (!p.active) {
+        std::memcpy(out, s, sizeof(float) * G);
+        return;
+    }
+    const uint64_t base = static_cast<uint64_t>(n) * static_cast<uint64_t>(G);
+    if (p.dist == rng::GAUSSIAN) {
+        for (int64_t g = 0; g < G; ++g) {
+            const float t = p.eps_sign * rng::gaussian(rng::bits(key, base + g));
+            out[g] = s[g] + t;
+        }
+    } else {
+        for (int64_t g = 0; g < G; ++g) {
+            const float t = p.eps_sign * rng::rademacher(rng::bits(key, base + g));
+            out[g] = s[g] + t;
+        }
+    }
+}
+
+// Quantize one activation row to int8 per group of G: q = round(x / d), d = max|x| / 127.
+inline void quantize_act_row(const float* x, int64_t K, int G, int8_t* q, float* d, float* sum) {
+    for (int64_t g = 0; g < K / G; ++g) {
+        const float* xg = x + g * G;
+        float amax = 0.0f;
+        for (int j = 0; j < G; ++j) amax = std::fmax(amax, std::fabs(xg[j]));
+        const float dg = amax / 127.0f;
+        const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
+        int s = 0;
+        for (int j = 0; j < G; ++j) {
+            const int v = static_cast<int>(std::nearbyint(xg[j] * id));
+            const int c = v > 127 ? 127 : (v < -127 ? -127 : v);
+            q[g * G + j] = static_cast<int8_t>(c);
+            s += c;
+        }
+        d[g] = dg;
+        sum[g] = dg * static_cast<float>(s);
+    }
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Split the work into (n-panel range) x (m range) tasks: enough tasks to keep every thread busy,
+// preferring whole-M tasks (a repacked weight panel is then reused across all rows of x).
+struct Partition {
+    int64_t n_panels, panels_per_task, n_ptasks, m_per_task, n_mtasks;
+    int64_t tasks() const { return n_ptasks * n_mtasks; }
+};
+inline Partition partition(int64_t N, int64_t M, int64_t panel, int64_t m_align, int threads) {
+    Partition pt;
+    pt.n_panels = ceil_div(N, panel);
+    const int64_t want = threads <= 1 ? 1 : 4 * threads;  // a few tasks per thread for balance
+    pt.panels_per_task = pt.n_panels >= want ? ceil_div(pt.n_panels, want) : 1;
+    pt.n_ptasks = ceil_div(pt.n_panels, pt.panels_per_task);
+    int64_t mt = 1;
+    if (pt.n_ptasks < 2 * threads && M >= 2 * m_align) mt = ceil_div(2 * threads, pt.n_ptasks);
+    pt.m_per_task = ceil_div(ceil_div(M, mt), m_align) * m_align;
+    pt.n_mtasks = ceil_div(M, pt.m_per_task);
+    return pt;
+}
+
+}  // namespace
+}  // namespace edgetune

@@ -1,0 +1,164 @@
+// qgemm.cpp — qgemm() entry: argument checks, CPU dispatch, scratch memory, and the scalar
+// reference path (plain fp32 dequantize-and-dot, no activation quantization).
+#include <cstdlib>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "edgetune/qgemm.h"
+#include "edgetune/thread_pool.h"
+#include "internal.h"
+
+namespace edgetune {
+
+// ---------------------------------------------------------------------------------------------
+// scratch
+
+namespace {
+struct Scratch {
+    void* ptr = nullptr;
+    size_t size = 0;
+    ~Scratch() { std::free(ptr); }
+};
+thread_local Scratch t_scratch[4];
+}  // namespace
+
+void* thread_scratch(int slot, size_t bytes) {
+    Scratch& s = t_scratch[slot];
+    if (bytes > s.size) {
+        std::free(s.ptr);
+        s.size = (bytes + 4095) & ~size_t(4095);
+        s.ptr = std::aligned_alloc(64, s.size);
+        if (!s.ptr) throw std::bad_alloc();
+    }
+    return s.ptr;
+}
+
+// ---------------------------------------------------------------------------------------------
+// CPU features and dispatch
+
+#if !defined(EDGETUNE_HAVE_AVX2)
+void qgemm_avx2(const Problem&) { throw std::invalid_argument("qgemm: AVX2 path not compiled"); }
+bool cpu_has_avx2() { return false; }
+#endif
+#if !defined(EDGETUNE_HAVE_AVX512)
+void qgemm_avx512(const Problem&) { throw std::invalid_argument("qgemm: AVX512 path not compiled"); }
+bool cpu_has_avx512() { return false; }
+#endif
+#if !defined(EDGETUNE_HAVE_NEON)
+void qgemm_neon(const Problem&) { throw std::invalid_argument("qgemm: NEON path not compiled"); }
+bool cpu_has_neon_dotprod() { return false; }
+#endif
+
+std::vector<Path> available_paths() {
+    std::vector<Path> v{Path::Scalar};
+    if (cpu_has_avx2()) v.push_back(Path::AVX2);
+    if (cpu_has_avx512()) v.push_back(Path::AVX512);
+    if (cpu_has_neon_dotprod()) v.push_back(Path::NEON);
+    return v;
+}
+
+Path best_path() {
+    static const Path best = available_paths().back();  // listed slowest to fastest
+    return best;
+}
+
+const char* path_name(Path p) {
+    switch (p) {
+        case Path::Auto: return "auto";
+        case Path::Scalar: return "scalar";
+        case Path::AVX2: return "avx2";
+        case Path::AVX512: return "avx512";
+        case Path::NEON: return "neon";
+    }
+    return "?";
+}
+
+Path path_from_name(const std::string& name) {
+    for (Path p : {Path::Auto, Path::Scalar, Path::AVX2, Path::AVX512, Path::NEON})
+        if (name == path_name(p)) return p;
+    throw std::invalid_argument("qgemm: unknown path '" + name +
+                                "' (choose auto, scalar, avx2, avx512, neon)");
+}
+
+void set_num_threads(int n) { pool_set_num_threads(n); }
+int get_num_threads() { return pool_num_threads(); }
+
+void qgemm_check(const QMatrix& w, Path path) {
+    const std::string shape = "W[N=" + std::to_string(w.N) + ", K=" + std::to_string(w.K) + "]";
+    if (w.bits != 4 && w.bits != 8) throw std::invalid_argument("qgemm: bits must be 4 or 8");
+    if (w.bits == 4 && w.group != 32) throw std::invalid_argument("qgemm: q4 group must be 32");
+    if (w.bits == 8 && w.group != 16 && w.group != 32)
+        throw std::invalid_argument("qgemm: q8 group must be 16 or 32, got " + std::to_string(w.group));
+    if (w.N < 0 || w.K <= 0) throw std::invalid_argument("qgemm: bad shape " + shape);
+    if (w.K % w.group != 0)
+        throw std::invalid_argument("qgemm: K=" + std::to_string(w.K) + " of " + shape +
+                                    " is not a multiple of the group size " + std::to_string(w.group));
+    if (w.bits == 4 && (w.offset < 0 || w.offset > 15))
+        throw std::invalid_argument("qgemm: q4 offset must be in 0..15");
+    if (w.bits == 8 && w.offset != 0) throw std::invalid_argument("qgemm: q8 has no offset");
+    if (w.N > 0 && (!w.codes || !w.scales)) throw std::invalid_argument("qgemm: null codes/scales");
+    if (path != Path::Auto) {
+        bool ok = false;
+        for (Path p : available_paths()) ok = ok || p == path;
+        if (!ok)
+            throw std::invalid_argument(std::string("qgemm: path '") + path_name(path) +
+                                        "' is not available on this CPU/build");
+    }
+}
+
+void qgemm(const float* x, int64_t M, const QMatrix& w, const Perturbation& p, float* y, Path path) {
+    qgemm_check(w, path);
+    if (M < 0) throw std::invalid_argument("qgemm: M < 0");
+    if (M == 0 || w.N == 0) return;
+    const Problem pr{x, M, w, p, y};
+    switch (path == Path::Auto ? best_path() : path) {
+        case Path::AVX512: qgemm_avx512(pr); break;
+        case Path::AVX2: qgemm_avx2(pr); break;
+        case Path::NEON: qgemm_neon(pr); break;
+        default: qgemm_scalar(pr); break;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// scalar reference path: dequantize each weight row to fp32 with the (perturbed) scales, then
+// dot it with every activation row (group partial sums in fp32, total in fp64).
+
+void qgemm_scalar(const Problem& pr) {
+    const QMatrix& w = pr.w;
+    const int64_t K = w.K, N = w.N, G = w.group, NG = w.n_groups();
+    const uint64_t key = rng::stream_key(pr.p.seed, pr.p.tensor_id);
+    constexpr int64_t ROWS = 8;
+    auto task = [&](int64_t t) {
+        float* wrow = static_cast<float*>(thread_scratch(SCRATCH_ROW, sizeof(float) * (K + NG)));
+        float* sc = wrow + K;
+        const int64_t n1 = std::min(N, (t + 1) * ROWS);
+        for (int64_t n = t * ROWS; n < n1; ++n) {
+            scale_row(w, pr.p, key, n, sc);
+            for (int64_t g = 0; g < NG; ++g) {
+                const uint8_t* b = w.block(n, g);
+                const float mn = w.mins ? w.mins[n * NG + g] : 0.0f;
+                for (int64_t j = 0; j < G; ++j) {
+                    int q;
+                    if (w.bits == 4) q = (j < 16 ? (b[j] & 0x0F) : (b[j - 16] >> 4)) - w.offset;
+                    else q = static_cast<int8_t>(b[j]);
+                    wrow[g * G + j] = sc[g] * static_cast<float>(q) + mn;
+                }
+            }
+            for (int64_t m = 0; m < pr.M; ++m) {
+                const float* xm = pr.x + m * K;
+                double acc = 0.0;
+                for (int64_t g = 0; g < NG; ++g) {
+                    float part = 0.0f;
+                    for (int64_t j = 0; j < G; ++j) part += xm[g * G + j] * wrow[g * G + j];
+                    acc += part;
+                }
+                pr.y[m * N + n] = static_cast<float>(acc);
+            }
+        }
+    };
+    parallel_for(ceil_div(N, ROWS), task);
+}
+
+}  // namespace edgetune

@@ -1,0 +1,166 @@
+// qgemm_neon.cpp — the AArch64 NEON path with the dot-product extension (SDOT; armv8.2-a+dotprod).
+// A panel of 8 weight rows is repacked to int8 codes (q - offset for q4, q for q8) so one 128-bit
+// vector holds 4 rows x 4 consecutive k; vdotq_laneq_s32 multiplies it by 4 int8 activations
+// picked from a 16-byte register.  Per group: y += s'·d·Σ(q·x) + m·sum.
+#if defined(__aarch64__)
+
+#include <arm_neon.h>
+
+#include <algorithm>
+#if defined(__linux__)
+#include <sys/auxv.h>
+#endif
+
+#include "edgetune/thread_pool.h"
+#include "internal.h"
+
+namespace edgetune {
+
+bool cpu_has_neon_dotprod() {
+#if defined(__linux__)
+#ifndef HWCAP_ASIMDDP
+#define HWCAP_ASIMDDP (1 << 20)
+#endif
+    return (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0;
+#else
+    return true;  // built with +dotprod for this target
+#endif
+}
+
+namespace {
+
+constexpr int PW = 8;  // panel width: two 4-lane tiles
+constexpr int MR = 4;
+
+// Repack panel rows [n0, n0+PW) into int8 [NG][G/4 quads][2 tiles][4 rows][4]; rows >= N are 0.
+void repack_panel(const QMatrix& w, int64_t n0, int8_t* dst) {
+    const int64_t NG = w.n_groups();
+    const int G = w.group, Q = G / 4;
+    for (int r = 0; r < PW; ++r) {
+        const int64_t n = n0 + r;
+        const int t = r / 4, lane = r % 4;
+        for (int64_t g = 0; g < NG; ++g) {
+            int8_t* dg = dst + g * Q * 32;
+            const uint8_t* b = n < w.N ? w.block(n, g) : nullptr;
+            for (int j = 0; j < G; ++j) {
+                int v = 0;
+                if (b) {
+                    if (w.bits == 4) v = (j < 16 ? (b[j] & 0x0F) : (b[j - 16] >> 4)) - w.offset;
+                    else v = static_cast<int8_t>(b[j]);
+                }
+                dg[((j / 4) * 2 + t) * 16 + lane * 4 + (j & 3)] = static_cast<int8_t>(v);
+            }
+        }
+    }
+}
+
+template <int R, int Q, bool MINS>
+void microkernel(const int8_t* panel, const float* sc, const float* mn, const QuantAct& a, int64_t K,
+                 int64_t NG, int64_t m0, float* y, int64_t ldy, int ncols) {
+    constexpr int G = 4 * Q;
+    float32x4_t yacc[R][2];
+    for (int i = 0; i < R; ++i) yacc[i][0] = yacc[i][1] = vdupq_n_f32(0.0f);
+    for (int64_t g = 0; g < NG; ++g) {
+        int32x4_t acc[R][2];
+        for (int i = 0; i < R; ++i) acc[i][0] = acc[i][1] = vdupq_n_s32(0);
+        const int8_t* pw = panel + g * Q * 32;
+        for (int q4 = 0; q4 < Q; q4 += 4) {  // 16 activations = 4 quads per register
+            int8x16_t xv[R];
+            for (int i = 0; i < R; ++i) xv[i] = vld1q_s8(a.q + (m0 + i) * K + g * G + 4 * q4);
+#define EDGETUNE_QUAD(L)                                                          \
+    {                                                                             \
+        const int8x16_t w0 = vld1q_s8(pw + (q4 + L) * 32);                        \
+        const int8x16_t w1 = vld1q_s8(pw + (q4 + L) * 32 + 16);                   \
+        for (int i = 0; i < R; ++i) {                                             \
+            acc[i][0] = vdotq_laneq_s32(acc[i][0], w0, xv[i], L);                 \
+            acc[i][1] = vdotq_laneq_s32(acc[i][1], w1, xv[i], L);                 \
+        }                                                                         \
+    }
+            EDGETUNE_QUAD(0) EDGETUNE_QUAD(1) EDGETUNE_QUAD(2) EDGETUNE_QUAD(3)
+#undef EDGETUNE_QUAD
+        }
+        const float32x4_t s0 = vld1q_f32(sc + g * PW), s1 = vld1q_f32(sc + g * PW + 4);
+        for (int i = 0; i < R; ++i) {
+            const float d = a.d[(m0 + i) * NG + g];
+            yacc[i][0] = vfmaq_f32(yacc[i][0], vcvtq_f32_s32(acc[i][0]), vmulq_n_f32(s0, d));
+            yacc[i][1] = vfmaq_f32(yacc[i][1], vcvtq_f32_s32(acc[i][1]), vmulq_n_f32(s1, d));
+        }
+        if (MINS) {
+            const float32x4_t e0 = vld1q_f32(mn + g * PW), e1 = vld1q_f32(mn + g * PW + 4);
+            for (int i = 0; i < R; ++i) {
+                const float sx = a.sum[(m0 + i) * NG + g];
+                yacc[i][0] = vfmaq_n_f32(yacc[i][0], e0, sx);
+                yacc[i][1] = vfmaq_n_f32(yacc[i][1], e1, sx);
+            }
+        }
+    }
+    for (int i = 0; i < R; ++i) {
+        float tmp[PW];
+        vst1q_f32(tmp, yacc[i][0]);
+        vst1q_f32(tmp + 4, yacc[i][1]);
+        float* yr = y + (m0 + i) * ldy;
+        for (int c = 0; c < ncols; ++c) yr[c] = tmp[c];
+    }
+}
+
+template <int Q, bool MINS>
+void panel_rows(const int8_t* panel, const float* sc, const float* mn, const QuantAct& a, int64_t K, int64_t NG,
+                int64_t m0, int64_t m1, float* y, int64_t ldy, int ncols) {
+    int64_t m = m0;
+    for (; m + MR <= m1; m += MR) microkernel<MR, Q, MINS>(panel, sc, mn, a, K, NG, m, y, ldy, ncols);
+    for (; m < m1; ++m) microkernel<1, Q, MINS>(panel, sc, mn, a, K, NG, m, y, ldy, ncols);
+}
+
+}  // namespace
+
+void qgemm_neon(const Problem& pr) {
+    const QMatrix& w = pr.w;
+    const int64_t M = pr.M, N = w.N, K = w.K, NG = w.n_groups();
+    const int G = w.group;
+
+    char* act = static_cast<char*>(thread_scratch(SCRATCH_ACT, M * K + 2 * sizeof(float) * M * NG + 64));
+    QuantAct a;
+    a.d = reinterpret_cast<float*>(act);
+    a.sum = a.d + M * NG;
+    a.q = reinterpret_cast<int8_t*>(a.sum + M * NG);
+    auto quant = [&](int64_t m) { quantize_act_row(pr.x + m * K, K, G, a.q + m * K, a.d + m * NG, a.sum + m * NG); };
+    parallel_for(M, quant);
+
+    const Partition pt = partition(N, M, PW, MR, pool_num_threads());
+    const uint64_t key = rng::stream_key(pr.p.seed, pr.p.tensor_id);
+    auto task = [&](int64_t t) {
+        const int64_t pi = t / pt.n_mtasks, mi = t % pt.n_mtasks;
+        const int64_t m0 = mi * pt.m_per_task, m1 = std::min(M, m0 + pt.m_per_task);
+        int8_t* panel = static_cast<int8_t*>(thread_scratch(SCRATCH_PANEL, NG * G * PW));
+        float* sc = static_cast<float*>(thread_scratch(SCRATCH_SCALES, sizeof(float) * (2 * NG * PW + NG)));
+        float* mn = sc + NG * PW;
+        float* tmp = mn + NG * PW;
+        const int64_t p1 = std::min(pt.n_panels, (pi + 1) * pt.panels_per_task);
+        for (int64_t p = pi * pt.panels_per_task; p < p1; ++p) {
+            const int64_t n0 = p * PW;
+            const int ncols = static_cast<int>(std::min<int64_t>(PW, N - n0));
+            repack_panel(w, n0, panel);
+            for (int r = 0; r < PW; ++r) {
+                const int64_t n = n0 + r;
+                if (n < N) scale_row(w, pr.p, key, n, tmp);
+                for (int64_t g = 0; g < NG; ++g) {
+                    sc[g * PW + r] = n < N ? tmp[g] : 0.0f;
+                    mn[g * PW + r] = (n < N && w.mins) ? w.mins[n * NG + g] : 0.0f;
+                }
+            }
+            float* y = pr.y + n0;
+            if (G == 32) {
+                if (w.mins) panel_rows<8, true>(panel, sc, mn, a, K, NG, m0, m1, y, N, ncols);
+                else panel_rows<8, false>(panel, sc, mn, a, K, NG, m0, m1, y, N, ncols);
+            } else {
+                if (w.mins) panel_rows<4, true>(panel, sc, mn, a, K, NG, m0, m1, y, N, ncols);
+                else panel_rows<4, false>(panel, sc, mn, a, K, NG, m0, m1, y, N, ncols);
+            }
+        }
+    };
+    parallel_for(pt.tasks(), task);
+}
+
+}  // namespace edgetune
+
+#endif  // __aarch64__

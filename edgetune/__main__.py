@@ -1,0 +1,6 @@
+"""`python -m edgetune` == the `edgetune` command."""
+import sys
+
+from .cli import main
+
+sys.exit(main())

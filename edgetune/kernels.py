@@ -1,0 +1,217 @@
+"""kernels: y = x · W^T for QTensors — the only importer of the C++ extension edgetune._kernels.
+
+    qgemm(x, qt, perturb=None, out=None, path="auto")   fast path (C++; numpy fallback if missing)
+    qgemm_reference(x, qt, perturb=None)                 float64 numpy reference
+    Perturbation(seed, eps, sign=+1, dist="rademacher")  read every group scale of qt as
+                                                         s + eps*sign*z(seed, qt.tensor_id, n*G+g)
+
+The perturbation is an argument, not a write: the kernel adds eps·sign·z to the scales it reads
+(z from the counter-based RNG of zo/rng.py, regenerated in C++), so nothing is restored afterwards.
+The C++ paths quantize activations to int8 per group (like llama.cpp's Q8 activations): expect
+~1e-2 relative error against the float64 reference, identical results for any thread count.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import quant
+from .zo import rng
+
+try:
+    from . import _kernels
+    HAVE_KERNELS = True
+    _IMPORT_ERROR = None
+except ImportError as e:  # pragma: no cover - exercised only on broken installs
+    _kernels = None
+    HAVE_KERNELS = False
+    _IMPORT_ERROR = e
+
+_MASK64 = (1 << 64) - 1
+DISTS = {"rademacher": 0, "gaussian": 1}
+_warned = False
+
+
+@dataclass(frozen=True)
+class Perturbation:
+    """In-kernel scale perturbation; tensor_id comes from the QTensor."""
+    seed: int
+    eps: float
+    sign: int = 1
+    dist: str = "rademacher"
+
+    def __post_init__(self):
+        if self.sign not in (1, -1):
+            raise ValueError(f"Perturbation.sign must be +1 or -1, got {self.sign!r}")
+        d = self.dist
+        if isinstance(d, (int, np.integer)) and not isinstance(d, bool):
+            if int(d) not in (0, 1):
+                raise ValueError(f"Perturbation.dist must be 0/1 or a name in {tuple(DISTS)}, got {d!r}")
+            object.__setattr__(self, "dist", rng.DISTRIBUTIONS[int(d)])
+        elif d not in DISTS:
+            raise ValueError(f"unknown perturbation distribution {d!r}; choose one of {tuple(DISTS)}")
+
+
+def as_perturbation(p) -> Perturbation | None:
+    """None, a Perturbation, or a tuple (seed, eps[, sign[, dist]])."""
+    if p is None or isinstance(p, Perturbation):
+        return p
+    if isinstance(p, (tuple, list)) and 2 <= len(p) <= 4:
+        return Perturbation(*p)
+    if all(hasattr(p, a) for a in ("seed", "eps")):  # any object with the same fields
+        return Perturbation(p.seed, p.eps, getattr(p, "sign", 1), getattr(p, "dist", "rademacher"))
+    raise ValueError(f"perturb must be None, a Perturbation or (seed, eps, sign, dist), got {p!r}")
+
+
+def perturbed_scales(qt: quant.QTensor, perturb) -> np.ndarray:
+    """qt.scales + float32(eps*sign) * z, rounded exactly as the C++ kernels round it."""
+    p = as_perturbation(perturb)
+    s = np.asarray(qt.scales, dtype=np.float32)
+    if p is None:
+        return s
+    z = rng.perturbation(p.seed, qt.tensor_id, s.shape, p.dist)
+    return s + np.float32(p.eps * p.sign) * z
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+def _is_torch(a) -> bool:
+    return type(a).__module__.split(".")[0] == "torch"
+
+
+def _to_numpy_x(x):
+    if _is_torch(x):
+        if x.device.type != "cpu":
+            raise ValueError(f"qgemm: x must be a CPU tensor, got device {x.device}")
+        import torch
+        x = x.detach()
+        if x.dtype != torch.float32:
+            x = x.to(torch.float32)
+        return x.contiguous().numpy()
+    return np.asarray(x)
+
+
+def _check_x(x: np.ndarray, qt: quant.QTensor) -> tuple:
+    if x.ndim < 1:
+        raise ValueError("qgemm: x must have at least one dimension")
+    n, k = qt.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"qgemm: x has shape {tuple(x.shape)} but {qt.name or 'W'} is "
+                         f"[N={n}, K={k}]: the last dimension of x must be K={k}")
+    return x.shape[:-1]
+
+
+def _check_codes(qt: quant.QTensor) -> None:
+    n, k = qt.shape
+    g = 32 if qt.kind == "q4" else qt.group
+    if k % g:
+        raise ValueError(f"qgemm: {qt.name or 'W'} has shape (N={n}, K={k}); K must be a multiple of "
+                         f"the group size {g}")
+    want = (n, k // g, 16 if qt.kind == "q4" else g)
+    if qt.codes is None or tuple(qt.codes.shape) != want:
+        got = None if qt.codes is None else tuple(qt.codes.shape)
+        raise ValueError(f"qgemm: {qt.kind} codes of {qt.name or 'W'} (N={n}, K={k}) must have shape "
+                         f"{want}, got {got}")
+    if qt.scales is None or tuple(np.shape(qt.scales)) != (n, k // g):
+        raise ValueError(f"qgemm: scales of {qt.name or 'W'} must have shape {(n, k // g)}, "
+                         f"got {None if qt.scales is None else tuple(np.shape(qt.scales))}")
+
+
+def _warn_fallback():
+    global _warned
+    if not _warned:
+        _warned = True
+        warnings.warn(f"edgetune._kernels is not available ({_IMPORT_ERROR}); using the slow numpy "
+                      "reference for qgemm", RuntimeWarning, stacklevel=3)
+
+
+# --- public API ---------------------------------------------------------------------------------
+
+def qgemm_reference(x, qt: quant.QTensor, perturb=None) -> np.ndarray:
+    """float64 numpy x @ dequantize(qt, perturbed scales).T, shape (..., N)."""
+    xn = np.asarray(_to_numpy_x(x), dtype=np.float64)
+    lead = _check_x(xn, qt)
+    if qt.kind == "f32":
+        w = np.asarray(qt.data, dtype=np.float64)
+    else:
+        w = quant.dequantize(qt, perturbed_scales(qt, perturb)).astype(np.float64)
+    return (xn.reshape(-1, qt.shape[1]) @ w.T).reshape(*lead, qt.shape[0])
+
+
+def qgemm(x, qt: quant.QTensor, perturb=None, out=None, path: str = "auto"):
+    """y = x @ W^T with W = qt dequantized on the fly, shape (..., N) float32.
+
+    x: numpy array or torch CPU tensor [..., K] (converted to contiguous float32 if needed);
+    the result has the same kind (torch in -> torch out, zero-copy).  out: optional float32
+    C-contiguous array/tensor of the result's shape.  perturb: None, Perturbation or
+    (seed, eps, sign, dist).  path: "auto" or one of available_paths() (for testing).
+    """
+    torch_in = _is_torch(x)
+    xn = _to_numpy_x(x)
+    lead = _check_x(xn, qt)
+    n, k = qt.shape
+    if qt.kind in ("q4", "q8"):
+        _check_codes(qt)
+    x2 = np.ascontiguousarray(xn.reshape(-1, k), dtype=np.float32)
+    p = as_perturbation(perturb)
+
+    out_np = None
+    if out is not None:
+        out_np = out.numpy() if _is_torch(out) else out
+        if not isinstance(out_np, np.ndarray) or out_np.dtype != np.float32 \
+                or not out_np.flags.c_contiguous or out_np.shape != (*lead, n):
+            raise ValueError(f"qgemm: out must be a C-contiguous float32 array of shape {(*lead, n)}")
+        out2 = out_np.reshape(-1, n)
+    else:
+        out2 = None
+
+    if qt.kind == "f32":
+        y = np.matmul(x2, np.asarray(qt.data, dtype=np.float32).T, out=out2)
+    elif qt.kind not in ("q4", "q8"):
+        raise ValueError(f"qgemm: unsupported QTensor kind {qt.kind!r}")
+    elif not HAVE_KERNELS:
+        _warn_fallback()
+        y = qgemm_reference(x2, qt, p).astype(np.float32)
+        if out2 is not None:
+            out2[...] = y
+            y = out2
+    else:
+        scales = np.ascontiguousarray(qt.scales, dtype=np.float32)
+        mins = None if qt.mins is None else np.ascontiguousarray(qt.mins, dtype=np.float32)
+        kw = dict(out=out2, path=path)
+        if p is not None:
+            kw.update(perturb=True, seed=int(p.seed) & _MASK64, tensor_id=int(qt.tensor_id) & _MASK64,
+                      eps=float(p.eps), sign=int(p.sign), dist=DISTS[p.dist])
+        if qt.kind == "q4":
+            y = _kernels.qgemm_q4(x2, qt.codes, scales, mins, int(qt.offset), **kw)
+        else:
+            y = _kernels.qgemm_q8(x2, qt.codes, scales, mins, **kw)
+
+    if out is not None:
+        return out
+    y = y.reshape(*lead, n)
+    if torch_in:
+        import torch
+        return torch.from_numpy(y)
+    return y
+
+
+def set_num_threads(n: int) -> None:
+    """Kernel threads (n <= 0: all cores)."""
+    if HAVE_KERNELS:
+        _kernels.set_num_threads(int(n))
+
+
+def get_num_threads() -> int:
+    return _kernels.get_num_threads() if HAVE_KERNELS else 1
+
+
+def available_paths() -> list:
+    """C++ kernel paths this CPU runs, slowest to fastest ([] without the extension)."""
+    return list(_kernels.available_paths()) if HAVE_KERNELS else []
+
+
+def best_path() -> str:
+    return _kernels.best_path() if HAVE_KERNELS else "numpy"

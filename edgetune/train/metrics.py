@@ -1,0 +1,67 @@
+"""Measurements: accuracy on a split, RSS (current and peak, from /proc via psutil), plots."""
+from __future__ import annotations
+
+import csv
+import os
+
+import numpy as np
+import psutil
+
+from . import objectives
+
+
+def rss_mb() -> float:
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size (VmHWM) of this process in MiB."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def evaluate(model, ds, split: str, batch_size: int = 32, limit=None) -> float:
+    """Classification accuracy (argmax over the verbalizer words) on a split."""
+    correct = total = 0
+    for b in ds.eval_batches(split, batch_size, limit):
+        pred = objectives.predict(model, b.input_ids, b.answer_pos, ds.label_tokens)
+        correct += int((pred == np.asarray(b.labels)).sum())
+        total += len(b.labels)
+    return correct / max(total, 1)
+
+
+def plot_metrics(csv_path: str, png_path: str):
+    """Loss and dev accuracy against step, from metrics.csv."""
+    if not os.path.exists(csv_path):
+        return
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    steps = [int(r["step"]) for r in rows]
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+    loss = [(s, float(r["loss"])) for s, r in zip(steps, rows) if r["loss"]]
+    if loss:
+        ax[0].plot(*zip(*loss), marker="o")
+    ax[0].set_xlabel("step")
+    ax[0].set_ylabel("training loss (EMA)")
+    acc = [(s, 100 * float(r["dev_acc"])) for s, r in zip(steps, rows) if r["dev_acc"]]
+    if acc:
+        ax[1].plot(*zip(*acc), marker="o", color="tab:green")
+    ax[1].set_xlabel("step")
+    ax[1].set_ylabel("dev accuracy (%)")
+    fig.tight_layout()
+    tmp = png_path + ".tmp.png"
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, png_path)

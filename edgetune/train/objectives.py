@@ -1,0 +1,61 @@
+"""Training objectives: scalar losses of a batch under one (possibly perturbed) forward pass.
+
+  classification  cross-entropy over the verbalizer words' logits at the answer position
+                  (MeZO's prompt-based fine-tuning); only those few vocabulary rows are computed.
+  lm              causal-LM cross-entropy on completion (loss-mask) tokens, full vocabulary,
+                  logits only at the masked positions.
+  accuracy        1 - accuracy of the classification argmax: a non-differentiable metric that
+                  ZO can still optimize.
+All reductions run in fp32 and return a Python float.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+OBJECTIVES = ("classification", "lm", "accuracy")
+
+
+def class_logits(model, ids, answer_pos, label_tokens, perturb=None) -> torch.Tensor:
+    """[B, C] logits of each class word at each sequence's answer position."""
+    lg = model.logits_tensor(ids, positions=[[p] for p in answer_pos], perturb=perturb,
+                             vocab=label_tokens)
+    return lg[:, 0, :].float()
+
+
+def classification_loss(model, ids, answer_pos, labels, label_tokens, perturb=None) -> float:
+    lg = class_logits(model, ids, answer_pos, label_tokens, perturb)
+    y = torch.as_tensor(labels, dtype=torch.long)
+    return float(torch.nn.functional.cross_entropy(lg, y))
+
+
+def accuracy_loss(model, ids, answer_pos, labels, label_tokens, perturb=None) -> float:
+    lg = class_logits(model, ids, answer_pos, label_tokens, perturb)
+    y = torch.as_tensor(labels, dtype=torch.long)
+    return 1.0 - float((lg.argmax(-1) == y).float().mean())
+
+
+def lm_loss(model, ids, loss_masks, perturb=None) -> float:
+    """Mean CE of next-token prediction over tokens whose loss mask is 1."""
+    positions, targets = [], []
+    for seq, mask in zip(ids, loss_masks):
+        pos = [t - 1 for t in range(1, len(seq)) if mask[t]]
+        positions.append(pos)
+        targets.append([seq[t + 1] for t in pos])
+    width = max(len(p) for p in positions)
+    if width == 0:
+        return 0.0
+    # pad each sequence's position list by repeating its first one; padded entries are ignored
+    padded = [(p + [p[0] if p else 0] * (width - len(p))) for p in positions]
+    lg = model.logits_tensor(ids, positions=padded, perturb=perturb).float()  # [B, W, V]
+    logp = torch.log_softmax(lg, dim=-1)
+    total, count = torch.zeros((), dtype=torch.float32), 0
+    for b, tg in enumerate(targets):
+        if tg:
+            total = total + (-logp[b, torch.arange(len(tg)), torch.as_tensor(tg)]).sum()
+            count += len(tg)
+    return float(total / max(count, 1))
+
+
+def predict(model, ids, answer_pos, label_tokens) -> np.ndarray:
+    return class_logits(model, ids, answer_pos, label_tokens).argmax(-1).numpy()

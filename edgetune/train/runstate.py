@@ -1,0 +1,44 @@
+"""Rebuild a run's trained state on a freshly loaded model: snapshot + replay of the seed log tail."""
+from __future__ import annotations
+
+import json
+import os
+
+from ..config import make_config
+from ..errors import EdgetuneError
+from ..zo.optim import ZOOptimizer
+from ..zo.seedlog import read_log
+from ..zo.trainable import build_trainable
+
+
+def apply_run(model, run_dir: str):
+    """Attach the run's trainable set to `model` and restore its latest state; returns the set."""
+    from .loop import StepBatches, load_snapshot, replay
+    log_path = os.path.join(run_dir, "seedlog.jsonl")
+    if not os.path.exists(log_path):
+        raise EdgetuneError(f"{run_dir}: not a run directory (no seedlog.jsonl)")
+    header, records, _ = read_log(log_path)
+    if header is None:
+        raise EdgetuneError(f"{log_path}: no valid header")
+    cfg = make_config(flag_values={k: v for k, v in header["config"].items()
+                                   if k not in ("resume", "overwrite")})
+    calib = None
+    if "sparse" in cfg.method:
+        import numpy as np
+        import torch
+        from . import data as datamod
+        enc = datamod.encode(datamod.load_dataset(cfg.data), model, max_length=cfg.max_length,
+                             chat=cfg.chat)
+        b = StepBatches(enc, cfg.batch, cfg.seed)
+        calib = [torch.from_numpy(b.get(i).padded().astype(np.int64)) for i in range(4)]
+    ts = build_trainable(model.net, cfg.method, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                         lora_targets=tuple(t.strip() for t in cfg.lora_targets.split(",")),
+                         sparse_fraction=cfg.sparse_fraction, calibration=calib,
+                         init_seed=cfg.seed, dist=cfg.dist)
+    if json.loads(json.dumps(ts.describe())) != header.get("trainable"):
+        raise EdgetuneError(f"{run_dir}: this model does not match the run's trainable set "
+                            f"(was the run made with another model file?)")
+    opt = ZOOptimizer(ts.params, cfg.optimizer, weight_decay=cfg.weight_decay,
+                      momentum=cfg.momentum, dist=cfg.dist)
+    replay(records, ts, opt, load_snapshot(run_dir, ts, opt))
+    return ts

@@ -1,0 +1,128 @@
+"""The seed log: an append-only, checksummed record of every ZO step — the run's source of truth.
+
+File format (`seedlog.jsonl`, UTF-8, one JSON object per line):
+
+    {"type": "header", "version": 1, "config": {...}, "trainable": {name: size, ...}, "crc": C}
+    {"type": "step", "step": 12, "seed": 8123..., "g": [0.0123], "lr": 5e-05,
+     "loss": 0.93, "lp": 0.95, "lm": 0.91, "crc": C}
+    {"type": "skip", "step": 13, "seed": ..., "reason": "loss is nan", "crc": C}
+
+`g` holds the clipped projected gradient of each query (q-query averaging keeps q values), `lp`/`lm`
+the losses of the +eps and -eps passes.  Replaying the step records in order (regenerate z from
+`seed`, apply the optimizer with `g` and `lr`) reproduces the trainable state bit for bit.
+`crc` is the CRC32 of the record's canonical JSON without the crc field: a torn or corrupted line
+(a kill mid-write, a bad sector) fails the check and it and everything after it are dropped.
+Records are flushed to the OS after every write (a killed process loses at most the step in
+flight) and fsync'd every `fsync_every` records and on close (power loss loses at most that many).
+"""
+from __future__ import annotations
+
+import json
+import os
+import zlib
+
+from ..errors import FormatError
+
+VERSION = 1
+
+
+def _canonical(rec: dict) -> bytes:
+    return json.dumps(rec, sort_keys=True, separators=(",", ":"), allow_nan=True).encode("utf-8")
+
+
+def encode_record(rec: dict) -> bytes:
+    body = {k: v for k, v in rec.items() if k != "crc"}
+    out = dict(body)
+    out["crc"] = zlib.crc32(_canonical(body))
+    return _canonical(out) + b"\n"
+
+
+def decode_line(line: bytes):
+    """A record, or None if the line is torn/corrupt."""
+    if not line.endswith(b"\n"):
+        return None
+    try:
+        rec = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(rec, dict) or "crc" not in rec:
+        return None
+    crc = rec.pop("crc")
+    if zlib.crc32(_canonical(rec)) != crc:
+        return None
+    return rec
+
+
+def read_log(path) -> tuple[dict | None, list[dict], int]:
+    """(header, records, valid_bytes): records up to the first torn/corrupt line."""
+    header, records, valid = None, [], 0
+    if not os.path.exists(path):
+        return None, [], 0
+    with open(path, "rb") as f:
+        data = f.read()
+    pos = 0
+    while pos < len(data):
+        nl = data.find(b"\n", pos)
+        line = data[pos:] if nl < 0 else data[pos:nl + 1]
+        rec = decode_line(line)
+        if rec is None:
+            break
+        if rec.get("type") == "header":
+            if header is not None or records:
+                raise FormatError(path, "seed log has a second header")
+            header = rec
+        else:
+            records.append(rec)
+        pos += len(line)
+        valid = pos
+    if records and header is None:
+        raise FormatError(path, "seed log has no header")
+    return header, records, valid
+
+
+class SeedLog:
+    """Append-only writer.  Opening an existing log truncates a torn tail before appending."""
+
+    def __init__(self, path, header: dict | None = None, fsync_every: int = 10):
+        self.path = str(path)
+        self.fsync_every = max(1, int(fsync_every))
+        self._pending = 0
+        existing_header, self.records, valid = read_log(self.path)
+        if existing_header is None and header is None:
+            raise FormatError(self.path, "a new seed log needs a header")
+        self.header = existing_header
+        self._f = open(self.path, "ab")
+        if self._f.tell() != valid:  # drop a torn/corrupt tail so appends follow valid records
+            self._f.truncate(valid)
+            self._f.seek(valid)
+        if existing_header is None:
+            self.header = dict(header, type="header", version=VERSION)
+            self._write(self.header, force_sync=True)
+
+    def _write(self, rec: dict, force_sync: bool = False):
+        self._f.write(encode_record(rec))
+        self._f.flush()
+        self._pending += 1
+        if force_sync or self._pending >= self.fsync_every:
+            os.fsync(self._f.fileno())
+            self._pending = 0
+
+    def append(self, rec: dict):
+        self._write(rec)
+        self.records.append(rec)
+
+    def sync(self):
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._pending = 0
+
+    def close(self):
+        if not self._f.closed:
+            self.sync()
+            self._f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

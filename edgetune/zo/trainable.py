@@ -1,0 +1,267 @@
+"""Trainable sets: the only state ZO training changes — scales, lora, sparse, norms (combinable).
+
+Every trainable tensor is a `Param`: a float32 numpy array owned in RAM plus a stable `tensor_id`
+for the perturbation RNG.  A perturbed forward never writes a Param: the model asks this set for
+each tensor's value "under perturbation (seed, eps, sign)" and gets theta + eps*sign*z computed on
+the fly (fused into the int4 kernel for `scales`; explicit small temporaries for the others).
+
+  scales  QZO: the int4/int8 group scales of every layer matrix (embedding/head excluded).  The
+          Param *is* the QTensor's scales array, so an update changes the model directly.
+          Perturbations are relative: eps times the tensor's mean |scale| (Param.pscale).
+  lora    rank-r adapters y += (alpha/r) * x A^T B^T on chosen projections (default q, v);
+          A is seeded Gaussian / sqrt(K), B = 0 (the usual LoRA start: the model is unchanged).
+  sparse  a fixed set of "sensitive" base weights (default 0.1% of each layer matrix) as
+          index + value deltas (SensZOQ / Sparse-MeZO).  Sensitivity is Wanda's score
+          |W_ij| * ||x_j||_2 over a few calibration batches: it needs forward passes only, where
+          SensZOQ's gradient-based mask needs backpropagation, which a device cannot afford.
+  norms   RMSNorm weights (and attention biases where the model has them, e.g. qwen2).
+
+Tensor ids (inputs to the RNG): a QTensor's own id (its index in the model file order) for
+scales; 100000+i for norms/biases, 200000+2i(+1) for LoRA A/B, 300000+i for sparse deltas, i
+counting in model order.  They are stable for a given model + set description, which is what
+makes the seed log replayable.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..errors import EdgetuneError
+from . import rng
+
+METHODS = ("scales", "lora", "sparse", "norms")
+LORA_TARGETS = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output",
+                "gate": "ffn_gate", "up": "ffn_up", "down": "ffn_down"}
+
+
+@dataclass
+class Param:
+    name: str
+    kind: str              # scales | lora_a | lora_b | sparse | norm | bias
+    value: np.ndarray      # float32, owned, updated in place
+    tensor_id: int
+    decay: bool = True     # weight decay applies (never to norms/biases)
+    pscale: float = 1.0    # perturbation and update move this tensor by eps * pscale * z
+
+    @property
+    def size(self) -> int:
+        return int(self.value.size)
+
+
+@dataclass
+class Perturb:
+    """One perturbed pass: every trainable tensor reads theta + eps * sign * z(seed, tensor_id)."""
+    seed: int
+    eps: float
+    sign: int
+    dist: str = "rademacher"
+
+    def z(self, p: Param) -> np.ndarray:
+        return rng.perturbation(self.seed, p.tensor_id, p.value.shape, self.dist)
+
+    def apply(self, p: Param) -> np.ndarray:
+        return p.value + np.float32(self.eps * self.sign * p.pscale) * self.z(p)
+
+
+@dataclass
+class _Lora:
+    a: Param
+    b: Param
+    scale: float
+
+
+@dataclass
+class _Sparse:
+    rows: torch.Tensor     # output index of each delta
+    cols: torch.Tensor     # input index of each delta
+    delta: Param
+
+
+@dataclass
+class TrainableSet:
+    """The hooks the Transformer calls (scale_perturbation, linear_extra, norm_weight) + Params."""
+    methods: tuple
+    dist: str = "rademacher"
+    params: list = field(default_factory=list)
+    scales: dict = field(default_factory=dict)   # qtensor name -> Param
+    lora: dict = field(default_factory=dict)     # qtensor name -> _Lora
+    sparse: dict = field(default_factory=dict)   # qtensor name -> _Sparse
+    norms: dict = field(default_factory=dict)    # norm/bias name -> (Param, torch view of model's)
+
+    # -- model hooks ---------------------------------------------------------------------------
+    def scale_perturbation(self, qt, pert: Perturb | None):
+        p = self.scales.get(qt.name) if pert is not None else None
+        if p is None:
+            return None
+        from .. import kernels
+        return kernels.Perturbation(seed=pert.seed, eps=pert.eps * p.pscale, sign=pert.sign,
+                                    dist=pert.dist)
+
+    def linear_extra(self, qt, x: torch.Tensor, y: torch.Tensor, pert: Perturb | None):
+        lo = self.lora.get(qt.name)
+        if lo is not None:
+            a = lo.a.value if pert is None else pert.apply(lo.a)
+            b = lo.b.value if pert is None else pert.apply(lo.b)
+            y = y + lo.scale * ((x @ torch.from_numpy(a).T) @ torch.from_numpy(b).T)
+        sp = self.sparse.get(qt.name)
+        if sp is not None:
+            d = sp.delta.value if pert is None else pert.apply(sp.delta)
+            contrib = x[:, sp.cols] * torch.from_numpy(d)
+            y = y.index_add(1, sp.rows, contrib)
+        return y
+
+    def norm_weight(self, name: str, w: torch.Tensor, pert: Perturb | None) -> torch.Tensor:
+        if pert is None or name not in self.norms:
+            return w
+        return torch.from_numpy(pert.apply(self.norms[name][0]))
+
+    # -- state ---------------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {p.name: p.value for p in self.params}
+
+    def load_state(self, state: dict):
+        names = {p.name for p in self.params}
+        if set(state) != names:
+            missing, extra = names - set(state), set(state) - names
+            raise EdgetuneError(f"trainable state does not match this run's set (missing "
+                                f"{sorted(missing)[:3]}, unexpected {sorted(extra)[:3]})")
+        for p in self.params:
+            v = np.asarray(state[p.name], dtype=np.float32)
+            if v.shape != p.value.shape:
+                raise EdgetuneError(f"trainable {p.name}: shape {v.shape} != {p.value.shape}")
+            p.value[...] = v
+
+    def n_params(self) -> int:
+        return sum(p.size for p in self.params)
+
+    def describe(self) -> dict:
+        """name -> [size, pscale]: what a seed log needs to be replayed against this set."""
+        return {p.name: [p.size, p.pscale] for p in self.params}
+
+
+def _layer_matrices(net):
+    for i, layer in enumerate(net.layers):
+        for n, qt in layer.w.items():
+            yield i, n, qt
+
+
+def build_trainable(net, methods, *, lora_rank: int = 8, lora_alpha: float = 16.0,
+                    lora_targets=("q", "v"), sparse_fraction: float = 1e-3,
+                    calibration=None, init_seed: int = 0, dist: str = "rademacher") -> TrainableSet:
+    """Attach a trainable set to `net` (a model.Transformer) and return it.
+
+    calibration: a list of token batches (torch [B, T] long) for the sparse mask; required for
+    "sparse".
+    """
+    if isinstance(methods, str):
+        methods = tuple(m.strip() for m in methods.split(",") if m.strip())
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        raise EdgetuneError(f"unknown training method(s) {bad or methods}; choose from {', '.join(METHODS)}")
+    if dist not in rng.DISTRIBUTIONS:
+        raise EdgetuneError(f"unknown perturbation distribution {dist!r}")
+    ts = TrainableSet(methods=tuple(methods), dist=dist)
+
+    if "scales" in methods:
+        for i, n, qt in _layer_matrices(net):
+            if qt.kind == "f32":
+                continue
+            if not qt.scales.flags.writeable or not qt.scales.flags.c_contiguous:
+                qt.scales = np.ascontiguousarray(qt.scales, dtype=np.float32).copy()
+            # relative perturbation: a tensor's scales move by eps * (their mean magnitude) * z,
+            # so one eps suits scales (~1e-2) as well as norms and adapters (~1)
+            pscale = float(np.float32(np.mean(np.abs(qt.scales), dtype=np.float64)))
+            p = Param(f"scales:{qt.name}", "scales", qt.scales, qt.tensor_id, decay=False,
+                      pscale=pscale)
+            ts.scales[qt.name] = p
+            ts.params.append(p)
+
+    if "norms" in methods:
+        k = 0
+        named = []
+        for i, layer in enumerate(net.layers):
+            named += [(f"blk.{i}.attn_norm.weight", layer.attn_norm),
+                      (f"blk.{i}.ffn_norm.weight", layer.ffn_norm)]
+            named += [(f"blk.{i}.{b}.bias", t) for b, t in layer.bias.items()]
+        named.append(("output_norm.weight", net.output_norm))
+        for name, t in named:
+            p = Param(f"norm:{name}", "bias" if name.endswith(".bias") else "norm", t.numpy(),
+                      100000 + k, decay=False)
+            k += 1
+            ts.norms[name] = (p, t)
+            ts.params.append(p)
+
+    if "lora" in methods:
+        targets = []
+        for t in lora_targets:
+            if t not in LORA_TARGETS:
+                raise EdgetuneError(f"unknown LoRA target {t!r}; choose from {', '.join(LORA_TARGETS)}")
+            targets.append(LORA_TARGETS[t])
+        if lora_rank < 1:
+            raise EdgetuneError("--lora-rank must be >= 1")
+        k = 0
+        for i, n, qt in _layer_matrices(net):
+            if n not in targets:
+                continue
+            N, K = qt.shape
+            a = rng.perturbation(init_seed, 200000 + 2 * k, (lora_rank, K), "gaussian") / np.float32(np.sqrt(K))
+            pa = Param(f"lora_a:{qt.name}", "lora_a", a.astype(np.float32), 200000 + 2 * k)
+            pb = Param(f"lora_b:{qt.name}", "lora_b", np.zeros((N, lora_rank), np.float32),
+                       200000 + 2 * k + 1)
+            ts.lora[qt.name] = _Lora(pa, pb, lora_alpha / lora_rank)
+            ts.params += [pa, pb]
+            k += 1
+
+    if "sparse" in methods:
+        if calibration is None:
+            raise EdgetuneError("the sparse method needs calibration batches for its mask")
+        if not 0 < sparse_fraction < 1:
+            raise EdgetuneError("--sparse-fraction must be in (0, 1)")
+        norms = _input_norms(net, calibration)
+        from ..quant import dequantize
+        k = 0
+        for i, n, qt in _layer_matrices(net):
+            w = np.abs(dequantize(qt)) * norms[qt.name][None, :]
+            count = max(1, int(round(w.size * sparse_fraction)))
+            flat = np.argpartition(w.reshape(-1), w.size - count)[w.size - count:]
+            flat.sort()
+            rows, cols = np.divmod(flat, qt.shape[1])
+            p = Param(f"sparse:{qt.name}", "sparse", np.zeros(count, np.float32), 300000 + k)
+            ts.sparse[qt.name] = _Sparse(torch.from_numpy(rows.astype(np.int64)),
+                                         torch.from_numpy(cols.astype(np.int64)), p)
+            ts.params.append(p)
+            k += 1
+    net.hooks = ts
+    return ts
+
+
+class _NormRecorder:
+    """Calibration hooks: accumulate sum of x_j^2 for the input of every layer matrix."""
+
+    def __init__(self):
+        self.sq = {}
+
+    def scale_perturbation(self, qt, pert):
+        return None
+
+    def linear_extra(self, qt, x, y, pert):
+        s = x.double().pow(2).sum(0).numpy()
+        self.sq[qt.name] = self.sq.get(qt.name, 0) + s
+        return y
+
+    def norm_weight(self, name, w, pert):
+        return w
+
+
+def _input_norms(net, batches) -> dict:
+    saved = net.hooks
+    rec = _NormRecorder()
+    net.hooks = rec
+    try:
+        for tokens in batches:
+            net.hidden(tokens)
+    finally:
+        net.hooks = saved
+    return {k: np.sqrt(v).astype(np.float32) for k, v in rec.sq.items()}

@@ -1,0 +1,235 @@
+"""qgemm: every available C++ path vs the float64 numpy reference; in-kernel perturbation; threads.
+
+Tolerances.  The SIMD paths quantize activations to int8 per group (like llama.cpp's Q8
+activations), which adds noise of ~0.5% of the natural scale of each output: we measure errors
+against sqrt(Σ_k x²w²) per output (what a random dot product's magnitude looks like), Frobenius
+< 2e-2 and max abs < 1e-1 of that scale.  The scalar path computes in fp32: 1e-5.  Runs that
+share the quantized activations (perturbed vs explicitly perturbed scales, thread counts) must
+agree to ~1e-6 or bit for bit.
+"""
+import numpy as np
+import pytest
+import torch
+
+from edgetune import kernels, quant
+from edgetune.quant import QTensor
+
+pytestmark = pytest.mark.skipif(not kernels.HAVE_KERNELS, reason="edgetune._kernels not built")
+
+PATHS = kernels.available_paths()
+SHAPES = [(1, 1, 32), (3, 5, 96), (7, 33, 576), (16, 100, 1536), (64, 257, 4096)]
+# (kind, offset or group, with mins)
+FORMATS = [("q4", 0, True), ("q4", 0, False), ("q4", 8, False), ("q4", 8, True),
+           ("q8", 32, False), ("q8", 16, True), ("q8", 16, False)]
+
+
+def make_qt(kind, n, k, arg, mins, seed=0, tensor_id=11):
+    r = np.random.default_rng(seed)
+    if kind == "q4":
+        codes = r.integers(0, 256, size=(n, k // 32, 16), dtype=np.uint8)
+        g, offset = 32, arg
+    else:
+        g, offset = arg, 0
+        codes = r.integers(-127, 128, size=(n, k // g, g)).astype(np.int8)
+    scales = (0.01 + 0.05 * np.abs(r.standard_normal((n, k // g)))).astype(np.float32)
+    if kind == "q8":
+        scales /= 16
+    mn = (0.1 * r.standard_normal((n, k // g))).astype(np.float32) if mins else None
+    return QTensor("w", kind, (n, k), codes=codes, scales=scales, mins=mn, group=g, offset=offset,
+                   tensor_id=tensor_id)
+
+
+def make_x(m, k, seed=1):
+    return np.random.default_rng(seed).standard_normal((m, k)).astype(np.float32)
+
+
+def noise_scale(x, qt, scales=None):
+    """Per-output natural scale sqrt(Σ_k x² w²) (shape [M, N])."""
+    w = quant.dequantize(qt, scales).astype(np.float64)
+    return np.sqrt((x.astype(np.float64) ** 2) @ (w ** 2).T)
+
+
+def assert_close(y, ref, scale, path, what=""):
+    err = np.asarray(y, np.float64) - ref
+    fro = np.linalg.norm(err) / max(np.linalg.norm(scale), 1e-30)
+    mx = np.max(np.abs(err) / np.maximum(scale, 1e-30)) if err.size else 0.0
+    tol_fro, tol_max = (1e-5, 1e-4) if path == "scalar" else (2e-2, 1e-1)
+    assert fro < tol_fro and mx < tol_max, f"{path} {what}: fro {fro:.3g} max {mx:.3g}"
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f"{f[0]}-{f[1]}-{'mins' if f[2] else 'nomins'}")
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_paths_vs_reference(path, fmt, shape):
+    m, n, k = shape
+    qt = make_qt(fmt[0], n, k, fmt[1], fmt[2])
+    x = make_x(m, k)
+    y = kernels.qgemm(x, qt, path=path)
+    assert y.shape == (m, n) and y.dtype == np.float32
+    assert_close(y, kernels.qgemm_reference(x, qt), noise_scale(x, qt), path, f"{fmt} {shape}")
+
+
+def fake_q4_1_buffer(n, k, seed=3):
+    """A GGUF-like Q4_1 tensor: [N rows] x [K/32 blocks of 20 bytes: fp16 d, fp16 m, 16 codes],
+    each row padded by 8 bytes, so codes is a strided zero-copy view (row and block strides)."""
+    r = np.random.default_rng(seed)
+    nb = k // 32
+    buf = r.integers(0, 256, size=(n, nb * 20 + 8), dtype=np.uint8)
+    blocks = buf[:, : nb * 20].reshape(n, nb, 20)
+    codes = blocks[:, :, 4:]
+    assert np.shares_memory(codes, buf) and codes.strides == (nb * 20 + 8, 20, 1)
+    return buf, codes
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("offset,mins", [(0, True), (8, False)])
+def test_strided_codes_view(path, offset, mins):
+    m, n, k = 9, 70, 320
+    _, codes = fake_q4_1_buffer(n, k)
+    base = make_qt("q4", n, k, offset, mins)
+    qt = QTensor("w", "q4", (n, k), codes=codes, scales=base.scales, mins=base.mins, offset=offset)
+    x = make_x(m, k)
+    dense = QTensor("w", "q4", (n, k), codes=np.ascontiguousarray(codes), scales=base.scales,
+                    mins=base.mins, offset=offset)
+    y = kernels.qgemm(x, qt, path=path)
+    np.testing.assert_array_equal(y, kernels.qgemm(x, dense, path=path))
+    assert_close(y, kernels.qgemm_reference(x, qt), noise_scale(x, qt), path, "strided")
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dist", ["rademacher", "gaussian"])
+@pytest.mark.parametrize("fmt", [("q4", 0, True), ("q4", 8, False), ("q8", 16, True), ("q8", 32, False)],
+                         ids=lambda f: f"{f[0]}-{f[1]}-{f[2]}")
+def test_perturbation(path, dist, fmt):
+    m, n, k = 5, 67, 576
+    qt = make_qt(fmt[0], n, k, fmt[1], fmt[2], tensor_id=2**63 + 5)
+    x = make_x(m, k)
+    for sign in (1, -1):
+        p = kernels.Perturbation(seed=2**63 + 77, eps=1e-2, sign=sign, dist=dist)
+        y = kernels.qgemm(x, qt, perturb=p, path=path)
+        s2 = kernels.perturbed_scales(qt, p)
+        assert not np.array_equal(s2, qt.scales)
+        # 1. against the float64 reference on explicitly perturbed scales
+        ref = kernels.qgemm_reference(x, qt, perturb=p)
+        np.testing.assert_allclose(ref, kernels.qgemm_reference(x, QTensor(
+            "w", qt.kind, qt.shape, codes=qt.codes, scales=s2, mins=qt.mins, group=qt.group,
+            offset=qt.offset)), rtol=1e-12, atol=1e-12)
+        assert_close(y, ref, noise_scale(x, qt, s2), path, f"perturbed {fmt} sign {sign}")
+        # 2. against the same kernel on explicitly perturbed scales (same quantized activations)
+        qt2 = QTensor("w", qt.kind, qt.shape, codes=qt.codes, scales=s2, mins=qt.mins, group=qt.group,
+                      offset=qt.offset, tensor_id=qt.tensor_id)
+        y2 = kernels.qgemm(x, qt2, path=path)
+        assert np.linalg.norm(y - y2) <= 1e-5 * np.linalg.norm(y2)
+    # 3. sign: +eps and -eps are symmetric around the unperturbed result (linear in the scales)
+    yp = kernels.qgemm(x, qt, perturb=(2**63 + 77, 1e-2, 1, dist), path=path)
+    ym = kernels.qgemm(x, qt, perturb=(2**63 + 77, 1e-2, -1, dist), path=path)
+    y0 = kernels.qgemm(x, qt, path=path)
+    assert np.linalg.norm(yp - ym) > 1e-3 * np.linalg.norm(y0)
+    assert np.linalg.norm((yp + ym) / 2 - y0) <= 1e-5 * np.linalg.norm(y0)
+    # tensor_id matters
+    qt3 = QTensor("w", qt.kind, qt.shape, codes=qt.codes, scales=qt.scales, mins=qt.mins,
+                  group=qt.group, offset=qt.offset, tensor_id=12)
+    assert not np.array_equal(kernels.qgemm(x, qt3, perturb=(2**63 + 77, 1e-2, 1, dist), path=path), yp)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_thread_count_invariance(path):
+    m, n, k = 37, 300, 1024
+    qt = make_qt("q4", n, k, 0, True)
+    x = make_x(m, k)
+    p = kernels.Perturbation(5, 1e-3, -1, "gaussian")
+    old = kernels.get_num_threads()
+    try:
+        kernels.set_num_threads(1)
+        assert kernels.get_num_threads() == 1
+        a = kernels.qgemm(x, qt, perturb=p, path=path)
+        kernels.set_num_threads(2)
+        b = kernels.qgemm(x, qt, perturb=p, path=path)
+    finally:
+        kernels.set_num_threads(old)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_lm_head_shape():
+    m, n, k = 2, 49152, 576
+    qt = make_qt("q4", n, k, 0, True)
+    x = make_x(m, k)
+    y = kernels.qgemm(x, qt)
+    assert_close(y, kernels.qgemm_reference(x, qt), noise_scale(x, qt), kernels.best_path(), "lm head")
+
+
+def test_torch_in_torch_out_and_out_argument():
+    qt = make_qt("q4", 40, 96, 8, False)
+    x = torch.randn(2, 3, 96)
+    y = kernels.qgemm(x, qt)
+    assert isinstance(y, torch.Tensor) and y.shape == (2, 3, 40) and y.dtype == torch.float32
+    ref = kernels.qgemm(x.numpy(), qt)
+    np.testing.assert_array_equal(y.numpy(), ref)
+    out = torch.empty(2, 3, 40)
+    r = kernels.qgemm(x, qt, out=out)
+    assert r is out
+    np.testing.assert_array_equal(out.numpy(), ref)
+    out_np = np.empty((2, 3, 40), np.float32)
+    assert kernels.qgemm(x.numpy(), qt, out=out_np) is out_np
+    np.testing.assert_array_equal(out_np, ref)
+    # non-float32 / non-contiguous inputs are converted
+    xd = x.numpy().astype(np.float64)[:, :, :]
+    np.testing.assert_array_equal(kernels.qgemm(xd, qt), ref)
+    np.testing.assert_array_equal(kernels.qgemm(x.transpose(0, 1).contiguous().transpose(0, 1), qt).numpy(), ref)
+
+
+def test_f32_kind_and_empty_batch():
+    w = np.random.default_rng(0).standard_normal((7, 64)).astype(np.float32)
+    qt = QTensor("f", "f32", (7, 64), data=w)
+    x = make_x(3, 64)
+    np.testing.assert_allclose(kernels.qgemm(x, qt), x @ w.T, rtol=1e-5, atol=1e-5)
+    q = make_qt("q4", 7, 64, 0, True)
+    assert kernels.qgemm(np.zeros((0, 64), np.float32), q).shape == (0, 7)
+
+
+def test_errors_are_value_errors():
+    qt = make_qt("q4", 8, 64, 0, True)
+    with pytest.raises(ValueError, match="K=64"):
+        kernels.qgemm(make_x(2, 63), qt)
+    bad = QTensor("w", "q4", (8, 48), codes=np.zeros((8, 1, 16), np.uint8),
+                  scales=np.ones((8, 1), np.float32))
+    with pytest.raises(ValueError, match="multiple of the group size 32"):
+        kernels.qgemm(make_x(2, 48), bad)
+    with pytest.raises(ValueError, match="codes"):
+        kernels.qgemm(make_x(2, 64), QTensor("w", "q4", (8, 64), codes=np.zeros((8, 2, 8), np.uint8),
+                                             scales=qt.scales))
+    with pytest.raises(ValueError, match="scales"):
+        kernels.qgemm(make_x(2, 64), QTensor("w", "q4", (8, 64), codes=qt.codes,
+                                             scales=np.ones((8, 3), np.float32)))
+    with pytest.raises(ValueError):
+        kernels.qgemm(make_x(2, 64), qt, perturb=(1, 1e-3, 2))
+    with pytest.raises(ValueError):
+        kernels.qgemm(make_x(2, 64), qt, perturb=(1, 1e-3, 1, "cauchy"))
+    with pytest.raises(ValueError, match="path"):
+        kernels.qgemm(make_x(2, 64), qt, path="sse9")
+    with pytest.raises(ValueError):
+        kernels.qgemm(make_x(2, 64), qt, out=np.empty((2, 9), np.float32))
+    k = kernels._kernels
+    with pytest.raises(ValueError, match="float32"):
+        k.qgemm_q4(make_x(2, 64).astype(np.float64), qt.codes, qt.scales)
+    with pytest.raises(ValueError, match="codes"):
+        k.qgemm_q4(make_x(2, 64), qt.codes.astype(np.float32), qt.scales)
+    with pytest.raises(ValueError, match="contiguous"):
+        k.qgemm_q4(make_x(2, 64), np.repeat(qt.codes, 2, axis=2)[:, :, ::2], qt.scales)
+    with pytest.raises(ValueError, match="scales"):
+        k.qgemm_q4(make_x(2, 64), qt.codes, qt.scales.astype(np.float64))
+    with pytest.raises(ValueError, match="inner"):
+        k.qgemm_q4(make_x(2, 32), qt.codes, qt.scales)
+    with pytest.raises(ValueError, match="offset"):
+        k.qgemm_q4(make_x(2, 64), qt.codes, qt.scales, None, 16)
+
+
+def test_fallback_reference_matches_kernel(monkeypatch):
+    qt = make_qt("q8", 20, 64, 16, True)
+    x = make_x(4, 64)
+    fast = kernels.qgemm(x, qt)
+    monkeypatch.setattr(kernels, "HAVE_KERNELS", False)
+    monkeypatch.setattr(kernels, "_warned", False)
+    with pytest.warns(RuntimeWarning, match="numpy reference"):
+        slow = kernels.qgemm(x, qt)
+    assert_close(fast, slow.astype(np.float64), noise_scale(x, qt), "fallback")
