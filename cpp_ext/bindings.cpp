@@ -9,6 +9,7 @@
 
 #include "edgetune/qgemm.h"
 #include "edgetune/rng.h"
+#include "edgetune/rng_ops.h"
 
 namespace py = pybind11;
 using namespace edgetune;
@@ -134,11 +135,30 @@ PYBIND11_MODULE(_kernels, m) {
               if (n < 0) throw py::value_error("rng_perturbation: n < 0");
               if (dist != 0 && dist != 1) throw py::value_error("rng_perturbation: dist must be 0 or 1");
               py::array_t<float> z(static_cast<py::ssize_t>(n));
-              rng::perturbation(seed, tensor_id, n, dist, offset, z.mutable_data());
+              float* p = z.mutable_data();
+              {
+                  py::gil_scoped_release nogil;
+                  rng_fill(p, n, seed, tensor_id, dist, offset);
+              }
               return z;
           },
           py::arg("seed"), py::arg("tensor_id"), py::arg("n"), py::arg("dist") = 0, py::arg("offset") = 0,
           "z for elements offset..offset+n-1 (float32), bit-identical to edgetune.zo.rng.perturbation");
+    m.def("rng_axpy",
+          [](py::array out, double alpha, uint64_t seed, uint64_t tensor_id, int dist, uint64_t offset) {
+              if (!is_f32(out) || !(out.flags() & py::array::c_style) || !out.writeable())
+                  throw py::value_error("rng_axpy: out must be a writeable C-contiguous float32 array, got dtype " +
+                                        std::string(py::str(out.dtype())) + " shape " + shape_str(out));
+              if (dist != 0 && dist != 1) throw py::value_error("rng_axpy: dist must be 0 or 1");
+              float* p = static_cast<float*>(out.mutable_data());
+              const int64_t n = out.size();
+              const float a = static_cast<float>(alpha);
+              py::gil_scoped_release nogil;
+              rng_axpy(p, n, a, seed, tensor_id, dist, offset);
+          },
+          py::arg("out"), py::arg("alpha"), py::arg("seed"), py::arg("tensor_id"), py::arg("dist") = 0,
+          py::arg("offset") = 0,
+          "out += float32(alpha) * z(seed, tensor_id, offset + flat index), in place, multi-threaded");
     m.def("set_num_threads", [](int n) { py::gil_scoped_release nogil; set_num_threads(n); }, py::arg("n"),
           "kernel threads (n <= 0: number of cores)");
     m.def("get_num_threads", &get_num_threads);

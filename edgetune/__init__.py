@@ -1,4 +1,10 @@
 """edgetune: fine-tune int4 LLMs on the device that uses them, with forward passes only."""
+import os as _os
+
+# torch's OpenMP workers spin after each op and steal the cores our kernel thread pool needs;
+# passive waiting must be chosen before torch (libgomp) initializes.  A user's setting wins.
+_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from .errors import EdgetuneError, FormatError, UnsupportedError
 
 __version__ = "0.1.0"

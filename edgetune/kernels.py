@@ -198,6 +198,36 @@ def qgemm(x, qt: quant.QTensor, perturb=None, out=None, path: str = "auto"):
     return y
 
 
+def _dist_id(dist) -> int:
+    if isinstance(dist, (int, np.integer)) and not isinstance(dist, bool) and int(dist) in (0, 1):
+        return int(dist)
+    if dist in DISTS:
+        return DISTS[dist]
+    raise ValueError(f"unknown perturbation distribution {dist!r}; choose one of {tuple(DISTS)}")
+
+
+def rng_perturbation(seed: int, tensor_id: int, shape, dist="rademacher", offset: int = 0) -> np.ndarray:
+    """z for elements offset.. of a tensor (float32, shaped like `shape`); = zo.rng.perturbation."""
+    shp = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
+    if not HAVE_KERNELS:
+        return rng.perturbation(seed, tensor_id, shp, rng.DISTRIBUTIONS[_dist_id(dist)], offset)
+    n = int(np.prod(shp)) if shp else 1
+    return _kernels.rng_perturbation(int(seed) & _MASK64, int(tensor_id) & _MASK64, n, _dist_id(dist),
+                                     int(offset) & _MASK64).reshape(shp)
+
+
+def rng_axpy(out: np.ndarray, alpha: float, seed: int, tensor_id: int, dist="rademacher",
+             offset: int = 0) -> np.ndarray:
+    """In place: out += float32(alpha) * z(seed, tensor_id, offset + flat index); returns out.
+    Rounds exactly like numpy's `out += np.float32(alpha) * z` (the ZO update without storing z)."""
+    d = _dist_id(dist)
+    if not HAVE_KERNELS:
+        out += np.float32(alpha) * rng.perturbation(seed, tensor_id, out.shape, rng.DISTRIBUTIONS[d], offset)
+        return out
+    _kernels.rng_axpy(out, float(alpha), int(seed) & _MASK64, int(tensor_id) & _MASK64, d, int(offset) & _MASK64)
+    return out
+
+
 def set_num_threads(n: int) -> None:
     """Kernel threads (n <= 0: all cores)."""
     if HAVE_KERNELS:

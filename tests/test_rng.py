@@ -35,3 +35,19 @@ def test_rng_offset_is_a_window():
     full = kernels._kernels.rng_perturbation(2**63 + 9, 4, 100, 1, 0)
     part = kernels._kernels.rng_perturbation(2**63 + 9, 4, 30, 1, 50)
     np.testing.assert_array_equal(full[50:80], part)
+
+
+@pytest.mark.parametrize("dist", ["rademacher", "gaussian"])
+def test_rng_axpy_matches_numpy(dist):
+    r = np.random.default_rng(0)
+    base = r.standard_normal((300, 50)).astype(np.float32)
+    for seed, tid, alpha in [(1, 2, 1e-3), (2**63 + 3, 2**64 - 1, -0.37), (99, 0, 1e-7)]:
+        want = base.copy()
+        want += np.float32(alpha) * rng.perturbation(seed, tid, want.shape, dist)
+        got = base.copy()
+        assert kernels.rng_axpy(got, alpha, seed, tid, dist) is got
+        np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+    z = kernels.rng_perturbation(2**63 + 1, 5, (70_000, 3), dist, 11)  # several pool tasks
+    np.testing.assert_array_equal(z, rng.perturbation(2**63 + 1, 5, (70_000, 3), dist, 11))
+    with pytest.raises(ValueError):
+        kernels.rng_axpy(base.astype(np.float64), 1.0, 1, 2, dist)

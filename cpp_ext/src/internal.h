@@ -102,7 +102,9 @@ struct Partition {
 inline Partition partition(int64_t N, int64_t M, int64_t panel, int64_t m_align, int threads) {
     Partition pt;
     pt.n_panels = ceil_div(N, panel);
-    const int64_t want = threads <= 1 ? 1 : 4 * threads;  // a few tasks per thread for balance
+    // several tasks per thread: tasks are claimed dynamically, so a thread slowed down by another
+    // process (e.g. torch's OpenMP workers still spinning after their op) is compensated
+    const int64_t want = threads <= 1 ? 1 : 8 * threads;
     pt.panels_per_task = pt.n_panels >= want ? ceil_div(pt.n_panels, want) : 1;
     pt.n_ptasks = ceil_div(pt.n_panels, pt.panels_per_task);
     int64_t mt = 1;
