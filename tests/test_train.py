@@ -1,0 +1,144 @@
+"""Training engine on a tiny synthetic model: fused == explicit perturbation, replay, resume,
+determinism, CLI outputs."""
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+
+import edgetune
+from edgetune.config import make_config
+from edgetune.errors import EdgetuneError
+from edgetune.synth import write_synthetic
+from edgetune.train.loop import finetune
+from edgetune.train.runstate import apply_run
+from edgetune.zo.seedlog import read_log
+from edgetune.zo.trainable import Perturb, build_trainable
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    model = write_synthetic("tiny", "q4_1", d / "tiny.gguf", seed=3, progress=False)
+    rows = []
+    r = random.Random(0)
+    for i in range(400):
+        label = r.choice(["a", "b"])
+        words = " ".join(r.choice(["ab", "cd", "ef", "gh"]) for _ in range(r.randint(2, 6)))
+        rows.append({"text": f"{words} {label}{label}", "label": label})
+    data = d / "data.jsonl"
+    data.write_text("\n".join(json.dumps(x) for x in rows) + "\n")
+    return str(model), str(data)
+
+
+def cfg_for(tiny, out, **kw):
+    model, data = tiny
+    base = dict(model=model, data=data, verbalizer="a=a,b=b", out=str(out), steps=12, batch=8,
+                lr=1e-3, eps=1e-2, eval_every=6, eval_limit=16, test_limit=16, snapshot_every=5,
+                progress=False, method="scales,norms,lora")
+    base.update(kw)
+    return make_config(flag_values=base)
+
+
+def test_fused_scale_perturbation_equals_explicit(tiny):
+    m = edgetune.load(tiny[0])
+    ts = build_trainable(m.net, "scales,norms,lora")
+    ids = [m.tokenize("ab cd ef gh"), m.tokenize("ab ab")]
+    pert = Perturb(seed=77, eps=1e-2, sign=-1)
+    fused = m.logits(ids, perturb=pert)
+    base = m.logits(ids)
+    # explicit: write theta + eps*sign*pscale*z into every trainable tensor, run unperturbed
+    saved = {p.name: p.value.copy() for p in ts.params}
+    for p in ts.params:
+        p.value[...] = pert.apply(p)
+    explicit = m.logits(ids)
+    for p in ts.params:
+        p.value[...] = saved[p.name]
+    assert np.abs(fused - base).max() > 1e-3          # the perturbation does something
+    np.testing.assert_allclose(fused, explicit, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(m.logits(ids), base)  # nothing was written by the fused pass
+
+
+def test_replay_reproduces_state_bit_for_bit(tiny, tmp_path):
+    run = finetune(cfg_for(tiny, tmp_path / "r"))
+    final = {k: v.copy() for k, v in run.trainable.state().items()}
+    assert any(np.any(v != 0) for k, v in final.items() if k.startswith("lora_b"))
+    # from the last snapshot (step 12) + tail, and from scratch (no snapshot: full replay)
+    m2 = edgetune.load(tiny[0])
+    ts2 = apply_run(m2, str(tmp_path / "r"))
+    for k, v in ts2.state().items():
+        np.testing.assert_array_equal(v, final[k], err_msg=k)
+    os.remove(tmp_path / "r" / "state.npz")
+    m3 = edgetune.load(tiny[0])
+    ts3 = apply_run(m3, str(tmp_path / "r"))
+    for k, v in ts3.state().items():
+        np.testing.assert_array_equal(v, final[k], err_msg=k)
+
+
+def test_same_seed_same_curve_and_resume_matches(tiny, tmp_path):
+    a = finetune(cfg_for(tiny, tmp_path / "a"))
+    b = finetune(cfg_for(tiny, tmp_path / "b"))
+    assert a.losses == b.losses and len(a.losses) == 12
+    _, ra, _ = read_log(tmp_path / "a" / "seedlog.jsonl")
+    _, rb, _ = read_log(tmp_path / "b" / "seedlog.jsonl")
+    assert ra == rb
+    # interrupted after 7 steps, resumed to 12: same state and log as the uninterrupted run
+    finetune(cfg_for(tiny, tmp_path / "c", steps=7))
+    c = finetune(cfg_for(tiny, tmp_path / "c", steps=12, resume=True))
+    _, rc, _ = read_log(tmp_path / "c" / "seedlog.jsonl")
+    assert rc == ra
+    for k, v in c.trainable.state().items():
+        np.testing.assert_array_equal(v, a.trainable.state()[k], err_msg=k)
+
+
+def test_run_directory_outputs_and_refusals(tiny, tmp_path):
+    out = tmp_path / "run"
+    run = finetune(cfg_for(tiny, out, steps=6, method="scales"))
+    for f in ("config.json", "seedlog.jsonl", "state.npz", "metrics.csv", "metrics.png", "summary.json"):
+        assert (out / f).exists(), f
+    s = json.loads((out / "summary.json").read_text())
+    assert s["steps"] == 6 and s["peak_rss_mb"] > 0 and s["final_test_acc"] is not None
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("step,loss,lr,dev_acc,rss_mb") and len(rows) == 2
+    with pytest.raises(EdgetuneError, match="exists"):
+        finetune(cfg_for(tiny, out, steps=6, method="scales"))
+    with pytest.raises(EdgetuneError, match="trainable set differs"):
+        finetune(cfg_for(tiny, out, steps=8, method="norms", resume=True))
+    assert run.final_acc is not None
+
+
+def test_cli_finetune_and_eval(tiny, tmp_path, capsys):
+    from edgetune.cli import main
+    out = tmp_path / "cli"
+    model, data = tiny
+    cfgfile = tmp_path / "c.yaml"
+    cfgfile.write_text(f"model: {model}\ndata: {data}\nsteps: 3\nbatch: 4\nverbalizer: 'a=a,b=b'\n"
+                       f"eval_limit: 8\ntest_limit: 8\nlr: 0.5\n")
+    rc = main(["finetune", "--config", str(cfgfile), "--out", str(out), "--lr", "1e-3",
+               "--no-progress", "--method", "norms"])
+    assert rc == 0
+    assert json.loads((out / "config.json").read_text())["lr"] == 1e-3  # flag beats file
+    printed = capsys.readouterr().out
+    assert "fine-tuned test accuracy" in printed and "peak RSS" in printed
+    rc = main(["eval", "--model", model, "--run", str(out), "--data", data, "--verbalizer",
+               "a=a,b=b", "--limit", "8"])
+    assert rc == 0 and "accuracy:" in capsys.readouterr().out
+    assert main(["finetune", "--model", str(tmp_path / "missing.gguf"), "--out",
+                 str(tmp_path / "x"), "--no-progress"]) == 2
+
+
+def test_nan_loss_skips_step_not_run(tiny, tmp_path, monkeypatch):
+    from edgetune.train import objectives
+    calls = {"n": 0}
+    real = objectives.classification_loss
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        return float("nan") if calls["n"] in (3, 4) else real(*a, **k)
+    monkeypatch.setattr(objectives, "classification_loss", flaky)
+    run = finetune(cfg_for(tiny, tmp_path / "nan", steps=4, zero_shot=False, eval_every=0,
+                           test_limit=8))
+    _, recs, _ = read_log(tmp_path / "nan" / "seedlog.jsonl")
+    assert [r["type"] for r in recs] == ["step", "skip", "step", "step"]
+    assert run.skipped == 1 and all(np.isfinite(run.losses))
