@@ -102,3 +102,22 @@ def test_logits_positions_and_padding(smollm2):
     np.testing.assert_allclose(per_seq[0, 1], full[0, 1], rtol=1e-5, atol=1e-4)
     with pytest.raises(Exception, match="out of range"):
         smollm2.logits([b], positions=[5])
+
+
+def test_cli_generate_matches_llamacpp(smollm2, llamacpp_smollm2, smollm2_path, capsys):
+    from edgetune.cli import main
+    prompt = "The capital of France is"
+    assert main(["generate", "--model", smollm2_path, "--prompt", prompt, "-n", "20", "--ids"]) == 0
+    out = capsys.readouterr().out
+    ours = [int(t) for t in out.strip().splitlines()[-1].split(":", 1)[1].split()]
+    ll = llamacpp_smollm2
+    ll.reset()
+    ll.eval(smollm2.tokenize(prompt))
+    theirs = []
+    for _ in range(20):
+        t = int(np.argmax(ll.scores[ll.n_tokens - 1]))
+        if smollm2.tokenizer.is_eog(t):
+            break
+        theirs.append(t)
+        ll.eval([t])
+    assert len(ours) == 20 and ours == theirs
