@@ -167,6 +167,67 @@ def _run_eval(args) -> int:
     return 0
 
 
+def _add_plan(sub):
+    p = sub.add_parser("plan", help="memory plan of a fine-tune: resident vs streamed layers",
+                       description="Predict the peak memory of a ZO fine-tune and which layers "
+                                   "stay resident under --memory; refuses an impossible budget "
+                                   "with the smallest one that works.  Reads only the GGUF header.")
+    p.add_argument("--model", default="smollm2", help="GGUF file or 'smollm2' (default: %(default)s)")
+    p.add_argument("--memory", default=None, help="budget, e.g. 2G, 1.5GB, 800M (default: none)")
+    p.add_argument("--batch", type=int, default=16, help="sequences per step (default: %(default)s)")
+    p.add_argument("--seq", type=int, default=64, help="tokens per sequence (default: %(default)s)")
+    p.add_argument("--method", default="scales", help="trainable set(s) (default: %(default)s)")
+    p.add_argument("--optimizer", default="sgd", help="sgd|momentum|adam|sign (default: %(default)s)")
+    p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=_run_plan)
+
+
+def _run_plan(args) -> int:
+    import json
+    from . import assets
+    from .formats.gguf_reader import GGUFFile
+    from .memory.budget import make_plan, parse_size
+    g = GGUFFile(assets.resolve_model(args.model))
+    budget = parse_size(args.memory) if args.memory else None
+    plan = make_plan(g, budget, batch=args.batch, seq=args.seq, method=args.method,
+                     optimizer=args.optimizer, lora_rank=args.lora_rank)
+    print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.table())
+    return 0
+
+
+def _add_export(sub):
+    p = sub.add_parser("export", help="write a run's tuned model as a GGUF (merged, or a LoRA adapter)",
+                       description="Export a run: --format gguf writes a complete GGUF with the "
+                                   "tuned state merged (llama.cpp runs it); --format gguf-lora "
+                                   "writes a llama.cpp LoRA adapter for a LoRA run.")
+    p.add_argument("--run", required=True, help="run directory (from edgetune finetune --out)")
+    p.add_argument("--format", default="gguf", choices=("gguf", "gguf-lora"),
+                   help="gguf (merged model) or gguf-lora (adapter) (default: %(default)s)")
+    p.add_argument("--out", required=True, help="output .gguf file")
+    p.add_argument("--model", default=None,
+                   help="source model file (default: the one the run was trained on)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--rounding", default="compensate",
+                   choices=("compensate", "nearest", "stochastic", "q8_0", "f16"),
+                   help="how tuned scales become fp16 block scales (default: %(default)s)")
+    p.add_argument("--lora-type", default="q8_0", choices=("q8_0", "same"),
+                   help="type of LoRA-merged matrices in --format gguf (default: %(default)s)")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args) -> int:
+    from .export.gguf_export import export_gguf, export_lora_adapter
+    if args.format == "gguf":
+        out = export_gguf(args.run, args.out, model=args.model, overwrite=args.overwrite,
+                          rounding=args.rounding, lora_type=args.lora_type)
+    else:
+        out = export_lora_adapter(args.run, args.out, model=args.model, overwrite=args.overwrite)
+    import os
+    print(f"wrote {out} ({os.path.getsize(out) / 2**20:.1f} MB)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgetune",
@@ -177,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_finetune(sub)
     _add_eval(sub)
+    _add_export(sub)
+    _add_plan(sub)
     from . import synth
     synth.add_cli(sub)
     return parser
