@@ -7,6 +7,7 @@
 
 #include <string>
 
+#include "edgetune/ops.h"
 #include "edgetune/qgemm.h"
 #include "edgetune/rng.h"
 #include "edgetune/rng_ops.h"
@@ -107,6 +108,63 @@ QMatrix matrix_from(py::array codes, py::array scales, py::object mins, int bits
     return w;
 }
 
+Perturbation make_perturbation(bool perturb, uint64_t seed, uint64_t tensor_id, double eps, int sign, int dist) {
+    if (sign != 1 && sign != -1) throw py::value_error("qgemm: sign must be +1 or -1");
+    if (dist != 0 && dist != 1) throw py::value_error("qgemm: dist must be 0 (rademacher) or 1 (gaussian)");
+    Perturbation p;
+    p.active = perturb;
+    p.seed = seed;
+    p.tensor_id = tensor_id;
+    p.eps_sign = static_cast<float>(eps * sign);
+    p.dist = dist;
+    return p;
+}
+
+// segs: list of (bits, codes, scales, mins|None, offset, perturb, seed, tensor_id, eps, sign, dist);
+// out: float32 [M, sum of N] written in place (segment columns in list order).
+void run_multi(py::array x, py::list segs, py::array out, const std::string& path_s) {
+    const Path path = path_from_name(path_s);
+    if (segs.size() == 0) throw py::value_error("qgemm_multi: no segments");
+    std::vector<Segment> v;
+    std::vector<py::object> keep;  // keep arrays referenced while the kernel runs
+    int64_t col = 0;
+    for (py::handle h : segs) {
+        py::tuple t = py::reinterpret_borrow<py::tuple>(h);
+        if (t.size() != 11) throw py::value_error("qgemm_multi: each segment is an 11-tuple");
+        const int bits = t[0].cast<int>();
+        Segment sg;
+        sg.w = matrix_from(t[1].cast<py::array>(), t[2].cast<py::array>(), py::reinterpret_borrow<py::object>(t[3]),
+                           bits, t[4].cast<int>());
+        sg.p = make_perturbation(t[5].cast<bool>(), t[6].cast<uint64_t>(), t[7].cast<uint64_t>(), t[8].cast<double>(),
+                                 t[9].cast<int>(), t[10].cast<int>());
+        sg.col = col;
+        col += sg.w.N;
+        keep.push_back(py::reinterpret_borrow<py::object>(h));
+        v.push_back(sg);
+    }
+    if (!is_f32(x) || x.ndim() != 2 || !c_contig_2d(x))
+        throw py::value_error("qgemm: x must be a C-contiguous float32 [M, K] array, got dtype " +
+                              std::string(py::str(x.dtype())) + " shape " + shape_str(x));
+    if (x.shape(1) != v[0].w.K)
+        throw py::value_error("qgemm_multi: x has shape " + shape_str(x) + " but K=" + std::to_string(v[0].w.K));
+    const int64_t M = x.shape(0);
+    require_f32_2d(out, "out", M, col);
+    if (!out.writeable()) throw py::value_error("qgemm: out is read-only");
+    const float* xp = static_cast<const float*>(x.data());
+    float* yp = static_cast<float*>(out.mutable_data());
+    py::gil_scoped_release nogil;
+    qgemm_multi(xp, M, v, yp, col, path);
+}
+
+// a float32 2-D array whose rows are contiguous (row stride may exceed the width); returns the row stride
+int64_t rows_f32(const py::array& a, const char* what) {
+    if (!is_f32(a) || a.ndim() != 2 || (a.shape(1) > 1 && a.strides(1) != 4) || a.strides(0) % 4 != 0 ||
+        a.strides(0) < 0)
+        throw py::value_error(std::string(what) + " must be a float32 2-D array with contiguous rows, got dtype " +
+                              std::string(py::str(a.dtype())) + " shape " + shape_str(a));
+    return a.strides(0) / 4;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_kernels, m) {
@@ -130,6 +188,65 @@ PYBIND11_MODULE(_kernels, m) {
           py::arg("seed") = 0, py::arg("tensor_id") = 0, py::arg("eps") = 0.0, py::arg("sign") = 1, py::arg("dist") = 0,
           py::arg("perturb") = false, py::arg("path") = "auto",
           "y[M,N] = x[M,K] @ W^T, W q8 (group G = codes.shape[2]): w = s*q + m");
+    m.def("qgemm_multi", &run_multi, py::arg("x"), py::arg("segments"), py::arg("out"), py::arg("path") = "auto",
+          "fused y = x @ [W_0; W_1; ...]^T into out[M, sum N]; segments: list of (bits, codes, scales, mins, "
+          "offset, perturb, seed, tensor_id, eps, sign, dist)");
+    m.def("rms_norm",
+          [](py::array x, py::array w, float eps, py::array out) {
+              const int64_t ldx = rows_f32(x, "rms_norm: x");
+              const int64_t M = x.shape(0), D = x.shape(1);
+              if (!is_f32(w) || w.ndim() != 1 || w.shape(0) != D || (D > 1 && w.strides(0) != 4))
+                  throw py::value_error("rms_norm: w must be a contiguous float32 vector of length D");
+              require_f32_2d(out, "rms_norm out", M, D);
+              const float* xp = static_cast<const float*>(x.data());
+              const float* wp = static_cast<const float*>(w.data());
+              float* op = static_cast<float*>(out.mutable_data());
+              py::gil_scoped_release nogil;
+              rms_norm(xp, M, D, ldx, wp, eps, op);
+          },
+          py::arg("x"), py::arg("w"), py::arg("eps"), py::arg("out"), "out = x * rsqrt(mean(x^2) + eps) * w (rows)");
+    m.def("silu_mul",
+          [](py::array g, py::array u, py::array out) {
+              const int64_t ld = rows_f32(g, "silu_mul: g");
+              if (rows_f32(u, "silu_mul: u") != ld || u.shape(0) != g.shape(0) || u.shape(1) != g.shape(1))
+                  throw py::value_error("silu_mul: g and u must have the same shape and row stride");
+              const int64_t M = g.shape(0), F = g.shape(1);
+              require_f32_2d(out, "silu_mul out", M, F);
+              const float* gp = static_cast<const float*>(g.data());
+              const float* up = static_cast<const float*>(u.data());
+              float* op = static_cast<float*>(out.mutable_data());
+              py::gil_scoped_release nogil;
+              silu_mul(gp, up, M, F, ld, op);
+          },
+          py::arg("g"), py::arg("u"), py::arg("out"), "out = silu(g) * u");
+    m.def("attention",
+          [](py::array q, py::array k, py::array v, int64_t B, int64_t T, int64_t H, int64_t Hkv, py::array cos,
+             py::array sin, bool neox, float scale, py::array out) {
+              const int64_t ldq = rows_f32(q, "attention: q"), ldk = rows_f32(k, "attention: k"),
+                            ldv = rows_f32(v, "attention: v");
+              if (H <= 0 || Hkv <= 0 || H % Hkv != 0 || B < 0 || T <= 0)
+                  throw py::value_error("attention: bad head counts or sizes");
+              const int64_t hd = q.shape(1) / H;
+              if (q.shape(0) != B * T || k.shape(0) != B * T || v.shape(0) != B * T || q.shape(1) != H * hd ||
+                  k.shape(1) != Hkv * hd || v.shape(1) != Hkv * hd)
+                  throw py::value_error("attention: q/k/v shapes do not match B, T, H, Hkv");
+              require_f32_2d(cos, "attention cos", T, cos.shape(1));
+              require_f32_2d(sin, "attention sin", T, cos.shape(1));
+              const int64_t rd = 2 * cos.shape(1);
+              if (rd > hd) throw py::value_error("attention: rope_dim > head_dim");
+              require_f32_2d(out, "attention out", B * T, H * hd);
+              const float* qp = static_cast<const float*>(q.data());
+              const float* kp = static_cast<const float*>(k.data());
+              const float* vp = static_cast<const float*>(v.data());
+              const float* cp = static_cast<const float*>(cos.data());
+              const float* sp = static_cast<const float*>(sin.data());
+              float* op = static_cast<float*>(out.mutable_data());
+              py::gil_scoped_release nogil;
+              attention(qp, kp, vp, ldq, ldk, ldv, B, T, H, Hkv, hd, cp, sp, rd, neox, scale, op);
+          },
+          py::arg("q"), py::arg("k"), py::arg("v"), py::arg("B"), py::arg("T"), py::arg("H"), py::arg("Hkv"),
+          py::arg("cos"), py::arg("sin"), py::arg("neox"), py::arg("scale"), py::arg("out"),
+          "causal attention with RoPE; q/k/v/out [B*T, heads*hd]");
     m.def("rng_perturbation",
           [](uint64_t seed, uint64_t tensor_id, int64_t n, int dist, uint64_t offset) {
               if (n < 0) throw py::value_error("rng_perturbation: n < 0");

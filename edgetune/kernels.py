@@ -198,6 +198,92 @@ def qgemm(x, qt: quant.QTensor, perturb=None, out=None, path: str = "auto"):
     return y
 
 
+def qgemm_multi(x, qts, perturbs=None, path: str = "auto"):
+    """Fused [qgemm(x, qts[0], perturbs[0]), qgemm(x, qts[1], ...), ...] concatenated along the last
+    axis (shape (..., ΣN), float32; torch in -> torch out).  Each QTensor keeps its own scales, mins
+    and perturbation (own tensor_id); the activations are quantized once and one parallel loop
+    covers every matrix.  Bit-identical to the separate calls.  Falls back to separate calls for
+    mixed kinds/groups or without the extension."""
+    qts = list(qts)
+    perturbs = [None] * len(qts) if perturbs is None else list(perturbs)
+    if len(perturbs) != len(qts):
+        raise ValueError("qgemm_multi: need one perturbation (or None) per QTensor")
+    torch_in = _is_torch(x)
+    xn = _to_numpy_x(x)
+    k = qts[0].shape[1]
+    fusable = (HAVE_KERNELS and 1 <= len(qts) <= 16
+               and all(qt.kind == qts[0].kind and qt.kind in ("q4", "q8") and qt.shape[1] == k
+                       and qt.group == qts[0].group for qt in qts))
+    if not fusable:
+        ys = [qgemm(xn, qt, p, path=path) for qt, p in zip(qts, perturbs)]
+        y = np.concatenate(ys, axis=-1)
+    else:
+        lead = _check_x(xn, qts[0])
+        x2 = np.ascontiguousarray(xn.reshape(-1, k), dtype=np.float32)
+        segs = []
+        for qt, p in zip(qts, perturbs):
+            _check_codes(qt)
+            p = as_perturbation(p)
+            bits = 4 if qt.kind == "q4" else 8
+            scales = np.ascontiguousarray(qt.scales, dtype=np.float32)
+            mins = None if qt.mins is None else np.ascontiguousarray(qt.mins, dtype=np.float32)
+            if p is None:
+                segs.append((bits, qt.codes, scales, mins, int(qt.offset), False, 0, 0, 0.0, 1, 0))
+            else:
+                segs.append((bits, qt.codes, scales, mins, int(qt.offset), True, int(p.seed) & _MASK64,
+                             int(qt.tensor_id) & _MASK64, float(p.eps), int(p.sign), DISTS[p.dist]))
+        n = sum(qt.shape[0] for qt in qts)
+        y = np.empty((x2.shape[0], n), dtype=np.float32)
+        _kernels.qgemm_multi(x2, segs, y, path=path)
+        y = y.reshape(*lead, n)
+    if torch_in:
+        import torch
+        return torch.from_numpy(y)
+    return y
+
+
+# --- transformer-block helpers (C++, on the kernel thread pool); torch float32 CPU tensors ------
+
+def _np2d(t):
+    """torch [R, C] float32 tensor with contiguous rows -> numpy view (no copy)."""
+    return t.detach().numpy()
+
+
+def rms_norm(x, w, eps: float):
+    """x * rsqrt(mean(x², -1) + eps) * w for a torch float32 tensor [..., D] (new contiguous tensor)."""
+    import torch
+    d = x.shape[-1]
+    x2 = x.reshape(-1, d)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    out = torch.empty(x2.shape, dtype=torch.float32)
+    wn = w.detach().to(torch.float32).contiguous().numpy() if _is_torch(w) else np.ascontiguousarray(w, np.float32)
+    _kernels.rms_norm(_np2d(x2), wn, float(eps), out.numpy())
+    return out.reshape(x.shape)
+
+
+def silu_mul(g, u):
+    """silu(g) * u for torch float32 [M, F] tensors with contiguous rows (new contiguous tensor)."""
+    import torch
+    if g.stride() != u.stride() or g.stride(-1) != 1:
+        g, u = g.contiguous(), u.contiguous()
+    out = torch.empty(g.shape, dtype=torch.float32)
+    _kernels.silu_mul(_np2d(g), _np2d(u), out.numpy())
+    return out
+
+
+def attention(q, k, v, B: int, T: int, H: int, Hkv: int, cos, sin, neox: bool, scale: float):
+    """Causal attention with RoPE on token-major q [B*T, H*hd], k/v [B*T, Hkv*hd] (rows may be
+    strided views); cos/sin [T, rope_dim/2].  Returns [B*T, H*hd]."""
+    import torch
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    out = torch.empty((q.shape[0], q.shape[1]), dtype=torch.float32)
+    _kernels.attention(_np2d(q), _np2d(k), _np2d(v), int(B), int(T), int(H), int(Hkv),
+                       cos.contiguous().numpy(), sin.contiguous().numpy(), bool(neox), float(scale),
+                       out.numpy())
+    return out
+
+
 def _dist_id(dist) -> int:
     if isinstance(dist, (int, np.integer)) and not isinstance(dist, bool) and int(dist) in (0, 1):
         return int(dist)

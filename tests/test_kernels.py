@@ -233,3 +233,62 @@ def test_fallback_reference_matches_kernel(monkeypatch):
     with pytest.warns(RuntimeWarning, match="numpy reference"):
         slow = kernels.qgemm(x, qt)
     assert_close(fast, slow.astype(np.float64), noise_scale(x, qt), "fallback")
+
+
+# --- fused multi-matrix qgemm and the C++ transformer-block ops ---------------------------------
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("fmt", [("q4", 0, True), ("q4", 8, False), ("q8", 16, True), ("q8", 32, False)],
+                         ids=lambda f: f"{f[0]}-{f[1]}-{f[2]}")
+def test_qgemm_multi_matches_separate_calls(path, fmt):
+    """Fused segments (own scales/mins/tensor_id/perturbation each) == separate qgemm calls, bit for bit."""
+    qts = [make_qt(fmt[0], n, 576, fmt[1], fmt[2], seed=i, tensor_id=10 + i)
+           for i, n in enumerate([67, 32, 100])]
+    x = make_x(37, 576)
+    ps = [kernels.Perturbation(5, 1e-2, -1, "gaussian"), None, kernels.Perturbation(7, 1e-2)]
+    y = kernels.qgemm_multi(x, qts, ps, path=path)
+    ref = np.concatenate([kernels.qgemm(x, qt, p, path=path) for qt, p in zip(qts, ps)], -1)
+    np.testing.assert_array_equal(y, ref)
+    kernels.set_num_threads(1)
+    try:
+        np.testing.assert_array_equal(kernels.qgemm_multi(x, qts, ps, path=path), y)
+    finally:
+        kernels.set_num_threads(0)
+    yt = kernels.qgemm_multi(torch.from_numpy(x), qts, ps, path=path)
+    assert isinstance(yt, torch.Tensor) and np.array_equal(yt.numpy(), y)
+
+
+def test_block_ops_vs_torch():
+    import math
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    x = torch.randn(37, 576) * 3
+    w = torch.randn(576)
+    ref = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * w
+    torch.testing.assert_close(kernels.rms_norm(x, w, 1e-5), ref, rtol=1e-5, atol=1e-5)
+    gu = torch.randn(37, 200) * 5
+    g, u = gu[:, :100], gu[:, 100:]
+    torch.testing.assert_close(kernels.silu_mul(g, u), F.silu(g) * u, rtol=1e-5, atol=1e-6)
+    B, T, H, Hkv, hd = 3, 9, 6, 2, 16
+    for neox in (False, True):
+        for rd in (16, 8):
+            qkv = torch.randn(B * T, (H + 2 * Hkv) * hd)
+            q, k, v = qkv[:, :H * hd], qkv[:, H * hd:(H + Hkv) * hd], qkv[:, (H + Hkv) * hd:]
+            ang = torch.outer(torch.arange(T).double(), 1 / (10000 ** (torch.arange(0, rd, 2).double() / rd)))
+            cos, sin = ang.cos().float(), ang.sin().float()
+            out = kernels.attention(q, k, v, B, T, H, Hkv, cos, sin, neox, 1 / math.sqrt(hd))
+
+            def rope(t):
+                xr, xp = t[..., :rd], t[..., rd:]
+                if not neox:
+                    x1, x2 = xr[..., 0::2], xr[..., 1::2]
+                    o = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).flatten(-2)
+                else:
+                    x1, x2 = xr[..., :rd // 2], xr[..., rd // 2:]
+                    o = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1)
+                return torch.cat([o, xp], -1)
+            qq = rope(q.reshape(B, T, H, hd).transpose(1, 2))
+            kk = rope(k.reshape(B, T, Hkv, hd).transpose(1, 2))
+            vv = v.reshape(B, T, Hkv, hd).transpose(1, 2)
+            ref = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, enable_gqa=True)
+            torch.testing.assert_close(out, ref.transpose(1, 2).reshape(B * T, H * hd), rtol=1e-5, atol=1e-5)

@@ -44,6 +44,9 @@ bool cpu_has_avx2() { return false; }
 #endif
 #if !defined(EDGETUNE_HAVE_AVX512)
 void qgemm_avx512(const Problem&) { throw std::invalid_argument("qgemm: AVX512 path not compiled"); }
+void qgemm_multi_avx512(const float*, int64_t, const Segment*, int, float*, int64_t) {
+    throw std::invalid_argument("qgemm: AVX512 path not compiled");
+}
 bool cpu_has_avx512() { return false; }
 #endif
 #if !defined(EDGETUNE_HAVE_NEON)
@@ -118,6 +121,38 @@ void qgemm(const float* x, int64_t M, const QMatrix& w, const Perturbation& p, f
         case Path::AVX2: qgemm_avx2(pr); break;
         case Path::NEON: qgemm_neon(pr); break;
         default: qgemm_scalar(pr); break;
+    }
+}
+
+void qgemm_multi(const float* x, int64_t M, const std::vector<Segment>& segs, float* y, int64_t ldy,
+                 Path path) {
+    if (segs.empty()) return;
+    if (segs.size() > static_cast<size_t>(kMaxSegments))
+        throw std::invalid_argument("qgemm_multi: at most " + std::to_string(kMaxSegments) + " segments");
+    int64_t cols = 0;
+    for (const Segment& s : segs) {
+        qgemm_check(s.w, path);
+        if (s.w.K != segs[0].w.K || s.w.group != segs[0].w.group)
+            throw std::invalid_argument("qgemm_multi: all segments must share K and the group size");
+        if (s.col < 0 || s.col + s.w.N > ldy)
+            throw std::invalid_argument("qgemm_multi: segment columns exceed the row stride of y");
+        cols += s.w.N;
+    }
+    if (M < 0) throw std::invalid_argument("qgemm: M < 0");
+    if (M == 0 || cols == 0) return;
+    const Path p = path == Path::Auto ? best_path() : path;
+    if (p == Path::AVX512) {
+        qgemm_multi_avx512(x, M, segs.data(), static_cast<int>(segs.size()), y, ldy);
+        return;
+    }
+    // other paths: one call per segment into a scratch buffer, then scatter the columns
+    std::vector<float> tmp;
+    for (const Segment& s : segs) {
+        if (s.w.N == 0) continue;
+        tmp.resize(static_cast<size_t>(M * s.w.N));
+        qgemm(x, M, s.w, s.p, tmp.data(), p);
+        for (int64_t m = 0; m < M; ++m)
+            std::memcpy(y + m * ldy + s.col, tmp.data() + m * s.w.N, sizeof(float) * s.w.N);
     }
 }
 

@@ -300,10 +300,15 @@ void panel_rows(const uint8_t* panel, const float* sc, const float* me, const Qu
 }  // namespace
 
 void qgemm_avx512(const Problem& pr) {
-    const QMatrix& w = pr.w;
-    const int64_t M = pr.M, N = w.N, K = w.K, NG = w.n_groups();
-    const int G = w.group;
-    const bool has_me = w.bits == 8 || w.offset != 0 || w.mins != nullptr;
+    const Segment seg{pr.w, pr.p, 0};
+    qgemm_multi_avx512(pr.x, pr.M, &seg, 1, pr.y, pr.w.N);
+}
+
+// Several matrices sharing x (same K and group): one activation quantization, one parallel_for
+// over the panels of all segments; segment s writes columns [col, col + N_s) of y (row stride ldy).
+void qgemm_multi_avx512(const float* x, int64_t M, const Segment* segs, int nseg, float* yout, int64_t ldy) {
+    const int64_t K = segs[0].w.K, NG = segs[0].w.n_groups();
+    const int G = segs[0].w.group;
 
     // 1. quantize activations (rows in parallel)
     char* act = static_cast<char*>(thread_scratch(SCRATCH_ACT, M * K + 2 * sizeof(float) * M * NG + 64));
@@ -311,7 +316,6 @@ void qgemm_avx512(const Problem& pr) {
     a.d = reinterpret_cast<float*>(act);
     a.sum = a.d + M * NG;
     a.q = reinterpret_cast<int8_t*>(a.sum + M * NG);
-    const float* x = pr.x;
     constexpr int64_t QROWS = 16;
     auto quant = [&](int64_t t) {
         for (int64_t m = t * QROWS; m < std::min(M, (t + 1) * QROWS); ++m)
@@ -319,9 +323,17 @@ void qgemm_avx512(const Problem& pr) {
     };
     parallel_for(ceil_div(M, QROWS), quant);
 
-    // 2. panels of PW weight rows x ranges of activation rows
-    const Partition pt = partition(N, M, PW, MR, pool_num_threads());
-    const uint64_t key = rng::stream_key(pr.p.seed, pr.p.tensor_id);
+    // 2. panels of PW weight rows (segment by segment) x ranges of activation rows
+    int64_t first_panel[17];
+    uint64_t keys[16];
+    first_panel[0] = 0;
+    int64_t total_n = 0;
+    for (int s = 0; s < nseg; ++s) {
+        first_panel[s + 1] = first_panel[s] + ceil_div(segs[s].w.N, PW);
+        keys[s] = rng::stream_key(segs[s].p.seed, segs[s].p.tensor_id);
+        total_n += segs[s].w.N;
+    }
+    const Partition pt = partition(first_panel[nseg] * PW, M, PW, MR, pool_num_threads());
     auto task = [&](int64_t t) {
         const int64_t pi = t / pt.n_mtasks, mi = t % pt.n_mtasks;
         const int64_t m0 = mi * pt.m_per_task, m1 = std::min(M, m0 + pt.m_per_task);
@@ -330,21 +342,27 @@ void qgemm_avx512(const Problem& pr) {
         float* me = sc + NG * PW;
         float* tmp = me + NG * PW;
         const int64_t p1 = std::min(pt.n_panels, (pi + 1) * pt.panels_per_task);
+        int s = 0;
         for (int64_t p = pi * pt.panels_per_task; p < p1; ++p) {
-            const int64_t n0 = p * PW;
-            const int ncols = static_cast<int>(std::min<int64_t>(PW, N - n0));
+            while (p >= first_panel[s + 1]) ++s;
+            const QMatrix& w = segs[s].w;
+            const Problem pr{x, M, w, segs[s].p, nullptr};
+            const bool has_me = w.bits == 8 || w.offset != 0 || w.mins != nullptr;
+            const int64_t n0 = (p - first_panel[s]) * PW;
+            const int ncols = static_cast<int>(std::min<int64_t>(PW, w.N - n0));
             repack_panel(w, n0, panel);
-            panel_scales(pr, key, n0, sc, me, tmp, has_me);
-            float* y = pr.y + n0;
+            panel_scales(pr, keys[s], n0, sc, me, tmp, has_me);
+            float* y = yout + segs[s].col + n0;
             if (G == 32) {
-                if (has_me) panel_rows<8, true>(panel, sc, me, a, K, NG, m0, m1, y, N, ncols);
-                else panel_rows<8, false>(panel, sc, me, a, K, NG, m0, m1, y, N, ncols);
+                if (has_me) panel_rows<8, true>(panel, sc, me, a, K, NG, m0, m1, y, ldy, ncols);
+                else panel_rows<8, false>(panel, sc, me, a, K, NG, m0, m1, y, ldy, ncols);
             } else {
-                panel_rows<4, true>(panel, sc, me, a, K, NG, m0, m1, y, N, ncols);
+                panel_rows<4, true>(panel, sc, me, a, K, NG, m0, m1, y, ldy, ncols);
             }
         }
     };
     parallel_for(pt.tasks(), task);
+    (void)total_n;
 }
 
 }  // namespace edgetune

@@ -176,7 +176,13 @@ class Transformer:
         return out
 
     # -- pieces --------------------------------------------------------------------------------
+    def _fast(self) -> bool:
+        """C++ block ops (norm, attention, SiLU*up, fused GEMMs) — not for the dense torch baseline."""
+        return self.dense is None and kernels.HAVE_KERNELS
+
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if self._fast() and x.dtype == torch.float32 and weight.dtype == torch.float32:
+            return kernels.rms_norm(x, weight, self.config.rms_eps)
         var = x.pow(2).mean(-1, keepdim=True)
         return x * torch.rsqrt(var + self.config.rms_eps) * weight
 
@@ -218,6 +224,23 @@ class Transformer:
         y = self.hooks.linear_extra(qt, x2, y, perturb)
         return y.reshape(*shp[:-1], qt.shape[0])
 
+    def linear_multi(self, x: torch.Tensor, qts, perturb=None) -> list:
+        """[self.linear(x, qt, perturb) for qt in qts], with one fused kernel call when possible
+        (each QTensor still gets its own scale perturbation and linear_extra hook)."""
+        if not self._fast():
+            return [self.linear(x, qt, perturb) for qt in qts]
+        shp = x.shape
+        x2 = x.reshape(-1, shp[-1]).contiguous()
+        hk = self.hooks
+        y = kernels.qgemm_multi(x2, qts, [hk.scale_perturbation(qt, perturb) for qt in qts])
+        outs, o = [], 0
+        for qt in qts:
+            n = qt.shape[0]
+            yi = hk.linear_extra(qt, x2, y[:, o:o + n], perturb)
+            outs.append(yi.reshape(*shp[:-1], n))
+            o += n
+        return outs
+
     def norm(self, x: torch.Tensor, name: str, weight: torch.Tensor, perturb=None) -> torch.Tensor:
         return self.rms_norm(x, self.hooks.norm_weight(name, weight, perturb))
 
@@ -228,6 +251,8 @@ class Transformer:
 
     def layer_forward(self, i: int, h: torch.Tensor, perturb=None) -> torch.Tensor:
         """One transformer block on hidden states h [B, T, n_embd] (causal attention)."""
+        if self._fast():
+            return self._layer_forward_fast(i, h, perturb)
         c = self.config
         L = self.layers[i]
         B, T, _ = h.shape
@@ -254,6 +279,29 @@ class Transformer:
         gate = self.linear(x, L.w["ffn_gate"], perturb)
         up = self.linear(x, L.w["ffn_up"], perturb)
         return h + self.linear(F.silu(gate) * up, L.w["ffn_down"], perturb)
+
+    def _layer_forward_fast(self, i: int, h: torch.Tensor, perturb=None) -> torch.Tensor:
+        """layer_forward with the C++ pieces: fused q/k/v and gate/up GEMMs, attention with RoPE
+        on token-major rows (no transposes), SiLU*up in one pass."""
+        c = self.config
+        L = self.layers[i]
+        B, T, D = h.shape
+        h2 = h.reshape(B * T, D)
+        x = self.norm(h2, f"blk.{i}.attn_norm.weight", L.attn_norm, perturb)
+        q, k, v = self.linear_multi(x, [L.w["attn_q"], L.w["attn_k"], L.w["attn_v"]], perturb)
+        if L.bias:
+            nb = self.hooks.norm_weight
+            q = q + nb(f"blk.{i}.attn_q.bias", L.bias["attn_q"], perturb)
+            k = k + nb(f"blk.{i}.attn_k.bias", L.bias["attn_k"], perturb)
+            v = v + nb(f"blk.{i}.attn_v.bias", L.bias["attn_v"], perturb)
+        cos, sin = self.rope(T)
+        a = kernels.attention(q, k, v, B, T, c.n_head, c.n_head_kv, cos, sin, c.rope_mode == "neox",
+                              1.0 / math.sqrt(c.head_dim))
+        h2 = h2 + self.linear(a, L.w["attn_output"], perturb)
+        x = self.norm(h2, f"blk.{i}.ffn_norm.weight", L.ffn_norm, perturb)
+        gate, up = self.linear_multi(x, [L.w["ffn_gate"], L.w["ffn_up"]], perturb)
+        h2 = h2 + self.linear(kernels.silu_mul(gate, up), L.w["ffn_down"], perturb)
+        return h2.reshape(B, T, D)
 
     def head(self, h: torch.Tensor, perturb=None, rows=None) -> torch.Tensor:
         """Final norm + output projection for selected hidden states [..., n_embd] -> logits.

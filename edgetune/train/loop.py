@@ -192,6 +192,7 @@ def finetune(config: TrainConfig | dict) -> Run:
         raise EdgetuneError(f"objective {objective!r} needs a labelled dataset ({cfg.data} is {task})")
     batches = StepBatches(ds, cfg.batch, cfg.seed)
 
+    head_rows = ds.label_tokens if task == "classification" else None
     calib = None
     if "sparse" in cfg.method:
         import torch
@@ -199,7 +200,7 @@ def finetune(config: TrainConfig | dict) -> Run:
     ts = build_trainable(model.net, cfg.method, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
                          lora_targets=tuple(t.strip() for t in cfg.lora_targets.split(",")),
                          sparse_fraction=cfg.sparse_fraction, calibration=calib,
-                         init_seed=cfg.seed, dist=cfg.dist)
+                         init_seed=cfg.seed, dist=cfg.dist, head_rows=head_rows)
     opt = ZOOptimizer(ts.params, cfg.optimizer, weight_decay=cfg.weight_decay,
                       momentum=cfg.momentum, dist=cfg.dist)
     run = Run(cfg.out, cfg, model=model, trainable=ts)

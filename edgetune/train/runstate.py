@@ -22,19 +22,22 @@ def apply_run(model, run_dir: str):
         raise EdgetuneError(f"{log_path}: no valid header")
     cfg = make_config(flag_values={k: v for k, v in header["config"].items()
                                    if k not in ("resume", "overwrite")})
-    calib = None
-    if "sparse" in cfg.method:
+    calib, head_rows = None, None
+    if "sparse" in cfg.method or "head" in cfg.method:
         import numpy as np
         import torch
         from . import data as datamod
         enc = datamod.encode(open_dataset(cfg), model, max_length=cfg.max_length,
                              chat=cfg.chat)
-        b = StepBatches(enc, cfg.batch, cfg.seed)
-        calib = [torch.from_numpy(b.get(i).padded().astype(np.int64)) for i in range(4)]
+        if enc.dataset.kind == "classification":
+            head_rows = enc.label_tokens
+        if "sparse" in cfg.method:
+            b = StepBatches(enc, cfg.batch, cfg.seed)
+            calib = [torch.from_numpy(b.get(i).padded().astype(np.int64)) for i in range(4)]
     ts = build_trainable(model.net, cfg.method, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
                          lora_targets=tuple(t.strip() for t in cfg.lora_targets.split(",")),
                          sparse_fraction=cfg.sparse_fraction, calibration=calib,
-                         init_seed=cfg.seed, dist=cfg.dist)
+                         init_seed=cfg.seed, dist=cfg.dist, head_rows=head_rows)
     if json.loads(json.dumps(ts.describe())) != header.get("trainable"):
         raise EdgetuneError(f"{run_dir}: this model does not match the run's trainable set "
                             f"(was the run made with another model file?)")

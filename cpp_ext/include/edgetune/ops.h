@@ -1,0 +1,25 @@
+// ops.h — the small non-GEMM pieces of a transformer block in C++ (on the kernel thread pool, so a
+// forward pass does not bounce between torch's OpenMP pool and ours): RMSNorm, SiLU(g)*u, and
+// causal attention with RoPE applied on the fly.  All fp32, row-major, deterministic for any
+// thread count (each output element is computed by one task in a fixed order).
+#pragma once
+
+#include <cstdint>
+
+namespace edgetune {
+
+// out[m, :] = (x[m, :] * rsqrt(mean(x[m, :]^2) + eps)) * w;  x rows at stride ldx, out contiguous.
+void rms_norm(const float* x, int64_t M, int64_t D, int64_t ldx, const float* w, float eps, float* out);
+
+// out[m, j] = silu(g[m, j]) * u[m, j], j < F;  g, u rows at stride ld, out contiguous [M, F].
+void silu_mul(const float* g, const float* u, int64_t M, int64_t F, int64_t ld, float* out);
+
+// Causal self-attention of B sequences of T tokens.  q/k/v: token rows (b*T + t) at strides
+// ldq/ldk/ldv, head h at columns [h*hd, (h+1)*hd); q has H heads, k/v Hkv heads (GQA: q head h
+// uses kv head h / (H/Hkv)).  RoPE (cos/sin [T, rope_dim/2]) rotates the first rope_dim dims of q
+// and k: neox=false pairs (2i, 2i+1), neox=true pairs (i, i + rope_dim/2).  out [B*T, H*hd].
+void attention(const float* q, const float* k, const float* v, int64_t ldq, int64_t ldk, int64_t ldv,
+               int64_t B, int64_t T, int64_t H, int64_t Hkv, int64_t hd, const float* cos, const float* sin,
+               int64_t rope_dim, bool neox, float scale, float* out);
+
+}  // namespace edgetune

@@ -1,0 +1,174 @@
+// ops.cpp — RMSNorm, SiLU*up, causal attention with RoPE (see ops.h).  Plain C++ written so the
+// compiler vectorizes it (no reductions that need reassociation); on x86-64 every entry point is
+// cloned for AVX-512 / AVX2 / baseline and picked at load time (target_clones).
+#include "edgetune/ops.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "edgetune/thread_pool.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define ET_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define ET_CLONES
+#endif
+
+namespace edgetune {
+namespace {
+
+// exp(x) for float (Cephes expf: range reduction by ln 2, degree-6 polynomial; ~1 ulp), written
+// branch-free so loops over it vectorize.
+inline float exp_approx(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    x = x > 88.0f ? 88.0f : x;
+    const float t = x * 1.44269504088896341f;
+    const float fi = (t + 12582912.0f) - 12582912.0f;  // round to nearest integer
+    float r = x - fi * 0.693359375f;
+    r = r - fi * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * (r * r) + r + 1.0f;
+    const int32_t e = static_cast<int32_t>(fi) + 127;
+    const uint32_t bits = static_cast<uint32_t>(e) << 23;
+    float sc;
+    std::memcpy(&sc, &bits, 4);
+    return p * sc;
+}
+
+constexpr int64_t ROWS_PER_TASK = 8;
+
+ET_CLONES void rms_rows(const float* x, int64_t m0, int64_t m1, int64_t D, int64_t ldx, const float* w, float eps,
+                        float* out) {
+    for (int64_t m = m0; m < m1; ++m) {
+        const float* xr = x + m * ldx;
+        float acc[16] = {};
+        int64_t i = 0;
+        for (; i + 16 <= D; i += 16)
+            for (int j = 0; j < 16; ++j) acc[j] += xr[i + j] * xr[i + j];
+        float ss = 0.0f;
+        for (int j = 0; j < 16; ++j) ss += acc[j];
+        for (; i < D; ++i) ss += xr[i] * xr[i];
+        const float r = 1.0f / std::sqrt(ss / static_cast<float>(D) + eps);
+        float* o = out + m * D;
+        for (int64_t j = 0; j < D; ++j) o[j] = (xr[j] * r) * w[j];
+    }
+}
+
+ET_CLONES void silu_rows(const float* g, const float* u, int64_t m0, int64_t m1, int64_t F, int64_t ld, float* out) {
+    for (int64_t m = m0; m < m1; ++m) {
+        const float* gr = g + m * ld;
+        const float* ur = u + m * ld;
+        float* o = out + m * F;
+        for (int64_t j = 0; j < F; ++j) {
+            const float x = gr[j];
+            o[j] = x / (1.0f + exp_approx(-x)) * ur[j];
+        }
+    }
+}
+
+// rotate one head row (hd floats) into dst; pairs as described in ops.h
+inline void rope_row(const float* src, float* dst, const float* c, const float* s, int64_t hd, int64_t rd,
+                     bool neox) {
+    const int64_t h2 = rd / 2;
+    if (neox) {
+        for (int64_t i = 0; i < h2; ++i) {
+            const float x1 = src[i], x2 = src[i + h2];
+            dst[i] = x1 * c[i] - x2 * s[i];
+            dst[i + h2] = x1 * s[i] + x2 * c[i];
+        }
+    } else {
+        for (int64_t i = 0; i < h2; ++i) {
+            const float x1 = src[2 * i], x2 = src[2 * i + 1];
+            dst[2 * i] = x1 * c[i] - x2 * s[i];
+            dst[2 * i + 1] = x1 * s[i] + x2 * c[i];
+        }
+    }
+    for (int64_t i = rd; i < hd; ++i) dst[i] = src[i];
+}
+
+struct AttnArgs {
+    const float *q, *k, *v;
+    int64_t ldq, ldk, ldv, B, T, H, Hkv, hd;
+    const float *cos, *sin;
+    int64_t rd;
+    bool neox;
+    float scale;
+    float* out;
+};
+
+ET_CLONES void attention_task(const AttnArgs& a, int64_t b, int64_t j) {
+    const int64_t T = a.T, hd = a.hd, half = a.rd / 2;
+    thread_local std::vector<float> buf;
+    buf.resize(static_cast<size_t>(hd * T + 2 * hd + T));
+    float* kt = buf.data();       // [hd][T]: roped keys, transposed
+    float* qr = kt + hd * T;      // one roped query row
+    float* tmp = qr + hd;         // one roped key row
+    float* sc = tmp + hd;         // scores [T]
+    for (int64_t u = 0; u < T; ++u) {
+        rope_row(a.k + (b * T + u) * a.ldk + j * hd, tmp, a.cos + u * half, a.sin + u * half, hd, a.rd, a.neox);
+        for (int64_t d = 0; d < hd; ++d) kt[d * T + u] = tmp[d];
+    }
+    const int64_t group = a.H / a.Hkv;
+    for (int64_t hh = 0; hh < group; ++hh) {
+        const int64_t h = j * group + hh;
+        for (int64_t t = 0; t < T; ++t) {
+            rope_row(a.q + (b * T + t) * a.ldq + h * hd, qr, a.cos + t * half, a.sin + t * half, hd, a.rd, a.neox);
+            const int64_t n = t + 1;
+            for (int64_t u = 0; u < n; ++u) sc[u] = 0.0f;
+            for (int64_t d = 0; d < hd; ++d) {
+                const float qd = qr[d];
+                const float* kr = kt + d * T;
+                for (int64_t u = 0; u < n; ++u) sc[u] += qd * kr[u];
+            }
+            float mx = -INFINITY;
+            for (int64_t u = 0; u < n; ++u) {
+                sc[u] *= a.scale;
+                mx = sc[u] > mx ? sc[u] : mx;
+            }
+            for (int64_t u = 0; u < n; ++u) sc[u] = exp_approx(sc[u] - mx);
+            float sum = 0.0f;
+            for (int64_t u = 0; u < n; ++u) sum += sc[u];
+            const float inv = 1.0f / sum;
+            float* o = a.out + (b * T + t) * (a.H * hd) + h * hd;
+            for (int64_t d = 0; d < hd; ++d) o[d] = 0.0f;
+            for (int64_t u = 0; u < n; ++u) {
+                const float p = sc[u] * inv;
+                const float* vr = a.v + (b * T + u) * a.ldv + j * hd;
+                for (int64_t d = 0; d < hd; ++d) o[d] += p * vr[d];
+            }
+        }
+    }
+}
+
+}  // namespace
+
+void rms_norm(const float* x, int64_t M, int64_t D, int64_t ldx, const float* w, float eps, float* out) {
+    auto task = [&](int64_t t) {
+        rms_rows(x, t * ROWS_PER_TASK, std::min(M, (t + 1) * ROWS_PER_TASK), D, ldx, w, eps, out);
+    };
+    parallel_for((M + ROWS_PER_TASK - 1) / ROWS_PER_TASK, task);
+}
+
+void silu_mul(const float* g, const float* u, int64_t M, int64_t F, int64_t ld, float* out) {
+    auto task = [&](int64_t t) {
+        silu_rows(g, u, t * ROWS_PER_TASK, std::min(M, (t + 1) * ROWS_PER_TASK), F, ld, out);
+    };
+    parallel_for((M + ROWS_PER_TASK - 1) / ROWS_PER_TASK, task);
+}
+
+void attention(const float* q, const float* k, const float* v, int64_t ldq, int64_t ldk, int64_t ldv,
+               int64_t B, int64_t T, int64_t H, int64_t Hkv, int64_t hd, const float* cos, const float* sin,
+               int64_t rope_dim, bool neox, float scale, float* out) {
+    const AttnArgs a{q, k, v, ldq, ldk, ldv, B, T, H, Hkv, hd, cos, sin, rope_dim, neox, scale, out};
+    auto task = [&](int64_t t) { attention_task(a, t / Hkv, t % Hkv); };
+    parallel_for(B * Hkv, task);
+}
+
+}  // namespace edgetune
