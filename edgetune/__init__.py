@@ -12,10 +12,10 @@ __all__ = ["load", "finetune", "Model", "EdgetuneError", "FormatError", "Unsuppo
            "__version__"]
 
 
-def load(path):
+def load(path, streamed_layers=(), stream_reader=None):
     """Open a GGUF model file: `m.tokenize`, `m.logits`, `m.generate` (see model/lm.py)."""
     from .model.lm import load as _load
-    return _load(path)
+    return _load(path, streamed_layers, stream_reader)
 
 
 def finetune(config):

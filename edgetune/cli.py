@@ -84,6 +84,8 @@ FLAG_HELP = {
     "lora_targets": "LoRA projections, comma-separated from q,k,v,o,gate,up,down",
     "sparse_fraction": "share of each layer matrix trained by 'sparse'",
     "threads": "kernel threads (0 = all cores)",
+    "memory": "memory budget (e.g. 2G, 800M): plan resident vs streamed layers, refuse if impossible",
+    "stream_layers": "stream these layers from the file regardless of budget: all, or 0,1,5",
     "resume": "continue the run in --out from its snapshot and seed log",
     "overwrite": "replace an existing run directory",
     "zero_shot": "evaluate the untuned model on the test split first",

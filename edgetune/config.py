@@ -42,6 +42,8 @@ class TrainConfig:
     lora_targets: str = "q,v"       # projections: q,k,v,o,gate,up,down
     sparse_fraction: float = 1e-3   # share of each layer matrix's weights trained by 'sparse'
     threads: int = 0                # kernel threads (0 = all cores)
+    memory: str = ""                # memory budget, e.g. 2G: layers that do not fit stream from the file
+    stream_layers: str = ""         # force streaming of layers: all, or indices like 0,1,5
     resume: bool = False            # continue the run in `out` from its snapshot + seed log
     overwrite: bool = False         # replace an existing run directory
     zero_shot: bool = True          # evaluate the untuned model first (test split)

@@ -128,15 +128,28 @@ def test_cli_finetune_and_eval(tiny, tmp_path, capsys):
                  str(tmp_path / "x"), "--no-progress"]) == 2
 
 
+def test_dual_forward_equals_two_forwards(tiny):
+    """ZO2: both perturbed passes layer by layer == two separate forwards, bit for bit."""
+    from edgetune.train import objectives
+    m = edgetune.load(tiny[0])
+    build_trainable(m.net, "scales,norms,lora")
+    ids = [m.tokenize("ab cd ef gh"), m.tokenize("ab ab")]
+    ps = [Perturb(5, 1e-2, +1), Perturb(5, 1e-2, -1)]
+    pair = objectives.classification_losses(m, ids, [-1, -1], [0, 1], [300, 301], ps)
+    single = [objectives.classification_loss(m, ids, [-1, -1], [0, 1], [300, 301], p) for p in ps]
+    assert pair == single and pair[0] != pair[1]
+
+
 def test_nan_loss_skips_step_not_run(tiny, tmp_path, monkeypatch):
     from edgetune.train import objectives
     calls = {"n": 0}
-    real = objectives.classification_loss
+    real = objectives.classification_losses
 
-    def flaky(*a, **k):
+    def flaky(*a, **k):  # the +/- pair of step 1 comes back NaN
         calls["n"] += 1
-        return float("nan") if calls["n"] in (3, 4) else real(*a, **k)
-    monkeypatch.setattr(objectives, "classification_loss", flaky)
+        out = real(*a, **k)
+        return [float("nan")] * len(out) if calls["n"] == 2 else out
+    monkeypatch.setattr(objectives, "classification_losses", flaky)
     run = finetune(cfg_for(tiny, tmp_path / "nan", steps=4, zero_shot=False, eval_every=0,
                            test_limit=8))
     _, recs, _ = read_log(tmp_path / "nan" / "seedlog.jsonl")

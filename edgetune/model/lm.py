@@ -14,10 +14,10 @@ from .transformer import Transformer
 
 
 class Model:
-    def __init__(self, path):
+    def __init__(self, path, streamed_layers=(), stream_reader=None):
         self.path = str(path)
         self.gguf = GGUFFile(self.path)
-        self.net = Transformer(self.gguf)
+        self.net = Transformer(self.gguf, streamed_layers, stream_reader)
         self.config = self.net.config
         self.tokenizer = Tokenizer(self.path)
         self.chat_template = self.gguf.get("tokenizer.chat_template")
@@ -83,6 +83,19 @@ class Model:
         return self.logits_tensor(batch, positions, perturb, vocab).numpy()
 
     @torch.inference_mode()
+    def logits_multi(self, batch, positions, perturbs: list, vocab=None) -> list:
+        """logits_tensor() of one batch under several perturbations, computed layer by layer so
+        every layer's weights are read once for all of them (ZO2's dual forward)."""
+        tokens, lengths = self._pad(batch)
+        pos = self._resolve_positions(positions, lengths)
+        idx = torch.tensor(pos, dtype=torch.long)
+        B = tokens.shape[0]
+        out = []
+        for h, p in zip(self.net.hidden_multi(tokens, perturbs), perturbs):
+            out.append(self.net.head(h[torch.arange(B)[:, None], idx], p, vocab))
+        return out
+
+    @torch.inference_mode()
     def logits_tensor(self, batch, positions=None, perturb=None, vocab=None) -> torch.Tensor:
         """Same as logits() but returns a torch tensor (no copy)."""
         tokens, lengths = self._pad(batch)
@@ -124,9 +137,12 @@ class Model:
         return out
 
 
-def load(path) -> Model:
-    """Open a GGUF model file for inference and training."""
+def load(path, streamed_layers=(), stream_reader=None) -> Model:
+    """Open a GGUF model file for inference and training.
+
+    streamed_layers: layer indices read from the file per use (two reusable buffers, a prefetch
+    thread) instead of staying mapped; see memory/stream.py and `edgetune plan`."""
     p = Path(path)
     if not p.exists():
         raise FormatError(p, "model file not found")
-    return Model(p)
+    return Model(p, streamed_layers, stream_reader)

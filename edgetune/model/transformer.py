@@ -91,6 +91,22 @@ class Layer:
     bias: dict = field(default_factory=dict)  # "attn_q"/"attn_k"/"attn_v" -> torch vector (qwen2)
 
 
+def _drop_pages(g: GGUFFile, offset: int, nbytes: int) -> None:
+    """madvise(DONTNEED) the file pages [offset, offset+nbytes) of g's map: clean file pages
+    leave this process's RSS (the page cache keeps them)."""
+    import mmap
+    mm = getattr(getattr(g, "_mm", None), "_mmap", None)
+    if mm is None or nbytes <= 0:
+        return
+    page = mmap.PAGESIZE
+    lo = (offset // page) * page
+    hi = min(len(mm), ((offset + nbytes + page - 1) // page) * page)
+    try:
+        mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+    except (ValueError, OSError):
+        pass
+
+
 class NoHooks:
     """Default training hooks: nothing trainable, nothing perturbed (see zo/trainable.py)."""
 
@@ -108,22 +124,37 @@ class Transformer:
     """Weights + forward.  `perturb` is an opaque per-pass object handed to `self.hooks`, which a
     trainable set (zo/trainable.py) implements: the model itself knows nothing about training."""
 
-    def __init__(self, g: GGUFFile):
+    def __init__(self, g: GGUFFile, streamed_layers=(), stream_reader=None):
+        """streamed_layers: layer indices whose codes are read from the file per use into two
+        reusable buffers (memory/stream.py) instead of staying mapped; their scales stay here."""
         self.path = g.path
         self.hooks = NoHooks()
+        self.stream = None
         self.dense = None  # name -> dense torch weight, set by to_dense() (baselines only)
         self.config = c = ModelConfig.from_gguf(g)
         self.tensor_names = []  # stable order: the tensor_id of a QTensor is its index here
         self.embed = self._q(g, "token_embd.weight")
         self.layers = []
+        to_stream = set(int(i) for i in streamed_layers)
         for i in range(c.n_layer):
             w = {n: self._q(g, f"blk.{i}.{n}.weight") for n in LAYER_WEIGHTS}
+            if i in to_stream:  # keep the scales, give the mapped pages back right away
+                for n, qt in w.items():
+                    rt = g.tensors[f"blk.{i}.{n}.weight"]
+                    qt.codes = None
+                    if qt.scales is not None and not qt.scales.flags.owndata:
+                        qt.scales = qt.scales.copy()
+                    if qt.mins is not None and not qt.mins.flags.owndata:
+                        qt.mins = qt.mins.copy()
+                    _drop_pages(g, rt.offset, int(rt.data.size))
             bias = {}
             if c.qkv_bias:
                 for n in ("attn_q", "attn_k", "attn_v"):
                     bias[n] = self._vec(g, f"blk.{i}.{n}.bias")
             self.layers.append(Layer(self._vec(g, f"blk.{i}.attn_norm.weight"),
                                      self._vec(g, f"blk.{i}.ffn_norm.weight"), w, bias))
+        if streamed_layers:
+            self._setup_stream(g, sorted(set(int(i) for i in streamed_layers)), stream_reader)
         self.output_norm = self._vec(g, "output_norm.weight")
         self.output = self.embed if c.tied_embeddings else self._q(g, "output.weight")
         self._check_shapes()
@@ -138,6 +169,22 @@ class Transformer:
         qt = g.qtensor(name, tensor_id=len(self.tensor_names))
         self.tensor_names.append(name)
         return qt
+
+    def _setup_stream(self, g: GGUFFile, layers, reader):
+        """Drop streamed layers' mapped codes (keeping scales) and start the prefetch thread."""
+        from ..memory.stream import LayerStreamer
+        spec = {}
+        for i in layers:
+            if not 0 <= i < self.config.n_layer:
+                raise FormatError(self.path, f"cannot stream layer {i}: the model has "
+                                             f"{self.config.n_layer} layers")
+            ts = []
+            for n in LAYER_WEIGHTS:
+                rt = g.tensors[f"blk.{i}.{n}.weight"]
+                ts.append((rt.name, rt.type_name, rt.shape, rt.offset, int(rt.data.size)))
+            spec[i] = ts
+        self.stream = LayerStreamer(self.path, spec, reader=reader)
+        self.streamed = set(layers)
 
     def _vec(self, g: GGUFFile, name: str) -> torch.Tensor:
         qt = g.qtensor(name)
@@ -320,9 +367,39 @@ class Transformer:
             cache[key] = slice_rows(self.output, np.asarray(key, dtype=np.int64))
         return cache[key]
 
+    def _layer_qtensors(self, i: int) -> dict:
+        return {qt.name: qt for qt in self.layers[i].w.values()}
+
+    def _run_layer(self, i: int, hs: list, perturbs: list) -> list:
+        """Layer i on one or more hidden states, each under its own perturbation, while the
+        layer's weights are resident (a streamed layer is read once for all of them)."""
+        streamed = self.stream is not None and i in self.streamed
+        if streamed:
+            self.stream.acquire(i, self._layer_qtensors(i))
+        try:
+            return [self.layer_forward(i, h, p) for h, p in zip(hs, perturbs)]
+        finally:
+            if streamed:
+                self.stream.release(i, self._layer_qtensors(i))
+
     @torch.inference_mode()
     def hidden(self, tokens: torch.Tensor, perturb=None) -> torch.Tensor:
         h = self.embed_tokens(tokens)
         for i in range(self.config.n_layer):
-            h = self.layer_forward(i, h, perturb)
+            h = self._run_layer(i, [h], [perturb])[0]
         return h
+
+    @torch.inference_mode()
+    def hidden_multi(self, tokens: torch.Tensor, perturbs: list) -> list:
+        """Hidden states of the same tokens under several perturbations, layer by layer (ZO2):
+        every layer's weights are read once per call, whatever the number of passes."""
+        h0 = self.embed_tokens(tokens)
+        hs = [h0] * len(perturbs)
+        for i in range(self.config.n_layer):
+            hs = self._run_layer(i, hs, perturbs)
+        return hs
+
+    def close(self):
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None

@@ -176,13 +176,16 @@ def finetune(config: TrainConfig | dict) -> Run:
 
     cfg = config if isinstance(config, TrainConfig) else make_config(flag_values=config)
     cfg.validate()
+    model_path = assets.resolve_model(cfg.model)
+    if not os.path.exists(model_path):
+        raise EdgetuneError(f"{model_path}: model file not found")
+    plan, streamed = plan_memory(cfg, model_path)   # an impossible budget fails here, before work
     resuming = prepare_run_dir(cfg)
     t_start = time.perf_counter()
     if cfg.threads:
         from .. import kernels
         kernels.set_num_threads(cfg.threads)
-    model_path = assets.resolve_model(cfg.model)
-    model = load(model_path)
+    model = load(model_path, streamed_layers=streamed)
     ds = datamod.encode(open_dataset(cfg), model, max_length=cfg.max_length,
                         chat=cfg.chat)
     task = ds.dataset.kind
@@ -204,6 +207,13 @@ def finetune(config: TrainConfig | dict) -> Run:
     opt = ZOOptimizer(ts.params, cfg.optimizer, weight_decay=cfg.weight_decay,
                       momentum=cfg.momentum, dist=cfg.dist)
     run = Run(cfg.out, cfg, model=model, trainable=ts)
+
+    def pair_fn_for(batch):
+        if objective == "lm":
+            return None
+        metric = "ce" if objective == "classification" else "accuracy"
+        return lambda ps: objectives.classification_losses(
+            model, batch.input_ids, batch.answer_pos, batch.labels, ds.label_tokens, ps, metric)
 
     def loss_fn_for(batch):
         if objective == "lm":
@@ -264,7 +274,7 @@ def finetune(config: TrainConfig | dict) -> Run:
         lr = lr_at(step, cfg.lr, cfg.steps, cfg.schedule, cfg.warmup)
         seed = step_seed(cfg.seed, step)
         est = estimate(loss_fn_for(batch), seed, cfg.eps, cfg.q, cfg.estimator,
-                       cfg.clip if cfg.clip > 0 else None, cfg.dist)
+                       cfg.clip if cfg.clip > 0 else None, cfg.dist, pair_fn=pair_fn_for(batch))
         if not est.finite:  # abort the step, not the run
             log.append({"type": "skip", "step": step, "seeds": [str(s) for s in est.seeds],
                         "reason": f"non-finite loss or gradient (lp={est.lp}, lm={est.lm})"})
@@ -307,4 +317,42 @@ def finetune(config: TrainConfig | dict) -> Run:
     with open(summary_path, "w") as f:
         json.dump(run.summary(), f, indent=2)
     plot_metrics(metrics_path, os.path.join(cfg.out, "metrics.png"))
+    if plan is not None and cfg.progress:
+        print(plan.table())
+    print(f"peak RSS (VmHWM): {run.peak_rss_mb:.0f} MB"
+          + (f" (plan predicted {plan.peak / 2**20:.0f} MB; {len(streamed)} of "
+             f"{model.config.n_layer} layers streamed)" if plan is not None else ""), flush=True)
+    model.net.close()
     return run
+
+
+def plan_memory(cfg: TrainConfig, model_path: str):
+    """The memory plan for --memory / --stream-layers, made from the file header before loading.
+    Returns (plan or None, streamed layer indices)."""
+    if not cfg.memory and not cfg.stream_layers:
+        return None, []
+    from ..formats.gguf_reader import GGUFFile
+    from ..memory.budget import make_plan, parse_size
+    g = GGUFFile(model_path)
+    budget = parse_size(cfg.memory) if cfg.memory else None
+    plan = make_plan(g, budget, batch=cfg.batch, seq=cfg.max_length, method=cfg.method,
+                     optimizer=cfg.optimizer, lora_rank=cfg.lora_rank,
+                     lora_targets=tuple(t.strip() for t in cfg.lora_targets.split(",")),
+                     sparse_fraction=cfg.sparse_fraction,
+                     full_vocab_logits=cfg.objective == "lm")
+    streamed = list(plan.streamed)
+    if cfg.stream_layers:
+        n = len(plan.layer_bytes)
+        if cfg.stream_layers.strip() == "all":
+            streamed = list(range(n))
+        else:
+            try:
+                streamed = sorted({int(x) for x in cfg.stream_layers.split(",") if x.strip()})
+            except ValueError:
+                raise EdgetuneError(f"--stream-layers: expected 'all' or layer indices, got "
+                                    f"{cfg.stream_layers!r}") from None
+            if any(not 0 <= i < n for i in streamed):
+                raise EdgetuneError(f"--stream-layers: the model has layers 0..{n - 1}")
+    if cfg.progress:
+        print(plan.table(), flush=True)
+    return plan, streamed

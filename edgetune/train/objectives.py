@@ -57,5 +57,20 @@ def lm_loss(model, ids, loss_masks, perturb=None) -> float:
     return float(total / max(count, 1))
 
 
+def classification_losses(model, ids, answer_pos, labels, label_tokens, perturbs,
+                          metric: str = "ce") -> list:
+    """Losses of one batch under several perturbations in one layer-by-layer pass (ZO2)."""
+    outs = model.logits_multi(ids, [[p] for p in answer_pos], perturbs, vocab=label_tokens)
+    y = torch.as_tensor(labels, dtype=torch.long)
+    res = []
+    for lg in outs:
+        lg = lg[:, 0, :].float()
+        if metric == "ce":
+            res.append(float(torch.nn.functional.cross_entropy(lg, y)))
+        else:
+            res.append(1.0 - float((lg.argmax(-1) == y).float().mean()))
+    return res
+
+
 def predict(model, ids, answer_pos, label_tokens) -> np.ndarray:
     return class_logits(model, ids, answer_pos, label_tokens).argmax(-1).numpy()

@@ -38,8 +38,11 @@ class Estimate:
 
 
 def estimate(loss_fn, seed: int, eps: float, q: int = 1, mode: str = "two_point",
-             clip: float | None = None, dist: str = "rademacher") -> Estimate:
-    """loss_fn(Perturb | None) -> float.  Returns the projected gradients of one ZO step."""
+             clip: float | None = None, dist: str = "rademacher", pair_fn=None) -> Estimate:
+    """loss_fn(Perturb | None) -> float.  Returns the projected gradients of one ZO step.
+
+    pair_fn([Perturb, Perturb]) -> [float, float], if given, evaluates the +eps and -eps passes
+    together, layer by layer (each layer's weights read once per query: ZO2)."""
     if mode not in ESTIMATORS:
         raise EdgetuneError(f"unknown estimator {mode!r}; choose from {', '.join(ESTIMATORS)}")
     if q < 1:
@@ -50,11 +53,15 @@ def estimate(loss_fn, seed: int, eps: float, q: int = 1, mode: str = "two_point"
     base = loss_fn(None) if mode == "one_sided" else None
     for j in range(q):
         s = query_seed(seed, j)
-        lp = float(loss_fn(Perturb(s, eps, +1, dist)))
-        if mode == "two_point":
+        if mode == "two_point" and pair_fn is not None:
+            lp, lm = (float(v) for v in pair_fn([Perturb(s, eps, +1, dist), Perturb(s, eps, -1, dist)]))
+            g = (lp - lm) / (2.0 * eps)
+        elif mode == "two_point":
+            lp = float(loss_fn(Perturb(s, eps, +1, dist)))
             lm = float(loss_fn(Perturb(s, eps, -1, dist)))
             g = (lp - lm) / (2.0 * eps)
         else:
+            lp = float(loss_fn(Perturb(s, eps, +1, dist)))
             lm = float(base)
             g = (lp - lm) / eps
         raw.append(g)

@@ -1,0 +1,127 @@
+"""Memory engine: streamed == resident bit for bit, prefetch never hands out a half-read layer,
+impossible budgets are refused with the minimum, the plan predicts the measured peak."""
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import edgetune
+from edgetune.config import make_config
+from edgetune.errors import EdgetuneError
+from edgetune.formats.gguf_reader import GGUFFile
+from edgetune.memory.budget import make_plan, parse_size
+from edgetune.memory.stream import pread_into
+from edgetune.synth import write_synthetic
+from edgetune.train.loop import finetune
+from tests.test_train import cfg_for, tiny  # noqa: F401  (fixture)
+
+
+def test_streamed_and_resident_runs_are_bit_identical(tiny, tmp_path):
+    a = finetune(cfg_for(tiny, tmp_path / "res", steps=6, zero_shot=False))
+    b = finetune(cfg_for(tiny, tmp_path / "str", steps=6, zero_shot=False, stream_layers="all"))
+    c = finetune(cfg_for(tiny, tmp_path / "one", steps=6, zero_shot=False, stream_layers="1"))
+    assert a.losses == b.losses == c.losses
+    for k, v in a.trainable.state().items():
+        np.testing.assert_array_equal(v, b.trainable.state()[k], err_msg=k)
+        np.testing.assert_array_equal(v, c.trainable.state()[k], err_msg=k)
+
+
+def test_prefetch_waits_for_a_slow_reader(tiny):
+    """A reader that trickles bytes in slowly: acquire() must not hand out the layer before the
+    last byte is in, so logits stay identical to the resident model's."""
+    calls = []
+
+    def slow(fd, buf, offset):
+        n = len(buf)
+        step = max(1, n // 7)
+        for lo in range(0, n, step):  # 7+ small reads with sleeps in between
+            time.sleep(0.01)
+            pread_into(fd, buf[lo:min(n, lo + step)], offset + lo)
+        calls.append((offset, n, threading.current_thread().name))
+
+    ref = edgetune.load(tiny[0])
+    m = edgetune.load(tiny[0], streamed_layers=[0, 1], stream_reader=slow)
+    ids = [ref.tokenize("ab cd ef gh ab")]
+    for _ in range(3):  # several forwards: buffers are reused and refilled
+        np.testing.assert_array_equal(m.logits(ids), ref.logits(ids))
+    assert calls and all(name == "edgetune-prefetch" for _, _, name in calls)
+    assert all(qt.codes is None for qt in m.net.layers[0].w.values())  # released after use
+    m.net.close()
+
+
+def test_impossible_budget_is_refused_before_any_work(tiny, tmp_path):
+    g = GGUFFile(tiny[0])
+    plan = make_plan(g, None, batch=8, seq=96)
+    with pytest.raises(EdgetuneError, match="smallest budget that works is") as e:
+        make_plan(g, plan.minimum - (1 << 20), batch=8, seq=96)
+    assert "tiny.gguf" in str(e.value)
+    out = tmp_path / "refused"
+    with pytest.raises(EdgetuneError, match="smallest budget"):
+        finetune(cfg_for(tiny, out, memory="10M"))
+    assert not out.exists()  # nothing was created
+    assert parse_size("2G") == 2 << 30 and parse_size("1.5GB") == int(1.5 * (1 << 30))
+    with pytest.raises(EdgetuneError):
+        parse_size("lots")
+
+
+def test_budget_between_minimum_and_full_streams_some_layers(tmp_path):
+    path = write_synthetic("smollm2-135m", "q4_0", tmp_path / "s.gguf", progress=False)
+    g = GGUFFile(path)
+    full = make_plan(g, None, batch=4, seq=64)
+    mid = make_plan(g, (full.minimum + full.peak) // 2, batch=4, seq=64)
+    assert 0 < len(mid.resident) < 30 and mid.streamed and mid.peak <= (full.minimum + full.peak) // 2
+    assert "predicted peak" in mid.table()
+
+
+PEAK_SCRIPT = r"""
+import json, sys
+import edgetune
+import numpy as np, torch
+from edgetune.formats.gguf_reader import GGUFFile
+from edgetune.memory.budget import make_plan
+from edgetune.train import objectives
+from edgetune.train.metrics import peak_rss_mb
+from edgetune.zo.estimator import estimate
+from edgetune.zo.optim import ZOOptimizer
+from edgetune.zo.trainable import build_trainable
+path, stream, method = sys.argv[1], sys.argv[2] == "1", sys.argv[3]
+plan = make_plan(GGUFFile(path), None, batch=4, seq=64, method=method)
+n = len(plan.layer_bytes)
+m = edgetune.load(path, streamed_layers=range(n) if stream else ())
+ts = build_trainable(m.net, method)
+opt = ZOOptimizer(ts.params)
+rng = np.random.default_rng(0)
+ids = [list(rng.integers(3, m.config.n_vocab, 64)) for _ in range(4)]
+pair = lambda ps: objectives.classification_losses(m, ids, [-1] * 4, [0, 1, 0, 1], [10, 11], ps)
+for s in range(2):
+    e = estimate(None, s, 1e-3, pair_fn=pair)
+    opt.step(e.seeds, e.g, 1e-6)
+m.net.close()
+stream_plan = make_plan(GGUFFile(path), plan.minimum, batch=4, seq=64, method=method)
+print(json.dumps({"peak": peak_rss_mb(), "plan_full": plan.peak / 2**20,
+                  "plan_stream": stream_plan.peak / 2**20}))
+"""
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_plan_predicts_measured_peak_within_15_percent(tmp_path_factory, stream):
+    d = tmp_path_factory.getbasetemp() / "peak"
+    d.mkdir(exist_ok=True)
+    path = d / "llama1b.gguf"
+    if not path.exists():
+        write_synthetic("llama-1b", "q4_0", path, progress=False)
+    script = d / "peak.py"
+    script.write_text(PEAK_SCRIPT)
+    r = subprocess.run([sys.executable, str(script), str(path), "1" if stream else "0", "scales"],
+                       capture_output=True, text=True, timeout=600,
+                       cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    predicted = res["plan_stream"] if stream else res["plan_full"]
+    print(res)
+    assert abs(res["peak"] - predicted) <= 0.15 * res["peak"], res
