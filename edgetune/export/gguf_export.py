@@ -161,39 +161,34 @@ def _write_atomic(out: Path, arch: str, fill):
 # metadata
 
 def _copy_metadata(src, w: GGUFStreamWriter, skip=()):
-    """Copy every metadata key of the source (GGUFFile) with its GGUF type; strings byte-exact."""
-    import gguf
+    """Copy every metadata key of the source (GGUFFile) with its GGUF type (from edgetune's own
+    reader: no second parse of the file); strings are valid UTF-8, so .encode() is byte-exact."""
     from gguf import GGUFValueType as VT
-    try:        # the gguf package's reader: it keeps each field's GGUF type and raw bytes
-        reader = gguf.GGUFReader(src.path, "r")
-    except Exception as e:
-        raise FormatError(src.path, f"cannot read metadata ({type(e).__name__}: {e})") from None
-    for key, f in reader.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture" or key in skip:
+    md = src.metadata
+    for key in md:
+        if key == "general.architecture" or key in skip:
             continue
-        if not f.types:
-            continue
-        main = f.types[0]
+        t = md.value_type(key)
+        val = md[key]
         if key == "general.alignment":
-            w.meta.add_custom_alignment(int(f.contents()))
+            w.meta.add_custom_alignment(int(val))
             w.alignment = w.meta.data_alignment
             continue
-        if main == VT.ARRAY:
-            if len(f.types) > 2 and f.types[1] == VT.ARRAY:
+        if t.startswith("ARRAY["):
+            sub = VT[t[6:-1]]
+            if sub == VT.ARRAY:
                 raise FormatError(src.path, f"metadata key {key!r} is a nested array, which the "
                                             f"exporter cannot copy")
-            sub = f.types[-1]
-            if not f.data or len(f.types) < 2:
+            vals = list(val)
+            if not vals:
                 continue           # empty arrays cannot be written by the gguf package
             if sub == VT.STRING:
-                val = [bytes(f.parts[i]) for i in f.data]
-            else:
-                val = f.contents()
-            w.meta.add_key_value(key, val, VT.ARRAY, sub_type=sub)
-        elif main == VT.STRING:
-            w.meta.add_key_value(key, bytes(f.parts[-1]), VT.STRING)
+                vals = [v.encode("utf-8") for v in vals]
+            w.meta.add_key_value(key, vals, VT.ARRAY, sub_type=sub)
+        elif t == "STRING":
+            w.meta.add_key_value(key, val.encode("utf-8"), VT.STRING)
         else:
-            w.meta.add_key_value(key, f.contents(), main)
+            w.meta.add_key_value(key, val, VT[t])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,135 @@
+"""Peak memory and step time of ZO steps on synthetic Llama-2-7B / 13B int4 models.
+
+    python benchmarks/memory.py [--steps 2] [--batch 4] [--seq 64] [--cache DIR] [--cold]
+
+Builds llama2-7b and llama2-13b shaped Q4_0 GGUFs with `edgetune synth` (cached in --cache between
+runs), warms the page cache, then runs ZO steps (both perturbed passes per layer, the update, the
+seed-log-free core loop) in a separate process per configuration and reports each one's peak RSS
+(VmHWM) and seconds per step:
+  7B resident (scales), 7B streamed (scales), 7B streamed (lora), 13B streamed (scales), 13B streamed (lora)
+The last line is
+  memory: rss7b_resident_gb=A rss7b_stream_gb=B rss13b_stream_gb=C stream_slowdown=S
+with B and C the larger of the scales/lora runs, S = streamed / resident seconds per step (7B,
+scales, warm page cache, same run).  --cold adds one 7B streamed step with the page cache dropped
+(posix_fadvise DONTNEED after every read): the honest flash-read cost.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+STEP_SCRIPT = r"""
+import json, sys, time
+import edgetune
+import numpy as np
+from edgetune.formats.gguf_reader import GGUFFile
+from edgetune.memory.budget import make_plan
+from edgetune.train import objectives
+from edgetune.train.metrics import peak_rss_mb
+from edgetune.zo.estimator import estimate
+from edgetune.zo.optim import ZOOptimizer
+from edgetune.zo.trainable import build_trainable
+path, stream, method, steps, batch, seq, cold = sys.argv[1:8]
+stream, steps, batch, seq, cold = stream == "1", int(steps), int(batch), int(seq), cold == "1"
+g = GGUFFile(path)
+plan = make_plan(g, None, batch=batch, seq=seq, method=method)
+n = len(plan.layer_bytes)
+t0 = time.perf_counter()
+m = edgetune.load(path, streamed_layers=range(n) if stream else ())
+if stream and cold:
+    m.net.stream.drop_cache = True
+ts = build_trainable(m.net, method)
+opt = ZOOptimizer(ts.params)
+load_s = time.perf_counter() - t0
+rng = np.random.default_rng(0)
+ids = [list(int(t) for t in rng.integers(3, m.config.n_vocab, seq)) for _ in range(batch)]
+labels = [i % 2 for i in range(batch)]
+pair = lambda ps: objectives.classification_losses(m, ids, [-1] * batch, labels, [10, 11], ps)
+times = []
+for s in range(steps + 1):          # step 0 warms up (first touch of every page / buffer)
+    t = time.perf_counter()
+    e = estimate(None, 1000 + s, 1e-3, pair_fn=pair)
+    opt.step(e.seeds, e.g, 1e-6)
+    times.append(time.perf_counter() - t)
+m.net.close()
+pm = make_plan(g, plan.minimum if stream else None, batch=batch, seq=seq, method=method)
+print(json.dumps({"peak_mb": peak_rss_mb(), "step_s": min(times[1:]) if steps else times[0],
+                  "first_step_s": times[0], "load_s": load_s, "predicted_mb": pm.peak / 2**20}))
+"""
+
+
+def ensure_model(shape, cache):
+    from edgetune.synth import write_synthetic
+    path = os.path.join(cache, f"{shape}-q4_0.gguf")
+    if not os.path.exists(path):
+        print(f"writing {path} (edgetune synth, once) ...", flush=True)
+        write_synthetic(shape, "q4_0", path, progress=False)
+    return path
+
+
+def warm(path):
+    with open(path, "rb") as f:
+        while f.read(64 << 20):
+            pass
+
+
+def run(path, stream, method, a, cold=False):
+    script = os.path.join(a.cache, "step.py")
+    with open(script, "w") as f:
+        f.write(STEP_SCRIPT)
+    r = subprocess.run([sys.executable, script, path, "1" if stream else "0", method,
+                        str(a.steps if not cold else 1), str(a.batch), str(a.seq),
+                        "1" if cold else "0"],
+                       capture_output=True, text=True, cwd=ROOT)
+    if r.returncode != 0:
+        raise SystemExit(f"step run failed ({path}, stream={stream}, {method}):\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=2, help="timed steps per configuration")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--cache", default=os.path.join(ROOT, "benchmarks", "out", "cache"),
+                    help="where the synthetic GGUFs are kept between runs")
+    ap.add_argument("--cold", action="store_true", help="also time a cold-cache streamed 7B step")
+    a = ap.parse_args()
+    os.makedirs(a.cache, exist_ok=True)
+    p7 = ensure_model("llama2-7b", a.cache)
+    p13 = ensure_model("llama2-13b", a.cache)
+    res = {}
+    for name, path, stream, method in [("7b_resident_scales", p7, False, "scales"),
+                                       ("7b_stream_scales", p7, True, "scales"),
+                                       ("7b_stream_lora", p7, True, "lora"),
+                                       ("13b_stream_scales", p13, True, "scales"),
+                                       ("13b_stream_lora", p13, True, "lora")]:
+        warm(path)
+        r = run(path, stream, method, a)
+        res[name] = r
+        print(f"{name:20s} peak {r['peak_mb'] / 1024:6.2f} GB (plan {r['predicted_mb'] / 1024:5.2f}) "
+              f"step {r['step_s']:7.2f} s  (first {r['first_step_s']:.2f} s, load {r['load_s']:.1f} s)",
+              flush=True)
+    if a.cold:
+        r = run(p7, True, "scales", a, cold=True)
+        res["7b_stream_scales_cold"] = r
+        print(f"7b streamed, cold page cache: first step {r['first_step_s']:.2f} s "
+              f"(warm streamed {res['7b_stream_scales']['step_s']:.2f} s)")
+    os.makedirs(os.path.join(ROOT, "benchmarks", "out"), exist_ok=True)
+    with open(os.path.join(ROOT, "benchmarks", "out", "memory.json"), "w") as f:
+        json.dump(res, f, indent=2)
+    A = res["7b_resident_scales"]["peak_mb"] / 1024
+    B = max(res["7b_stream_scales"]["peak_mb"], res["7b_stream_lora"]["peak_mb"]) / 1024
+    C = max(res["13b_stream_scales"]["peak_mb"], res["13b_stream_lora"]["peak_mb"]) / 1024
+    S = res["7b_stream_scales"]["step_s"] / res["7b_resident_scales"]["step_s"]
+    print(f"memory: rss7b_resident_gb={A:.2f} rss7b_stream_gb={B:.2f} rss13b_stream_gb={C:.2f} "
+          f"stream_slowdown={S:.2f}")
+
+
+if __name__ == "__main__":
+    main()
