@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .. import assets
+from .. import assets, faults
 from ..config import TrainConfig
 from ..errors import EdgetuneError
 from ..zo import rng
@@ -99,6 +99,7 @@ def save_snapshot(out: str, step: int, ts, opt):
         np.savez(f, **arrays)
         f.flush()
         os.fsync(f.fileno())
+    faults.reached("snapshot-before-rename")
     os.replace(tmp, path)
     dfd = os.open(out, os.O_RDONLY)
     try:

@@ -21,6 +21,7 @@ import json
 import os
 import zlib
 
+from .. import faults
 from ..errors import FormatError
 
 VERSION = 1
@@ -100,7 +101,13 @@ class SeedLog:
             self._write(self.header, force_sync=True)
 
     def _write(self, rec: dict, force_sync: bool = False):
-        self._f.write(encode_record(rec))
+        data = encode_record(rec)
+        if faults._spec:  # crash tests: die with half a record on disk
+            self._f.write(data[: len(data) // 2])
+            self._f.flush()
+            faults.reached("log-mid-record")
+            data = data[len(data) // 2:]
+        self._f.write(data)
         self._f.flush()
         self._pending += 1
         if force_sync or self._pending >= self.fsync_every:
