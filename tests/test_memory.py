@@ -108,8 +108,8 @@ print(json.dumps({"peak": peak_rss_mb(), "plan_full": plan.peak / 2**20,
 """
 
 
-@pytest.mark.parametrize("stream", [False, True])
-def test_plan_predicts_measured_peak_within_15_percent(tmp_path_factory, stream):
+@pytest.mark.parametrize("stream,method", [(False, "scales"), (True, "scales"), (True, "lora")])
+def test_plan_predicts_measured_peak_within_15_percent(tmp_path_factory, stream, method):
     d = tmp_path_factory.getbasetemp() / "peak"
     d.mkdir(exist_ok=True)
     path = d / "llama1b.gguf"
@@ -117,7 +117,7 @@ def test_plan_predicts_measured_peak_within_15_percent(tmp_path_factory, stream)
         write_synthetic("llama-1b", "q4_0", path, progress=False)
     script = d / "peak.py"
     script.write_text(PEAK_SCRIPT)
-    r = subprocess.run([sys.executable, str(script), str(path), "1" if stream else "0", "scales"],
+    r = subprocess.run([sys.executable, str(script), str(path), "1" if stream else "0", method],
                        capture_output=True, text=True, timeout=600,
                        cwd=os.path.dirname(os.path.dirname(__file__)))
     assert r.returncode == 0, r.stderr[-2000:]

@@ -5,8 +5,8 @@ Peak resident memory of a ZO step is predicted as
   runtime      Python + torch + the tokenizer (measured constant, RUNTIME_BYTES)
   embeddings   token_embd (lookups touch only used rows, but the tied head reads all of it)
   head         output.weight when untied
-  scales       fp32 scales (+ mins) of every quantized layer matrix, resident or streamed (they
-               are converted once at load and are the QZO trainable state)
+  scales       fp32 scales (+ mins) of resident layers' matrices and of every trained one
+               (QZO); streamed, untrained layers convert theirs from the read buffer per use
   trainable    LoRA A/B, sparse deltas (+ indices), norms
   optimizer    0x (sgd/sign), 1x (momentum) or 2x (adam) the trainable state
   activations  both perturbed passes' hidden states + one layer's temporaries + logits
@@ -140,12 +140,13 @@ def make_plan(gguf, budget: int | None, *, batch: int = 16, seq: int = 64,
     vocab_cols = c.n_vocab if full_vocab_logits else 8
     fixed["activations (both passes)"] = (2 * tokens * d * 4 + per_pass_layer
                                           + tokens * vocab_cols * 4 + tokens * d * 2)
-    fixed["layer scales (fp32, all layers)"] = sum(layer_s)
+    fixed["scales of trained layers (fp32)"] = train_scales
     base = int(sum(fixed.values()) * SLACK)
 
-    def res_cost(i):  # a resident layer adds its mapped codes
-        return layer_q[i]
-    buf = 2 * max(layer_q)
+    def res_cost(i):  # a resident layer adds its mapped codes (+ its fp32 scales if untrained)
+        return layer_q[i] + (0 if "scales" in methods else layer_s[i])
+    # two read buffers (+ one layer's scales converted per use when scales are not trained)
+    buf = 2 * max(layer_q) + (0 if "scales" in methods else max(layer_s))
     all_resident = base + sum(res_cost(i) for i in range(c.n_layer))
     minimum = base + buf
     if budget is None or budget >= all_resident:

@@ -4,7 +4,8 @@ A prefetch thread reads layer l+1 (the next streamed layer, wrapping around to t
 the next forward) while layer l computes.  `acquire(l)` blocks until layer l is *completely* read
 (an Event set only after the last byte landed), then points the layer's QTensors' codes at views
 of the buffer; `release(l)` drops those views and lets the thread refill the buffer.  Only two
-layers' bytes are ever held, whatever the model size; the scales (fp32, trainable) stay resident.
+layers' bytes are ever held, whatever the model size.  Scales of streamed tensors that are not
+trained are converted from the buffer on each use; trained ones (QZO) stay resident.
 
 Reading uses os.pread on a private file descriptor (the page cache is the kernel's, not this
 process's memory); after each read posix_fadvise(DONTNEED) is optional (`drop_cache=True`, used to
@@ -115,13 +116,30 @@ class LayerStreamer:
             fresh = to_qtensor(RawTensor(name, type_name, tuple(shape), raw, off), self.path,
                                qt.tensor_id)
             qt.codes = fresh.codes             # a view into the buffer (Q4_0/Q4_1/Q8_0)
+            if qt.meta.get("scales_per_use"):  # untrained: this use's scales come from the buffer
+                qt.scales, qt.mins = fresh.scales, fresh.mins
             pos += nbytes
         return slot
+
+    def read_tensor(self, name: str, tensor_id: int = 0):
+        """Read one tensor of a streamed layer outside the prefetch cycle (a converted QTensor)."""
+        for ts in self.tensors.values():
+            for (tname, type_name, shape, off, nbytes) in ts:
+                if tname == name:
+                    buf = np.empty(nbytes, np.uint8)
+                    pread_into(self.fd, memoryview(buf), off)
+                    rows = shape[0] if len(shape) > 1 else 1
+                    return to_qtensor(RawTensor(name, type_name, tuple(shape),
+                                                buf.reshape(rows, -1), off), self.path, tensor_id)
+        raise EdgetuneError(f"{self.path}: {name} is not a streamed tensor")
 
     def release(self, layer: int, qtensors: dict):
         slot = self._slot_of(layer)
         for (name, *_rest) in self.tensors[layer]:
-            qtensors[name].codes = None
+            qt = qtensors[name]
+            qt.codes = None
+            if qt.meta.get("scales_per_use"):
+                qt.scales = qt.mins = None
         self.ready[slot].clear()
         self.slot_layer[slot] = None
         self.free[slot].set()

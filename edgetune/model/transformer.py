@@ -137,16 +137,10 @@ class Transformer:
         self.layers = []
         to_stream = set(int(i) for i in streamed_layers)
         for i in range(c.n_layer):
-            w = {n: self._q(g, f"blk.{i}.{n}.weight") for n in LAYER_WEIGHTS}
-            if i in to_stream:  # keep the scales, give the mapped pages back right away
-                for n, qt in w.items():
-                    rt = g.tensors[f"blk.{i}.{n}.weight"]
-                    qt.codes = None
-                    if qt.scales is not None and not qt.scales.flags.owndata:
-                        qt.scales = qt.scales.copy()
-                    if qt.mins is not None and not qt.mins.flags.owndata:
-                        qt.mins = qt.mins.copy()
-                    _drop_pages(g, rt.offset, int(rt.data.size))
+            if i in to_stream:  # no scales yet: converted per use, or kept if trained
+                w = {n: self._q_shell(g, f"blk.{i}.{n}.weight") for n in LAYER_WEIGHTS}
+            else:
+                w = {n: self._q(g, f"blk.{i}.{n}.weight") for n in LAYER_WEIGHTS}
             bias = {}
             if c.qkv_bias:
                 for n in ("attn_q", "attn_k", "attn_v"):
@@ -169,6 +163,31 @@ class Transformer:
         qt = g.qtensor(name, tensor_id=len(self.tensor_names))
         self.tensor_names.append(name)
         return qt
+
+    def _q_shell(self, g: GGUFFile, name: str) -> QTensor:
+        """A streamed layer's QTensor without codes or scales: its kind/group/offset come from
+        converting one row (one page touched, then given back)."""
+        from ..formats.gguf_reader import RawTensor, to_qtensor
+        rt = g.tensors[name]
+        one = to_qtensor(RawTensor(rt.name, rt.type_name, (1,) + tuple(rt.shape[1:]),
+                                   rt.data[:1], rt.offset), self.path, len(self.tensor_names))
+        _drop_pages(g, rt.offset, int(rt.data.shape[1]))
+        self.tensor_names.append(name)
+        one.shape = tuple(rt.shape)
+        one.codes = one.scales = one.mins = None
+        one.meta["scales_per_use"] = True
+        return one
+
+    def keep_scales(self, qt: QTensor):
+        """Give a streamed QTensor persistent fp32 scales (it is trained): read its bytes once."""
+        if not qt.meta.get("scales_per_use"):
+            return
+        if self.stream is None:
+            raise FormatError(self.path, f"{qt.name}: no stream to read scales from")
+        fresh = self.stream.read_tensor(qt.name, qt.tensor_id)
+        qt.scales = np.ascontiguousarray(fresh.scales, dtype=np.float32).copy()
+        qt.mins = None if fresh.mins is None else np.ascontiguousarray(fresh.mins).copy()
+        qt.meta["scales_per_use"] = False
 
     def _setup_stream(self, g: GGUFFile, layers, reader):
         """Drop streamed layers' mapped codes (keeping scales) and start the prefetch thread."""

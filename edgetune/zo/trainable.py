@@ -177,6 +177,8 @@ def build_trainable(net, methods, *, lora_rank: int = 8, lora_alpha: float = 16.
         for i, n, qt in _layer_matrices(net):
             if qt.kind == "f32":
                 continue
+            if qt.scales is None:  # a streamed layer: its scales become resident state
+                net.keep_scales(qt)
             if not qt.scales.flags.writeable or not qt.scales.flags.c_contiguous:
                 qt.scales = np.ascontiguousarray(qt.scales, dtype=np.float32).copy()
             # relative perturbation: a tensor's scales move by eps * (their mean magnitude) * z,
