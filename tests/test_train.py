@@ -2,7 +2,6 @@
 determinism, CLI outputs."""
 import json
 import os
-import random
 
 import numpy as np
 import pytest
@@ -10,26 +9,16 @@ import pytest
 import edgetune
 from edgetune.config import make_config
 from edgetune.errors import EdgetuneError
-from edgetune.synth import write_synthetic
 from edgetune.train.loop import finetune
 from edgetune.train.runstate import apply_run
 from edgetune.zo.seedlog import read_log
 from edgetune.zo.trainable import Perturb, build_trainable
+from tests.conftest import make_tiny_task
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny")
-    model = write_synthetic("tiny", "q4_1", d / "tiny.gguf", seed=3, progress=False)
-    rows = []
-    r = random.Random(0)
-    for i in range(400):
-        label = r.choice(["a", "b"])
-        words = " ".join(r.choice(["ab", "cd", "ef", "gh"]) for _ in range(r.randint(2, 6)))
-        rows.append({"text": f"{words} {label}{label}", "label": label})
-    data = d / "data.jsonl"
-    data.write_text("\n".join(json.dumps(x) for x in rows) + "\n")
-    return str(model), str(data)
+    return make_tiny_task(tmp_path_factory.mktemp("tiny"), 400)
 
 
 def cfg_for(tiny, out, **kw):
