@@ -81,26 +81,16 @@ def _open_run(run_dir, model):
     """(model_path, Model, TrainableSet, header) for a run directory."""
     from .. import assets
     from ..model.lm import load
-    from ..train.runstate import apply_run
-    from ..zo.seedlog import read_log
+    from ..train.runstate import apply_run, read_run_log
     run_dir = str(run_dir)
-    if not os.path.exists(run_dir):
-        raise EdgetuneError(f"{run_dir}: run directory not found")
-    if not os.path.isdir(run_dir):
-        raise EdgetuneError(f"{run_dir}: is not a directory (expected a run directory)")
-    log = os.path.join(run_dir, "seedlog.jsonl")
-    if not os.path.exists(log):
-        raise EdgetuneError(f"{run_dir}: not a run directory (no seedlog.jsonl)")
-    header, records, _ = read_log(log)
-    if header is None:
-        raise EdgetuneError(f"{log}: no valid header")
+    header, records = read_run_log(run_dir)
     trained_on = header.get("model")
     path = assets.resolve_model(model if model else header["config"]["model"])
     if model and trained_on and os.path.basename(path) != trained_on:
         raise EdgetuneError(f"{path}: the run {run_dir} was trained on {trained_on}, not on this "
                             f"model file")
     m = load(path)
-    ts = apply_run(m, run_dir)
+    ts = apply_run(m, run_dir, log=(header, records))
     header["_steps"] = sum(1 for r in records if r.get("type") == "step")
     return path, m, ts, header
 

@@ -135,7 +135,7 @@ class Transformer:
         self.tensor_names = []  # stable order: the tensor_id of a QTensor is its index here
         self.embed = self._q(g, "token_embd.weight")
         self.layers = []
-        to_stream = set(int(i) for i in streamed_layers)
+        to_stream = sorted(set(int(i) for i in streamed_layers))
         for i in range(c.n_layer):
             if i in to_stream:  # no scales yet: converted per use, or kept if trained
                 w = {n: self._q_shell(g, f"blk.{i}.{n}.weight") for n in LAYER_WEIGHTS}
@@ -147,8 +147,8 @@ class Transformer:
                     bias[n] = self._vec(g, f"blk.{i}.{n}.bias")
             self.layers.append(Layer(self._vec(g, f"blk.{i}.attn_norm.weight"),
                                      self._vec(g, f"blk.{i}.ffn_norm.weight"), w, bias))
-        if streamed_layers:
-            self._setup_stream(g, sorted(set(int(i) for i in streamed_layers)), stream_reader)
+        if to_stream:
+            self._setup_stream(g, to_stream, stream_reader)
         self.output_norm = self._vec(g, "output_norm.weight")
         self.output = self.embed if c.tied_embeddings else self._q(g, "output.weight")
         self._check_shapes()

@@ -11,15 +11,27 @@ from ..zo.seedlog import read_log
 from ..zo.trainable import build_trainable
 
 
-def apply_run(model, run_dir: str):
-    """Attach the run's trainable set to `model` and restore its latest state; returns the set."""
-    from .loop import StepBatches, load_snapshot, open_dataset, replay
+def read_run_log(run_dir: str):
+    """(header, records) of a run directory's seed log, with errors naming what is missing."""
+    run_dir = str(run_dir)
+    if not os.path.exists(run_dir):
+        raise EdgetuneError(f"{run_dir}: run directory not found")
+    if not os.path.isdir(run_dir):
+        raise EdgetuneError(f"{run_dir}: is not a directory (expected a run directory)")
     log_path = os.path.join(run_dir, "seedlog.jsonl")
     if not os.path.exists(log_path):
         raise EdgetuneError(f"{run_dir}: not a run directory (no seedlog.jsonl)")
     header, records, _ = read_log(log_path)
     if header is None:
         raise EdgetuneError(f"{log_path}: no valid header")
+    return header, records
+
+
+def apply_run(model, run_dir: str, log=None):
+    """Attach the run's trainable set to `model` and restore its latest state; returns the set.
+    log: (header, records) already read with read_run_log, to avoid reading the log twice."""
+    from .loop import StepBatches, load_snapshot, open_dataset, replay
+    header, records = log if log is not None else read_run_log(run_dir)
     cfg = make_config(flag_values={k: v for k, v in header["config"].items()
                                    if k not in ("resume", "overwrite")})
     calib, head_rows = None, None
