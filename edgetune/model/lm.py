@@ -14,18 +14,39 @@ from .transformer import Transformer
 
 
 class Model:
-    def __init__(self, path, streamed_layers=(), stream_reader=None):
-        self.path = str(path)
+    def __init__(self, path, streamed_layers=(), stream_reader=None, source=None):
+        self.path = str(path)                 # the GGUF file
+        self.source = str(source or path)     # what the user opened (a GGUF, or an HF directory)
         self.gguf = GGUFFile(self.path)
         self.net = Transformer(self.gguf, streamed_layers, stream_reader)
         self.config = self.net.config
-        self.tokenizer = Tokenizer(self.path)
+        self._tokenizer = None                # llama.cpp's vocabulary, opened on first use
         self.chat_template = self.gguf.get("tokenizer.chat_template")
 
     def __repr__(self):
         c = self.config
-        return (f"Model({Path(self.path).name}: {c.arch}, {c.n_layer} layers, d={c.n_embd}, "
+        return (f"Model({Path(self.source).name}: {c.arch}, {c.n_layer} layers, d={c.n_embd}, "
                 f"heads {c.n_head}/{c.n_head_kv}, vocab {c.n_vocab})")
+
+    @property
+    def has_tokenizer(self) -> bool:
+        return self.gguf.get("tokenizer.ggml.model", "no_vocab") not in ("no_vocab", "none")
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        if self._tokenizer is None:
+            if not self.has_tokenizer:
+                why = self.gguf.get("edgetune.no_tokenizer", "the file has no vocabulary")
+                raise EdgetuneError(f"{self.source}: this model has no tokenizer ({why}); give "
+                                    f"it token ids (logits, generate_ids) instead of text")
+            self._tokenizer = Tokenizer(self.path)
+        return self._tokenizer
+
+    def is_eog(self, token_id: int) -> bool:
+        """End of generation: the tokenizer's EOS/EOT, or the metadata's EOS without one."""
+        if self.has_tokenizer:
+            return self.tokenizer.is_eog(token_id)
+        return token_id == self.gguf.get("tokenizer.ggml.eos_token_id", -1)
 
     # -- text ----------------------------------------------------------------------------------
     def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:
@@ -130,19 +151,32 @@ class Model:
             if len(ids) >= self.config.context_length:
                 break
             nxt = int(np.argmax(self.logits([ids], positions=[-1])[0, 0]))
-            if stop_at_eos and self.tokenizer.is_eog(nxt):
+            if stop_at_eos and self.is_eog(nxt):
                 break
             out.append(nxt)
             ids.append(nxt)
         return out
 
 
-def load(path, streamed_layers=(), stream_reader=None) -> Model:
-    """Open a GGUF model file for inference and training.
+def load(path, streamed_layers=(), stream_reader=None, *, quant=None, group_size=None,
+         progress: bool = True) -> Model:
+    """Open a GGUF model file, or a Hugging Face directory (config.json + *.safetensors), for
+    inference and training.
 
+    A directory is converted to an int4 GGUF once (quant "q4_0" or "q4_1", statistics per
+    group_size elements, default 32; see formats/hf.py) and kept in the cache
+    ($EDGETUNE_CACHE or ~/.cache/edgetune); later loads reuse it.  progress: the conversion's
+    progress bar and cache messages on stderr.
     streamed_layers: layer indices read from the file per use (two reusable buffers, a prefetch
     thread) instead of staying mapped; see memory/stream.py and `edgetune plan`."""
     p = Path(path)
     if not p.exists():
         raise FormatError(p, "model file not found")
+    if p.is_dir():
+        from ..formats.hf import cached_conversion
+        gguf = cached_conversion(p, quant or "q4_0", group_size or 32, progress=progress)
+        return Model(gguf, streamed_layers, stream_reader, source=p)
+    if quant is not None or group_size is not None:
+        raise EdgetuneError(f"{p}: quant and group_size apply to Hugging Face directories; a GGUF "
+                            f"file is loaded as it is quantized")
     return Model(p, streamed_layers, stream_reader)

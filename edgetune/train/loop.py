@@ -13,6 +13,7 @@ Run directory:
   metrics.csv      step, loss, lr, dev_acc, rss_mb, elapsed_s, tokens_per_s
   metrics.png      loss and accuracy curves
   summary.json     zero-shot / final accuracies, peak RSS, timings
+  model.onnx(.data)  --backend onnxruntime only: the graph the sessions run (trainables as inputs)
 """
 from __future__ import annotations
 
@@ -208,24 +209,32 @@ def finetune(config: TrainConfig | dict) -> Run:
     opt = ZOOptimizer(ts.params, cfg.optimizer, weight_decay=cfg.weight_decay,
                       momentum=cfg.momentum, dist=cfg.dist)
     run = Run(cfg.out, cfg, model=model, trainable=ts)
+    fwd = model   # what runs every forward pass: edgetune's kernels, or an onnxruntime session
+    if cfg.backend == "onnxruntime":
+        from ..backends.ort import OrtModel
+        t0 = time.perf_counter()
+        fwd = OrtModel.for_training(model, ts, os.path.join(cfg.out, "model.onnx"), cfg.threads)
+        if cfg.progress:
+            print(f"onnxruntime backend: {cfg.out}/model.onnx written and loaded in "
+                  f"{time.perf_counter() - t0:.1f}s", flush=True)
 
     def pair_fn_for(batch):
         if objective == "lm":
             return None
         metric = "ce" if objective == "classification" else "accuracy"
         return lambda ps: objectives.classification_losses(
-            model, batch.input_ids, batch.answer_pos, batch.labels, ds.label_tokens, ps, metric)
+            fwd, batch.input_ids, batch.answer_pos, batch.labels, ds.label_tokens, ps, metric)
 
     def loss_fn_for(batch):
         if objective == "lm":
-            return lambda p: objectives.lm_loss(model, batch.input_ids, batch.loss_masks, p)
+            return lambda p: objectives.lm_loss(fwd, batch.input_ids, batch.loss_masks, p)
         fn = objectives.classification_loss if objective == "classification" else objectives.accuracy_loss
-        return lambda p: fn(model, batch.input_ids, batch.answer_pos, batch.labels, ds.label_tokens, p)
+        return lambda p: fn(fwd, batch.input_ids, batch.answer_pos, batch.labels, ds.label_tokens, p)
 
     def acc_on(split, limit):
         if task != "classification":
             return None
-        return evaluate(model, ds, split, cfg.batch * 2, limit)
+        return evaluate(fwd, ds, split, cfg.batch * 2, limit)
 
     summary_path = os.path.join(cfg.out, "summary.json")
     prev = {}

@@ -27,14 +27,24 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def predictions(model, ds, split: str, batch_size: int = 32, limit=None) -> np.ndarray:
+    """Predicted label (argmax over the verbalizer words) of the first `limit` examples of a
+    split, in split order."""
+    out = np.full(len(ds.examples(split)[:limit]), -1, dtype=np.int64)
+    for b in ds.eval_batches(split, batch_size, limit):
+        out[b.indices] = objectives.predict(model, b.input_ids, b.answer_pos, ds.label_tokens)
+    return out
+
+
+def accuracy(pred, ds, split: str) -> float:
+    """Share of predictions (for the first len(pred) examples of a split) equal to the labels."""
+    labels = np.array([e.label for e in ds.examples(split)[:len(pred)]], dtype=np.int64)
+    return float((np.asarray(pred) == labels).mean()) if len(labels) else 0.0
+
+
 def evaluate(model, ds, split: str, batch_size: int = 32, limit=None) -> float:
     """Classification accuracy (argmax over the verbalizer words) on a split."""
-    correct = total = 0
-    for b in ds.eval_batches(split, batch_size, limit):
-        pred = objectives.predict(model, b.input_ids, b.answer_pos, ds.label_tokens)
-        correct += int((pred == np.asarray(b.labels)).sum())
-        total += len(b.labels)
-    return correct / max(total, 1)
+    return accuracy(predictions(model, ds, split, batch_size, limit), ds, split)
 
 
 def plot_metrics(csv_path: str, png_path: str):
