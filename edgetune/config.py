@@ -42,6 +42,8 @@ class TrainConfig:
     lora_targets: str = "q,v"       # projections: q,k,v,o,gate,up,down
     sparse_fraction: float = 1e-3   # share of each layer matrix's weights trained by 'sparse'
     threads: int = 0                # kernel threads (0 = all cores)
+    quant: str = "q4_0"             # Hugging Face directory models: int4 type of the conversion
+    group_size: int = 32            # Hugging Face directory models: elements per quantization group
     backend: str = "native"         # native | onnxruntime (forward passes run by onnxruntime sessions)
     memory: str = ""                # memory budget, e.g. 2G: layers that do not fit stream from the file
     stream_layers: str = ""         # force streaming of layers: all, or indices like 0,1,5

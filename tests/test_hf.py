@@ -504,8 +504,11 @@ def test_finetune_eval_export_with_model_dir(smol_vocab_hf, tmp_path, capsys):
     common = ["--data", data, "--verbalizer", "a=a,b=b"]
     assert main(["finetune", "--model", str(smol_vocab_hf), *common, "--steps", "2", "--batch",
                  "4", "--eval-limit", "8", "--test-limit", "8", "--out", str(out),
-                 "--no-progress", "--method", "scales,norms"]) == 0
+                 "--no-progress", "--method", "scales,norms", "--quant", "q4_1",
+                 "--group-size", "64"]) == 0
     assert "peak RSS" in capsys.readouterr().out
+    header = json.loads(open(out / "seedlog.jsonl").readline())
+    assert "-q4_1-g64-" in header["model"]     # trained on the conversion the flags asked for
     assert main(["eval", "--model", str(smol_vocab_hf), "--run", str(out), *common,
                  "--limit", "8"]) == 0
     assert "accuracy:" in capsys.readouterr().out

@@ -86,7 +86,9 @@ def _open_run(run_dir, model):
     run_dir = str(run_dir)
     header, records = read_run_log(run_dir)
     trained_on = header.get("model")
-    path = assets.resolve_model(model if model else header["config"]["model"])
+    cfg = header["config"]
+    path = assets.resolve_model(model if model else cfg["model"], quant=cfg.get("quant", "q4_0"),
+                                group_size=cfg.get("group_size", 32))
     if model and trained_on and os.path.basename(path) != trained_on:
         raise EdgetuneError(f"{path}: the run {run_dir} was trained on {trained_on}, not on this "
                             f"model file")

@@ -178,7 +178,8 @@ def finetune(config: TrainConfig | dict) -> Run:
 
     cfg = config if isinstance(config, TrainConfig) else make_config(flag_values=config)
     cfg.validate()
-    model_path = assets.resolve_model(cfg.model)
+    model_path = assets.resolve_model(cfg.model, quant=cfg.quant, group_size=cfg.group_size,
+                                      progress=cfg.progress)
     if not os.path.exists(model_path):
         raise EdgetuneError(f"{model_path}: model file not found")
     plan, streamed = plan_memory(cfg, model_path)   # an impossible budget fails here, before work
