@@ -12,9 +12,15 @@ The examples are exactly those edgetune's own `train.metrics.evaluate` scores: t
 (train/data.py: token ids from llama.cpp's tokenizer on the same file — edgetune's tokenizer too —,
 answer position, label-word tokens) and the first `limit` examples of the split.  So the two
 accuracies differ only by the runtimes' arithmetic (and, for an exported file, by the export's fp16
-rounding): predictions flip only on near-ties.  One llama_decode per example, of its tokens up to
-the answer position; only that position's logits are read, only at the label words; argmax, no
-sampling, a fixed thread count: deterministic.
+rounding): predictions flip only on near-ties, and the accuracies differ by the net of the flips.
+Measured on `make demo`'s export, first 400 test tweets: the three label logits are ~13 and close
+together (median top-2 margin 0.5); llama.cpp, which quantizes activations to 8 bits, differs from
+edgetune on the same file by 0.2 on average (max 0.9), so 22 predictions (5.5%) differ — about
+the rate at which llama.cpp disagrees with itself between fp16 and fp32 KV caches (tests/
+test_golden.py).  Against the run in memory 24 differ (the fp16 rounding flips near-ties too), and
+the accuracies by 0.75 points (llama.cpp 44.50%, edgetune 43.75%): the net of the flips.
+One llama_decode per example, of its tokens up to the answer position; only that position's logits
+are read, only at the label words; argmax, no sampling, a fixed thread count: deterministic.
 """
 from __future__ import annotations
 
