@@ -145,7 +145,7 @@ def test_demo_export_beats_base_in_llamacpp(task, base_llamacpp_long, tmp_path, 
         _check_gain("demo (scales)", run, ll, base_llamacpp_long, task)
 
 
-@pytest.mark.skipif(not LONG, reason="a 400-step LoRA fine-tune takes ~10 min: EDGETUNE_LONG=1")
+@pytest.mark.skipif(not LONG, reason="a 400-step LoRA fine-tune + scoring takes ~17 min: EDGETUNE_LONG=1")
 def test_lora_adapter_in_llamacpp(task, base_llamacpp_long, tmp_path, capsys):
     """The adapter GGUF, applied by llama.cpp (lora_path), scores what the run scored, above base."""
     from edgetune.export.gguf_export import export_lora_adapter
