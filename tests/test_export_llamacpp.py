@@ -22,7 +22,8 @@ before any sentiment is learned.  So "above the base model" is checked in long m
 (EDGETUNE_LONG=1), on N_TEST_LONG test tweets: the `make demo` configuration (scales, 200 steps;
 measured 43.75% in edgetune, 44.50% in llama.cpp, base 39.75% in both) and LORA_LONG (LoRA q,v
 rank 8, 400 steps, lr 3e-4 cosine; measured 46.75% in edgetune, 45.75% in llama.cpp: the 1-point
-bound is met exactly, 32 of 400 predictions differ).  LoRA under ZO is the fragile one: measured
+bound is met exactly, 32 of 400 predictions differ; with seed 1: 46.75% and
+45.50%, 1.25 points apart, 32 differ — the bound is at the edge of the runtimes' int8 flips).  LoRA under ZO is the fragile one: measured
 on 400 test tweets, shorter or hotter LoRA runs end at or below base: batch 32 lr 3e-4 200
 steps constant 38.25% (llama.cpp 37.00%), 100 steps cosine 40.00%/40.25% (seeds 0/1), batch 16
 lr 3e-4 200 steps cosine (clip 10) 40.00%, rank 1 on o lr 3e-3 150 steps 40.25%, rank 1 on v
