@@ -13,7 +13,7 @@ by the net of those flips.
 
 Default suite (a 50-step scales run, the first N_TEST test tweets):
   |llama.cpp accuracy of the export - edgetune's accuracy of the run| <= 1 point   (measured 0)
-  <= 10% of predictions differ; the run changed >= 10 of edgetune's base-model predictions and
+  <= 8% of predictions differ; the run changed >= 10 of edgetune's base-model predictions and
   llama.cpp makes at least half of those changes (measured 29 of 32): the tuning is in the file.
   tests/test_export.py checks LoRA adapter logits against llama.cpp on a tiny model.
 A short ZO run does not reliably raise accuracy: the base model answers "negative" to almost
@@ -22,9 +22,10 @@ before any sentiment is learned.  So "above the base model" is checked in long m
 (EDGETUNE_LONG=1), on N_TEST_LONG test tweets: the `make demo` configuration (scales, 200 steps;
 measured 43.75% in edgetune, 44.50% in llama.cpp, base 39.75% in both) and LORA_LONG (LoRA q,v
 rank 8, 400 steps, lr 3e-4 cosine; measured 46.75% in edgetune, 45.75% in llama.cpp: the 1-point
-bound is met exactly, 32 of 400 predictions differ; with seed 1: 46.75% and
-45.50%, 1.25 points apart, 32 differ — the bound is at the edge of the runtimes' int8 flips).  LoRA under ZO is the fragile one: measured
-on 400 test tweets, shorter or hotter LoRA runs end at or below base: batch 32 lr 3e-4 200
+bound is met exactly; 32 of 400 predictions differ, so this test allows 10% where the short scales
+run allows 8%.  With seed 1: 46.75% and 45.50%, 1.25 points apart, 32 differ — the bound is at
+the edge of the runtimes' int8 flips).  LoRA under ZO is the fragile one: measured on 400 test
+tweets, shorter or hotter LoRA runs end at or below base: batch 32 lr 3e-4 200
 steps constant 38.25% (llama.cpp 37.00%), 100 steps cosine 40.00%/40.25% (seeds 0/1), batch 16
 lr 3e-4 200 steps cosine (clip 10) 40.00%, rank 1 on o lr 3e-3 150 steps 40.25%, rank 1 on v
 18.75% (diverged).
@@ -87,7 +88,7 @@ def _cli_acc(capsys, n, *args) -> float:
     return float(line.split()[1].rstrip("%")) / 100
 
 
-def _check_faithful(name, run, tuned_et, tuned_ll, base_et, task):
+def _check_faithful(name, run, tuned_et, tuned_ll, base_et, task, max_differ=0.08):
     n = len(tuned_ll)
     changed = tuned_et != base_et
     report = (f"{name}: test accuracy on {n} tweets: edgetune {100 * run.final_acc:.2f}%, llama.cpp "
@@ -98,7 +99,7 @@ def _check_faithful(name, run, tuned_et, tuned_ll, base_et, task):
     print("\n" + report)
     assert _acc(tuned_et, task) == pytest.approx(run.final_acc), report
     assert abs(_acc(tuned_ll, task) - run.final_acc) <= 0.01 + 1e-9, report
-    assert (tuned_ll != tuned_et).mean() <= 0.10, report
+    assert (tuned_ll != tuned_et).mean() <= max_differ, report
     assert changed.sum() >= 10, report
     assert (tuned_ll[changed] == tuned_et[changed]).mean() >= 0.5, report
 
@@ -146,7 +147,8 @@ def test_demo_export_beats_base_in_llamacpp(task, base_llamacpp_long, tmp_path, 
         _check_gain("demo (scales)", run, ll, base_llamacpp_long, task)
 
 
-@pytest.mark.skipif(not LONG, reason="a 400-step LoRA fine-tune + scoring takes ~17 min: EDGETUNE_LONG=1")
+@pytest.mark.skipif(not LONG, reason="a 400-step LoRA fine-tune + scoring takes ~17 min: "
+                    "EDGETUNE_LONG=1")
 def test_lora_adapter_in_llamacpp(task, base_llamacpp_long, tmp_path, capsys):
     """The adapter GGUF, applied by llama.cpp (lora_path), scores what the run scored, above base."""
     from edgetune.export.gguf_export import export_lora_adapter
@@ -156,7 +158,8 @@ def test_lora_adapter_in_llamacpp(task, base_llamacpp_long, tmp_path, capsys):
     ll = predict_llamacpp(task[0], task[1], "test", N_TEST_LONG, lora_path=ad)
     with capsys.disabled():
         _check_faithful("lora", run, _edgetune_preds(task, tmp_path / "lora", N_TEST_LONG), ll,
-                        _edgetune_preds(task, None, N_TEST_LONG), task)
+                        _edgetune_preds(task, None, N_TEST_LONG), task,
+                        max_differ=0.10)
         _check_gain("lora", run, ll, base_llamacpp_long, task)
     assert _cli_acc(capsys, 20, "--model", "smollm2", "--lora-adapter", str(ad)) == \
         pytest.approx(_acc(ll[:20], task))
