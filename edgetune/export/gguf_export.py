@@ -51,6 +51,11 @@ Merged GGUF (`--format gguf`)
     ||(alpha/r) B A|| is 0.021 with Q8_0 and 0.34 with Q4_1 re-encoding, the max logit error 0.007
     vs 0.035 (the LoRA update itself moves logits by 0.11).  lora_type="same" re-encodes into the source type instead.
   * tensors of other types (K-quants, F16) that were tuned are written as Q8_0 (matrices) or F32.
+  * head (the label-word rows): output.weight with W + delta on those rows (a tied-embedding
+    model gets its own output.weight, a copy of token_embd, so the input embeddings stay); the
+    bias set has no GGUF equivalent and is refused.
+  * step: which state is exported — "best" (the best dev step; default), "last", or a number;
+    the seed log is replayed to it.
 
 LoRA adapter (`--format gguf-lora`) — llama.cpp's convert_lora_to_gguf conventions:
   general.type = "adapter", adapter.type = "lora", adapter.lora.alpha = alpha (llama.cpp scales by
@@ -78,8 +83,9 @@ LORA_TYPES = ("q8_0", "same")
 # ---------------------------------------------------------------------------------------------
 # run + model
 
-def _open_run(run_dir, model):
-    """(model_path, Model, TrainableSet, header) for a run directory."""
+def _open_run(run_dir, model, step="best"):
+    """(model_path, Model, TrainableSet, header) for a run directory, its state at `step`
+    (best: the best dev step; last; or a step number)."""
     from .. import assets
     from ..model.lm import load
     from ..train.runstate import apply_run, read_run_log
@@ -93,8 +99,9 @@ def _open_run(run_dir, model):
         raise EdgetuneError(f"{path}: the run {run_dir} was trained on {trained_on}, not on this "
                             f"model file")
     m = load(path)
-    ts = apply_run(m, run_dir, log=(header, records))
-    header["_steps"] = sum(1 for r in records if r.get("type") == "step")
+    ts = apply_run(m, run_dir, log=(header, records), step=step)
+    done = sum(1 for r in records if r.get("type") == "step")
+    header["_steps"] = done if ts.restored_step is None else ts.restored_step
     return path, m, ts, header
 
 
@@ -383,8 +390,47 @@ def _provenance(w, header, run_dir, src_path, what):
     w.meta.add_string("edgetune.config", json.dumps(cfg, sort_keys=True))
 
 
+def _head_plan(src, ts) -> _Plan:
+    """output.weight with the tuned label rows (W + head delta).  A model with tied embeddings
+    (no output.weight; SmolLM2) gets its own output.weight — a copy of token_embd — so the
+    label words' input embeddings stay untouched; llama.cpp uses output.weight when present.
+    Q8_0/F16/F32 sources keep their type (only the label rows' blocks are re-encoded);
+    a 4-bit head is written as Q8_0 so the small deltas survive."""
+    name = "output.weight" if "output.weight" in src.tensors else "token_embd.weight"
+    rt = src.tensors[name]
+    qt = src.qtensor(name)
+    delta = next(iter(ts.head.values())).value
+    rows = np.asarray(ts.head_rows, np.int64)
+    n, k = rt.shape
+    out_type = rt.type_name if rt.type_name in ("Q8_0", "F16", "F32") else "Q8_0"
+    step = max(1, CHUNK_ELEMS // k)
+
+    def chunks():
+        from ..quant import dequantize_rows
+        for r0 in range(0, n, step):
+            r1 = min(n, r0 + step)
+            hit = (rows >= r0) & (rows < r1)
+            if out_type == rt.type_name and not hit.any():
+                yield np.asarray(rt.data[r0:r1]).reshape(r1 - r0, -1)
+                continue
+            w = dequantize_rows(qt, np.arange(r0, r1))
+            np.add.at(w, rows[hit] - r0, delta[hit])
+            if out_type == "F32":
+                yield w.astype(np.float32).view(np.uint8)
+            elif out_type == "F16":
+                yield w.astype(np.float16).view(np.uint8)
+            elif out_type == rt.type_name:   # Q8_0: re-encode only the rows that changed
+                raw = np.array(np.asarray(rt.data[r0:r1]).reshape(r1 - r0, -1))
+                for r in rows[hit] - r0:
+                    raw[r] = encode_blocks(w[r:r + 1], out_type).reshape(-1)
+                yield raw
+            else:
+                yield encode_blocks(w, out_type).reshape(r1 - r0, -1)
+    return _Plan("output.weight", rt.shape, out_type, chunks)
+
+
 def export_gguf(run_dir, out, model=None, overwrite: bool = False, *, rounding: str = "compensate",
-                lora_type: str = "q8_0", report: dict | None = None) -> Path:
+                lora_type: str = "q8_0", report: dict | None = None, step="best") -> Path:
     """Write a complete GGUF with the run's tuned state merged; returns the output path.
 
     rounding: how tuned scales become fp16 block scales (see module doc; default "compensate").
@@ -397,7 +443,12 @@ def export_gguf(run_dir, out, model=None, overwrite: bool = False, *, rounding: 
     if lora_type not in LORA_TYPES:
         raise EdgetuneError(f"unknown lora type {lora_type!r}; choose from {', '.join(LORA_TYPES)}")
     out = _check_out(out, overwrite)
-    src_path, m, ts, header = _open_run(run_dir, model)
+    src_path, m, ts, header = _open_run(run_dir, model, step)
+    if ts.label_bias is not None:
+        raise EdgetuneError(f"{run_dir}: the run trained 'bias' (a logit offset per label word); "
+                            f"a llama-architecture GGUF has no output bias, so llama.cpp cannot "
+                            f"carry it. Export refused rather than dropped: train with --method "
+                            f"head (the label rows, which export exactly) instead of bias")
     src = GGUFFile(src_path)                    # pristine view (the model's scales are tuned)
     qts = m.net.qtensors()
     stats = _Stats() if report is not None else None
@@ -419,6 +470,8 @@ def export_gguf(run_dir, out, model=None, overwrite: bool = False, *, rounding: 
     for t in list(ts.norms):
         if t not in src.tensors:
             raise EdgetuneError(f"{src_path}: tuned tensor {t!r} is not in the model file")
+    if ts.head:
+        plans = [p for p in plans if p.name != "output.weight"] + [_head_plan(src, ts)]
     arch = src.require("general.architecture")
     run_name = os.path.basename(os.path.normpath(str(run_dir)))
 
@@ -449,10 +502,10 @@ def export_gguf(run_dir, out, model=None, overwrite: bool = False, *, rounding: 
 # ---------------------------------------------------------------------------------------------
 # LoRA adapter
 
-def export_lora_adapter(run_dir, out, model=None, overwrite: bool = False) -> Path:
+def export_lora_adapter(run_dir, out, model=None, overwrite: bool = False, step="best") -> Path:
     """Write a llama.cpp LoRA adapter GGUF for a pure `lora` run; returns the output path."""
     out = _check_out(out, overwrite)
-    src_path, m, ts, header = _open_run(run_dir, model)
+    src_path, m, ts, header = _open_run(run_dir, model, step)
     if not ts.lora:
         raise EdgetuneError(f"{run_dir}: the run has no LoRA adapters (methods: "
                             f"{','.join(ts.methods)}); export it with --format gguf instead")

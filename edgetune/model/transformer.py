@@ -369,15 +369,42 @@ class Transformer:
         h2 = h2 + self.linear(kernels.silu_mul(gate, up), L.w["ffn_down"], perturb)
         return h2.reshape(B, T, D)
 
+    def final_norm(self, h: torch.Tensor, perturb=None) -> torch.Tensor:
+        return self.norm(h, "output_norm.weight", self.output_norm, perturb)
+
     def head(self, h: torch.Tensor, perturb=None, rows=None) -> torch.Tensor:
         """Final norm + output projection for selected hidden states [..., n_embd] -> logits.
 
         rows: optional vocabulary ids; only those logits are computed (e.g. a classifier's
-        label words), through a row-slice of the output matrix.
+        label words), in fp32 from the dequantized rows (a few rows: no int8 activations).
         """
-        x = self.norm(h, "output_norm.weight", self.output_norm, perturb)
-        out = self.output if rows is None else self.output_rows(rows)
-        return self.linear(x, out, perturb)
+        x = self.final_norm(h, perturb)
+        if rows is None:
+            lg = self.linear(x, self.output, perturb)
+            extra = getattr(self.hooks, "vocab_logits_delta", None)
+            return lg if extra is None else extra(x, lg, perturb)
+        return self.label_logits(x, rows, [perturb])[0]
+
+    def label_logits(self, x: torch.Tensor, rows, perturbs) -> torch.Tensor:
+        """Logits of vocabulary `rows` from final normed states x [..., d], one [..., R] tensor
+        per perturbation (a trainable head/bias on those rows is applied, vectorised)."""
+        shp = x.shape
+        x2 = x.reshape(-1, shp[-1]).float().numpy()
+        base = x2 @ self.output_rows_f32(rows).T
+        fn = getattr(self.hooks, "label_logits", None)
+        if fn is None:
+            out = np.repeat(base[None], len(perturbs), axis=0)
+        else:
+            out = fn(x2, base, perturbs, rows)
+        return torch.from_numpy(np.ascontiguousarray(out)).reshape(len(perturbs), *shp[:-1],
+                                                                   len(rows))
+
+    def output_rows_f32(self, rows) -> np.ndarray:
+        key = ("f32",) + tuple(int(r) for r in rows)
+        cache = self.__dict__.setdefault("_row_cache", {})
+        if key not in cache:
+            cache[key] = dequantize_rows(self.output, np.asarray(key[1:], dtype=np.int64))
+        return cache[key]
 
     def output_rows(self, rows) -> QTensor:
         key = tuple(int(r) for r in rows)
@@ -403,20 +430,32 @@ class Transformer:
 
     @torch.inference_mode()
     def hidden(self, tokens: torch.Tensor, perturb=None) -> torch.Tensor:
+        return self.hidden_multi(tokens, [perturb])[0]
+
+    @torch.inference_mode()
+    def hidden_upto(self, tokens: torch.Tensor, end: int) -> torch.Tensor:
+        """Unperturbed hidden states after blocks 0..end-1 (the frozen prefix of a step)."""
         h = self.embed_tokens(tokens)
-        for i in range(self.config.n_layer):
-            h = self._run_layer(i, [h], [perturb])[0]
+        for i in range(end):
+            h = self._run_layer(i, [h], [None])[0]
         return h
 
     @torch.inference_mode()
-    def hidden_multi(self, tokens: torch.Tensor, perturbs: list) -> list:
-        """Hidden states of the same tokens under several perturbations, layer by layer (ZO2):
-        every layer's weights are read once per call, whatever the number of passes."""
-        h0 = self.embed_tokens(tokens)
-        hs = [h0] * len(perturbs)
-        for i in range(self.config.n_layer):
+    def hidden_from(self, h: torch.Tensor, start: int, perturbs: list) -> list:
+        """Blocks start..n-1 on the same input h under several perturbations, layer by layer
+        (ZO2 generalised to any number of passes): each block's weights are read once for all
+        of them.  Before the first perturbation-dependent block the passes are identical and
+        run once."""
+        hs = [h] * len(perturbs)
+        for i in range(start, self.config.n_layer):
             hs = self._run_layer(i, hs, perturbs)
         return hs
+
+    @torch.inference_mode()
+    def hidden_multi(self, tokens: torch.Tensor, perturbs: list, frozen_below: int = 0) -> list:
+        """Hidden states of the same tokens under several perturbations: blocks below
+        `frozen_below` once, unperturbed; the rest layer by layer for every perturbation."""
+        return self.hidden_from(self.hidden_upto(tokens, frozen_below), frozen_below, perturbs)
 
     def close(self):
         if self.stream is not None:

@@ -341,11 +341,16 @@ class Encoded:
         p = self._keep_end(p, L - len(c))
         return Example(tuple(p + c), loss_mask=tuple([0] * len(p) + [1] * len(c)), index=index)
 
-    def examples(self, split: str) -> list[Example]:
-        if split not in self._cache:
-            self._cache[split] = [self._encode(r, i)
-                                  for i, r in enumerate(self.dataset.split(split))]
-        return self._cache[split]
+    def examples(self, split: str, limit: int | None = None) -> list[Example]:
+        """The split's examples (the first `limit` only: the rest is not even tokenized)."""
+        idx = self.dataset.split_index.get(split)
+        if idx is None:
+            self.dataset.split(split)  # raises the unknown-split error
+        want = len(idx) if limit is None else min(int(limit), len(idx))
+        have = self._cache.setdefault(split, [])
+        for i in range(len(have), want):
+            have.append(self._encode(self.dataset.records[idx[i]], i))
+        return have[:want]
 
     def _batch(self, exs: list[Example]) -> Batch:
         return Batch([list(e.input_ids) for e in exs], [e.answer_pos for e in exs],
@@ -353,11 +358,12 @@ class Encoded:
                      [e.index for e in exs])
 
     def batches(self, split: str, batch_size: int, seed: int, epoch: int = 0, window: int = 50,
-                drop_last: bool = True) -> Iterator[Batch]:
+                drop_last: bool = True, limit: int | None = None) -> Iterator[Batch]:
         """One epoch of length-bucketed batches: shuffle, sort by length within windows of
         `window` batches, cut, shuffle the batch order. Same (seed, epoch) -> same batches.
-        window=1 is plain random batching. drop_last keeps every batch at batch_size."""
-        exs = self.examples(split)
+        window=1 is plain random batching. drop_last keeps every batch at batch_size.
+        limit: the first `limit` examples of the split only."""
+        exs = self.examples(split, limit)
         if batch_size < 1 or (drop_last and len(exs) < batch_size):
             raise EdgetuneError(f"split {split!r} has {len(exs)} examples; batch size {batch_size}")
         rng = random.Random(f"edgetune.data:{seed}:{epoch}")
@@ -377,7 +383,7 @@ class Encoded:
     def eval_batches(self, split: str, batch_size: int,
                      limit: int | None = None) -> Iterator[Batch]:
         """The first `limit` examples of a split in a fixed order, sorted by length, all kept."""
-        exs = self.examples(split)[:limit]
+        exs = self.examples(split, limit)
         order = sorted(range(len(exs)), key=lambda i: len(exs[i].input_ids))
         for b in range(0, len(order), batch_size):
             yield self._batch([exs[i] for i in order[b:b + batch_size]])

@@ -1,18 +1,27 @@
 """The ZO fine-tuning loop: `edgetune finetune` / `edgetune.finetune(config) -> Run`.
 
-One step: draw a batch, derive the step seed from (run seed, step), evaluate the loss under +eps
-and -eps perturbations of every trainable tensor (fused into the int4 kernels for scales), clip
-the projected gradient, update, append the step to the seed log.  Every `eval_every` steps the
-dev accuracy and RSS go to metrics.csv; every `snapshot_every` steps the trainable and optimizer
-state are written atomically.  `--resume` loads the last snapshot and replays the seed log's tail.
+finetune() runs five phases a reader can follow top to bottom: setup (recipe, memory plan,
+model, data, trainable set) -> start_or_resume (run directory, or snapshot + log replay) ->
+zero_shot (test and step-0 dev accuracy) -> train (the step loop) -> finish (best dev step,
+test score there, summary).
+
+One step (train_step): draw a batch, derive the step seed from (run seed, step), evaluate the
+loss under every perturbation of the step at once (train/passes.py: frozen blocks once, the rest
+layer by layer; fused into the int4 kernels for scales), turn the losses into projected
+gradients (zo/estimator.py), update, append the step to the seed log.  Every `eval_every` steps
+the dev accuracy and RSS go to metrics.csv and the best dev state to best.npz; every
+`snapshot_every` steps the trainable and optimizer state are written atomically.  `--resume`
+loads the last snapshot and replays the seed log's tail.  Nothing is ever selected on test.
 
 Run directory:
   config.json      the resolved configuration
   seedlog.jsonl    the step records (zo/seedlog.py)
   state.npz        the last snapshot (trainable + optimizer state, its step) — atomic rename
+  best.npz         the state at the best dev evaluation (what eval/export use by default)
   metrics.csv      step, loss, lr, dev_acc, rss_mb, elapsed_s, tokens_per_s
   metrics.png      loss and accuracy curves
-  summary.json     zero-shot / final accuracies, peak RSS, timings
+  summary.json     zero-shot / best-step test accuracy, per-class recall, majority-class
+                   baseline, best dev step, dev curve, peak RSS, timings
   model.onnx(.data)  --backend onnxruntime only: the graph the sessions run (trainables as inputs)
 """
 from __future__ import annotations
@@ -31,7 +40,9 @@ from .. import assets, faults
 from ..config import TrainConfig
 from ..errors import EdgetuneError
 from ..zo import rng
-from ..zo.estimator import estimate
+from ..zo import head_grad
+from ..zo.estimator import estimate_from
+from ..zo.head_grad import HeadAdam
 from ..zo.optim import ZOOptimizer, lr_at
 from ..zo.seedlog import SeedLog, read_log
 from ..zo.trainable import build_trainable
@@ -53,12 +64,26 @@ class Run:
     skipped: int = 0
     model: object = None
     trainable: object = None
+    best_step: int | None = None
+    report: dict = field(default_factory=dict)   # test accuracy, recalls, majority baseline
 
     def summary(self) -> dict:
         return {"zero_shot_test_acc": self.zero_shot_acc, "final_test_acc": self.final_acc,
+                "best_step": self.best_step, "test_report": self.report,
                 "peak_rss_mb": round(self.peak_rss_mb, 1), "seconds": round(self.seconds, 1),
                 "steps": self.steps_done, "skipped_steps": self.skipped,
                 "dev_curve": self.dev_curve}
+
+    def report_text(self, labels) -> str:
+        r = self.report
+        lines = [f"test split, {r['n']} examples (the fine-tuned state is the best dev step, "
+                 f"{self.best_step}):",
+                 f"  majority class ({labels[r['majority_class']]}) {100 * r['majority_acc']:.1f}%"]
+        if self.zero_shot_acc is not None:
+            lines.append(f"  zero-shot                 {100 * self.zero_shot_acc:.1f}%")
+        rec = "  ".join(f"{lab} {100 * v:.1f}%" for lab, v in zip(labels, r["recall"]))
+        lines.append(f"  fine-tuned                {100 * r['accuracy']:.1f}%   recall: {rec}")
+        return "\n".join(lines)
 
 
 def step_seed(run_seed: int, step: int) -> int:
@@ -89,12 +114,14 @@ def prepare_run_dir(cfg: TrainConfig) -> bool:
     return False
 
 
-def save_snapshot(out: str, step: int, ts, opt):
-    """Atomic: write state.npz.tmp, fsync, rename over state.npz, fsync the directory."""
-    path = os.path.join(out, "state.npz")
+def save_snapshot(out: str, step: int, ts, opt, hopt=None, name: str = "state.npz"):
+    """Atomic: write NAME.tmp, fsync, rename over NAME, fsync the directory."""
+    path = os.path.join(out, name)
     tmp = path + ".tmp"
     arrays = {f"p:{k}": v for k, v in ts.state().items()}
     arrays.update({f"o:{k}": v for k, v in opt.state().items()})
+    if hopt is not None:
+        arrays.update({f"h:{k}": v for k, v in hopt.state().items()})
     arrays["step"] = np.array(step)
     with open(tmp, "wb") as f:
         np.savez(f, **arrays)
@@ -109,15 +136,17 @@ def save_snapshot(out: str, step: int, ts, opt):
         os.close(dfd)
 
 
-def load_snapshot(out: str, ts, opt) -> int:
-    """Restore the snapshot; returns the number of steps it contains (0 if there is none)."""
-    path = os.path.join(out, "state.npz")
+def load_snapshot(out: str, ts, opt, hopt=None, name: str = "state.npz") -> int:
+    """Restore a snapshot; returns the number of steps it contains (0 if there is none)."""
+    path = os.path.join(out, name)
     if not os.path.exists(path):
         return 0
     try:
         with np.load(path) as z:
             ts.load_state({k[2:]: z[k] for k in z.files if k.startswith("p:")})
             opt.load_state({k[2:]: z[k] for k in z.files if k.startswith("o:")})
+            if hopt is not None:
+                hopt.load_state({k[2:]: z[k] for k in z.files if k.startswith("h:")})
             return int(z["step"])
     except EdgetuneError:
         raise
@@ -125,16 +154,20 @@ def load_snapshot(out: str, ts, opt) -> int:
         raise EdgetuneError(f"{path}: snapshot is unreadable ({e})") from None
 
 
-def replay(records, ts, opt, from_step: int) -> int:
-    """Re-apply logged updates with step >= from_step; returns the next step to run."""
+def replay(records, ts, opt, from_step: int, hopt=None, to_step: int | None = None) -> int:
+    """Re-apply logged updates with from_step <= step < to_step; returns the next step."""
     nxt = from_step
     for rec in records:
+        if rec.get("type") == "config":   # a setting changed on --resume: no update
+            continue
         if rec["step"] < from_step:
             continue
+        if to_step is not None and rec["step"] >= to_step:
+            break
         if rec["step"] != nxt:
             raise EdgetuneError(f"seed log jumps from step {nxt} to {rec['step']}")
         if rec["type"] == "step":
-            opt.step([int(s) for s in rec["seeds"]], rec["g"], rec["lr"])
+            apply_record(rec, opt, hopt)
         nxt += 1
     return nxt
 
@@ -152,29 +185,61 @@ def open_dataset(cfg: TrainConfig):
 
 
 class StepBatches:
-    """Training batch of step k: epoch k // n, position k % n of that epoch's seeded order."""
+    """Training batch of step k: epoch k // n, position k % n of that epoch's seeded order.
+    limit: only the first `limit` training examples (0 = all) — a small pool that repeats, so
+    a frozen body's cached features make later epochs nearly free."""
 
-    def __init__(self, enc, batch_size: int, seed: int):
-        self.enc, self.batch_size, self.seed = enc, batch_size, seed
+    def __init__(self, enc, batch_size: int, seed: int, limit: int = 0):
+        self.enc, self.batch_size, self.seed, self.limit = enc, batch_size, seed, int(limit or 0)
         self._epoch, self._list = None, None
 
     def get(self, step: int):
-        n = len(self.enc.dataset.split("train")) // self.batch_size
+        total = len(self.enc.dataset.split("train"))
+        pool = min(total, self.limit) if self.limit else total
+        n = pool // self.batch_size
         if n == 0:
-            raise EdgetuneError(f"the training split has fewer examples than --batch {self.batch_size}")
+            raise EdgetuneError(f"the training split has fewer examples ({pool}) than "
+                                f"--batch {self.batch_size}")
         epoch, i = divmod(step, n)
         if epoch != self._epoch:
-            self._list = list(self.enc.batches("train", self.batch_size, self.seed, epoch))
+            self._list = list(self.enc.batches("train", self.batch_size, self.seed, epoch,
+                                               limit=self.limit or None))
             self._epoch = epoch
         return self._list[i]
 
 
-def finetune(config: TrainConfig | dict) -> Run:
-    """Python API: run (or resume) a fine-tune; returns the Run with accuracies and peak RSS."""
+@dataclass
+class Session:
+    """Everything a fine-tune holds while it runs; built by setup(), used by the phases."""
+    cfg: TrainConfig
+    model_path: str
+    plan: object
+    streamed: list
+    model: object
+    ds: object
+    task: str
+    objective: str
+    batches: object
+    ts: object
+    opt: ZOOptimizer
+    hopt: object                 # HeadAdam for --head-grad exact, else None
+    passes: object               # train/passes.BatchPasses (native backend), else None
+    fwd: object                  # what runs the forward passes: the Model, or an OrtModel
+    run: Run
+    resuming: bool = False
+    t_start: float = 0.0
+    prev: dict = field(default_factory=dict)
+    log: object = None
+    metrics: object = None       # (file, csv writer)
+    best: tuple = (None, -1.0)   # (step, dev accuracy) of the best dev evaluation so far
+
+
+def setup(config) -> Session:
+    """Phase 1: resolve the recipe, plan memory, load the model and data, build the set."""
     from ..config import make_config
     from ..model.lm import load
     from . import data as datamod
-    from .metrics import evaluate, plot_metrics
+    from .passes import BatchPasses
 
     cfg = config if isinstance(config, TrainConfig) else make_config(flag_values=config)
     cfg.validate()
@@ -189,28 +254,23 @@ def finetune(config: TrainConfig | dict) -> Run:
         from .. import kernels
         kernels.set_num_threads(cfg.threads)
     model = load(model_path, streamed_layers=streamed)
-    ds = datamod.encode(open_dataset(cfg), model, max_length=cfg.max_length,
-                        chat=cfg.chat)
+    ds = datamod.encode(open_dataset(cfg), model, max_length=cfg.max_length, chat=cfg.chat)
     task = ds.dataset.kind
+    cfg = cfg.resolved(task)
     objective = cfg.objective if cfg.objective != "auto" else (
         "classification" if task == "classification" else "lm")
     if objective in ("classification", "accuracy") and task != "classification":
         raise EdgetuneError(f"objective {objective!r} needs a labelled dataset ({cfg.data} is {task})")
-    batches = StepBatches(ds, cfg.batch, cfg.seed)
-
-    head_rows = ds.label_tokens if task == "classification" else None
-    calib = None
-    if "sparse" in cfg.method:
-        import torch
-        calib = [torch.from_numpy(batches.get(i).padded().astype(np.int64)) for i in range(4)]
-    ts = build_trainable(model.net, cfg.method, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
-                         lora_targets=tuple(t.strip() for t in cfg.lora_targets.split(",")),
-                         sparse_fraction=cfg.sparse_fraction, calibration=calib,
-                         init_seed=cfg.seed, dist=cfg.dist, head_rows=head_rows)
-    opt = ZOOptimizer(ts.params, cfg.optimizer, weight_decay=cfg.weight_decay,
+    if cfg.head_grad == "exact" and objective != "classification":
+        raise EdgetuneError("--head-grad exact trains the label words' head: it needs the "
+                            "classification objective and a labelled dataset")
+    batches = StepBatches(ds, cfg.batch, cfg.seed, cfg.train_limit)
+    ts = build_set(model, cfg, ds, batches)
+    opt = ZOOptimizer(ts.zo_params(), cfg.optimizer, weight_decay=cfg.weight_decay,
                       momentum=cfg.momentum, dist=cfg.dist)
+    hopt = HeadAdam(ts.head_params()) if cfg.head_grad == "exact" else None
     run = Run(cfg.out, cfg, model=model, trainable=ts)
-    fwd = model   # what runs every forward pass: edgetune's kernels, or an onnxruntime session
+    fwd, passes = model, None
     if cfg.backend == "onnxruntime":
         from ..backends.ort import OrtModel
         t0 = time.perf_counter()
@@ -218,123 +278,329 @@ def finetune(config: TrainConfig | dict) -> Run:
         if cfg.progress:
             print(f"onnxruntime backend: {cfg.out}/model.onnx written and loaded in "
                   f"{time.perf_counter() - t0:.1f}s", flush=True)
+    else:
+        passes = BatchPasses(model, ts, ds.label_tokens if task == "classification" else None)
+    if cfg.progress:
+        print(describe_recipe(cfg, ts, model), flush=True)
+    return Session(cfg, model_path, plan, streamed, model, ds, task, objective, batches, ts, opt,
+                   hopt, passes, fwd, run, resuming, t_start)
 
-    def pair_fn_for(batch):
-        if objective == "lm":
-            return None
-        metric = "ce" if objective == "classification" else "accuracy"
-        return lambda ps: objectives.classification_losses(
-            fwd, batch.input_ids, batch.answer_pos, batch.labels, ds.label_tokens, ps, metric)
 
-    def loss_fn_for(batch):
-        if objective == "lm":
-            return lambda p: objectives.lm_loss(fwd, batch.input_ids, batch.loss_masks, p)
-        fn = objectives.classification_loss if objective == "classification" else objectives.accuracy_loss
-        return lambda p: fn(fwd, batch.input_ids, batch.answer_pos, batch.labels, ds.label_tokens, p)
+def build_set(model, cfg: TrainConfig, ds, batches):
+    """The trainable set a config describes, attached to the model (finetune, replay, export)."""
+    calib = None
+    if "sparse" in cfg.method:
+        import torch
+        calib = [torch.from_numpy(batches.get(i).padded().astype(np.int64)) for i in range(4)]
+    head_rows = ds.label_tokens if ds.dataset.kind == "classification" else None
+    return build_trainable(model.net, cfg.method, lora_rank=cfg.lora_rank,
+                           lora_alpha=cfg.lora_alpha,
+                           lora_targets=tuple(t.strip() for t in cfg.lora_targets.split(",")),
+                           sparse_fraction=cfg.sparse_fraction, calibration=calib,
+                           init_seed=cfg.seed, dist=cfg.dist, head_rows=head_rows,
+                           layers=cfg.layers, exact_head=cfg.head_grad == "exact")
 
-    def acc_on(split, limit):
-        if task != "classification":
-            return None
-        return evaluate(fwd, ds, split, cfg.batch * 2, limit)
 
+def describe_recipe(cfg: TrainConfig, ts, model) -> str:
+    """One line a user can check: what trains, how, and what a step costs."""
+    from .passes import step_cost
+    n = model.config.n_layer
+    passes = 0 if not ts.zo_params() else (2 * cfg.q if cfg.estimator == "two_point" else cfg.q + 1)
+    f = ts.first_layer
+    cost = "~0 after each example's first forward (frozen body: features cached)" \
+        if ts.frozen_body else f"{step_cost(n, f, max(passes, 1)):.2f} forwards"
+    blocks = "none" if f >= n else (f"{f}-{n - 1}" if ts.layers else "none")
+    how = ("exact head gradient (Adam)" + (" + " if ts.zo_params() else "")) \
+        if ts.exact_head else ""
+    if ts.zo_params():
+        how += f"ZO {cfg.estimator}, q={cfg.q}"
+    return (f"recipe: method {','.join(ts.methods)} ({ts.n_params():,} values), blocks {blocks}, "
+            f"{how}, lr {cfg.lr:g} {cfg.schedule}, eps {cfg.eps:g}, batch {cfg.batch}; "
+            f"step cost {cost}")
+
+
+def start_or_resume(s: Session) -> int:
+    """Phase 2: write config.json and open the log and metrics for a new run, or restore the
+    snapshot + replay the log's tail for --resume.  Returns the first step to run."""
+    cfg = s.cfg
     summary_path = os.path.join(cfg.out, "summary.json")
-    prev = {}
-    if resuming:
+    if s.resuming:
         header, records, _ = read_log(os.path.join(cfg.out, "seedlog.jsonl"))
         if header is None:
             raise EdgetuneError(f"{cfg.out}: seed log has no valid header; cannot resume")
-        if header.get("trainable") != ts.describe():
+        if header.get("trainable") != json.loads(json.dumps(s.ts.describe())):
             raise EdgetuneError(f"{cfg.out}: the trainable set differs from the logged run; resume "
-                                f"with the same --model/--method/--lora-* flags")
-        snap_step = load_snapshot(cfg.out, ts, opt)
-        start = replay(records, ts, opt, snap_step)
+                                f"with the same --model/--method/--layers/--lora-* flags")
+        changed = trajectory_changes(header.get("config", {}), cfg)
+        if changed and not cfg.accept_config_change:
+            raise EdgetuneError(
+                f"{cfg.out}: --resume with settings that change the run's trajectory: "
+                + "; ".join(f"{k} was {a!r}, now {b!r}" for k, a, b in changed)
+                + ". Resume with the original values, or pass --accept-config-change to continue "
+                  "anyway (the change is recorded in the seed log; the result is then not the "
+                  "uninterrupted run's)")
+        snap_step = load_snapshot(cfg.out, s.ts, s.opt, s.hopt)
+        start = replay(records, s.ts, s.opt, snap_step, s.hopt)
         if os.path.exists(summary_path):
             with open(summary_path) as f:
-                prev = json.load(f)
+                s.prev = json.load(f)
+        s.best = tuple(s.prev.get("best", (None, -1.0)))
+        s.run.dev_curve = [tuple(x) for x in s.prev.get("dev_curve", [])]
     else:
         with open(os.path.join(cfg.out, "config.json"), "w") as f:
             json.dump(cfg.to_dict(), f, indent=2)
-        start = 0
-    log = SeedLog(os.path.join(cfg.out, "seedlog.jsonl"),
-                  header={"config": cfg.to_dict(), "trainable": ts.describe(),
-                          "model": os.path.basename(model_path)})
+        start, changed = 0, []
+    s.log = SeedLog(os.path.join(cfg.out, "seedlog.jsonl"),
+                    header={"config": cfg.to_dict(), "trainable": s.ts.describe(),
+                            "model": os.path.basename(s.model_path)})
+    if s.resuming and changed:
+        s.log.append({"type": "config", "at_step": start,
+                      "changed": {k: [a, b] for k, a, b in changed}})
     metrics_path = os.path.join(cfg.out, "metrics.csv")
     new_metrics = not os.path.exists(metrics_path)
     mf = open(metrics_path, "a", newline="")
     mw = csv.writer(mf)
     if new_metrics:
         mw.writerow(["step", "loss", "lr", "dev_acc", "rss_mb", "elapsed_s", "tokens_per_s"])
+    s.metrics = (mf, mw)
+    return start
 
-    if cfg.zero_shot and not resuming and task == "classification":
-        run.zero_shot_acc = acc_on("test", cfg.test_limit or None)
-    else:
-        run.zero_shot_acc = prev.get("zero_shot_test_acc")
-    if run.zero_shot_acc is not None and not resuming:
-        print(f"zero-shot test accuracy: {100 * run.zero_shot_acc:.1f}%", flush=True)
-        with open(summary_path, "w") as f:
-            json.dump(run.summary(), f)
 
+# settings that never change which updates a run makes (evaluation, I/O, threads: the kernels
+# give identical results for any thread count)
+NEUTRAL_SETTINGS = {"out", "resume", "overwrite", "progress", "threads", "eval_every",
+                    "eval_limit", "test_limit", "zero_shot", "snapshot_every",
+                    "accept_config_change", "memory", "stream_layers"}
+
+
+def trajectory_changes(logged: dict, cfg: TrainConfig) -> list:
+    """(key, logged, now) for every setting that differs from the logged run's and can change
+    its updates.  --steps may grow only when the schedule does not depend on it."""
+    now = cfg.to_dict()
+    out = []
+    for k, v in logged.items():
+        if k in NEUTRAL_SETTINGS or k not in now or now[k] == v:
+            continue
+        if k == "steps" and now.get("schedule") == "constant" and not now.get("budget"):
+            continue
+        out.append((k, v, now[k]))
+    return out
+
+
+def accuracy_on(s: Session, split: str, limit=None):
+    """Accuracy of the current state on a split (None for a task without labels)."""
+    if s.task != "classification":
+        return None
+    from .metrics import accuracy, predictions
+    return accuracy(predictions(s.fwd, s.ds, split, s.cfg.batch * 2, limit, s.passes), s.ds, split)
+
+
+def zero_shot(s: Session):
+    """Phase 3: the untuned model's test accuracy (kept across --resume) and its dev accuracy
+    (step 0 of the dev curve: the best step can be 'no training at all')."""
+    cfg = s.cfg
+    s.run.zero_shot_acc = s.prev.get("zero_shot_test_acc")
+    if cfg.zero_shot and not s.resuming and s.task == "classification":
+        s.run.zero_shot_acc = accuracy_on(s, "test", cfg.test_limit or None)
+        print(f"zero-shot test accuracy: {100 * s.run.zero_shot_acc:.1f}%", flush=True)
+    if not s.resuming and s.task == "classification" and cfg.eval_limit:
+        evaluate_dev(s, 0, None, cfg.lr, 0.0)
+    if not s.resuming:
+        write_summary(s)
+
+
+def evaluate_dev(s: Session, done: int, loss_ema, lr: float, tps: float):
+    """Dev accuracy at step `done` -> metrics.csv, the dev curve, best.npz when it improves."""
+    cfg = s.cfg
+    dev = accuracy_on(s, "dev", cfg.eval_limit)
+    if dev is not None:
+        s.run.dev_curve.append((done, dev))
+        if dev >= s.best[1]:   # ties go to the later, more trained step
+            s.best = (done, dev)
+            save_snapshot(cfg.out, done, s.ts, s.opt, s.hopt, name="best.npz")
+    mf, mw = s.metrics
+    mw.writerow([done, f"{loss_ema:.6f}" if loss_ema is not None else "", f"{lr:.3e}",
+                 "" if dev is None else f"{dev:.4f}", f"{rss_mb():.1f}",
+                 f"{time.perf_counter() - s.t_start:.1f}", f"{tps:.1f}"])
+    mf.flush()
+    return dev
+
+
+def step_losses(s: Session, batch):
+    """losses_fn for the estimator: every pass of one step on `batch` at once."""
+    cfg = s.cfg
+    if s.passes is None:   # onnxruntime backend: its own forward, pass by pass
+        if s.objective == "lm":
+            return lambda ps: [objectives.lm_loss(s.fwd, batch.input_ids, batch.loss_masks, p)
+                               for p in ps]
+        metric = "ce" if s.objective == "classification" else "accuracy"
+        return lambda ps: objectives.classification_losses(
+            s.fwd, batch.input_ids, batch.answer_pos, batch.labels, s.ds.label_tokens, ps, metric)
+    if s.objective == "lm":
+        return lambda ps: s.passes.lm_losses(batch, ps)
+    metric = "ce" if s.objective == "classification" else "accuracy"
+
+    def fn(ps):
+        losses, lg, x = s.passes.class_losses(batch, ps, "train", metric)
+        return losses, (lg, x, ps)
+    del cfg
+    return fn
+
+
+def train_step(s: Session, step: int, lr: float) -> dict:
+    """One step: every pass of the batch, the ZO estimate (+ the exact head gradient), the
+    update, the seed-log record.  This is the function benchmarks time."""
+    cfg = s.cfg
+    batch = s.batches.get(step)
+    seed = step_seed(cfg.seed, step)
+    rec = {"type": "step", "step": step, "lr": lr}
+    if s.ts.zo_params():
+        est = estimate_from(step_losses(s, batch), seed, cfg.eps, cfg.q, cfg.estimator,
+                            cfg.clip if cfg.clip > 0 else None, cfg.dist,
+                            need_base=s.hopt is not None)
+        if not est.finite:  # abort the step, not the run
+            return {"type": "skip", "step": step, "seeds": [str(x) for x in est.seeds],
+                    "reason": f"non-finite loss or gradient (lp={est.lp}, lm={est.lm})"}
+        rec.update({"seeds": [str(x) for x in est.seeds], "g": est.g, "loss": est.loss,
+                    "lp": est.lp})
+        # two-point: the -eps losses; one-sided kinds: L(theta) once (not repeated q times)
+        rec.update({"lm": est.lm} if cfg.estimator == "two_point" else {"l0": est.base_loss})
+        extra = est.extra
+    else:   # only the exact head trains: one unperturbed pass
+        losses, lg, x = s.passes.class_losses(batch, [None], "train")
+        rec["loss"] = losses[0]
+        extra = (lg, x, [None])
+    if s.hopt is not None:
+        lg, x, ps = extra
+        grads = head_grad.gradients(x, lg[ps.index(None)], batch.labels, s.hopt.params)
+        rec["hg"] = head_grad.encode(grads, s.hopt.params)
+        rec["hlr"] = cfg.head_lr * lr / cfg.lr if cfg.lr else cfg.head_lr
+    apply_record(rec, s.opt, s.hopt)
+    return rec
+
+
+def apply_record(rec: dict, opt, hopt):
+    """The update a step record describes (the live run and replay share it)."""
+    if rec.get("seeds") and rec.get("g") is not None:
+        opt.step([int(x) for x in rec["seeds"]], rec["g"], rec["lr"])
+    if rec.get("hg") is not None:
+        if hopt is None:
+            raise EdgetuneError("seed log has exact head-gradient steps but the run's set has "
+                                "no exact head")
+        hopt.step(head_grad.decode(rec["hg"], hopt.params), rec["hlr"])
+
+
+def train(s: Session, start: int):
+    """Phase 4: the step loop — log every step, evaluate dev every eval_every steps (best kept),
+    snapshot every snapshot_every; stop at --steps or when --budget seconds are spent."""
+    cfg = s.cfg
+    run = s.run
     bar = None
     if cfg.progress and cfg.steps > start:
         from tqdm import tqdm
         bar = tqdm(total=cfg.steps, initial=start, desc="finetune", unit="step", dynamic_ncols=True)
     tokens_done, t_loop = 0, time.perf_counter()
-    loss_ema = None
+    loss_ema, done, lr = None, start, cfg.lr
+    budget_left = cfg.budget - s.prev.get("train_seconds", 0.0) if cfg.budget else None
     for step in range(start, cfg.steps):
-        batch = batches.get(step)
-        lr = lr_at(step, cfg.lr, cfg.steps, cfg.schedule, cfg.warmup)
-        seed = step_seed(cfg.seed, step)
-        est = estimate(loss_fn_for(batch), seed, cfg.eps, cfg.q, cfg.estimator,
-                       cfg.clip if cfg.clip > 0 else None, cfg.dist, pair_fn=pair_fn_for(batch))
-        if not est.finite:  # abort the step, not the run
-            log.append({"type": "skip", "step": step, "seeds": [str(s) for s in est.seeds],
-                        "reason": f"non-finite loss or gradient (lp={est.lp}, lm={est.lm})"})
+        elapsed = time.perf_counter() - t_loop
+        if budget_left is not None:
+            if elapsed >= budget_left:
+                break
+            frac = (s.prev.get("train_seconds", 0.0) + elapsed) / cfg.budget
+            lr = lr_at(int(frac * 10**6), cfg.lr, 10**6, cfg.schedule,
+                       cfg.warmup * 10**6 // max(cfg.steps, 1))
+        else:
+            lr = lr_at(step, cfg.lr, cfg.steps, cfg.schedule, cfg.warmup)
+        rec = train_step(s, step, lr)
+        s.log.append(rec)
+        if rec["type"] == "skip":
             run.skipped += 1
         else:
-            opt.step(est.seeds, est.g, lr)
-            log.append({"type": "step", "step": step, "seeds": [str(s) for s in est.seeds],
-                        "g": est.g, "lr": lr, "loss": est.loss, "lp": est.lp, "lm": est.lm})
-            run.losses.append(est.loss)
-            loss_ema = est.loss if loss_ema is None else 0.9 * loss_ema + 0.1 * est.loss
-        tokens_done += sum(len(s) for s in batch.input_ids) * (2 * cfg.q)
+            run.losses.append(rec["loss"])
+            loss_ema = rec["loss"] if loss_ema is None else 0.9 * loss_ema + 0.1 * rec["loss"]
+        batch_tokens = sum(len(x) for x in s.batches.get(step).input_ids)
+        tokens_done += batch_tokens
         done = step + 1
         tps = tokens_done / max(time.perf_counter() - t_loop, 1e-9)
         if bar is not None:
             bar.set_postfix(loss=f"{loss_ema:.4f}" if loss_ema is not None else "nan",
-                            lr=f"{lr:.1e}", tok_s=f"{tps:.0f}", rss=f"{peak_rss_mb():.0f}MB")
+                            lr=f"{lr:.1e}", best=f"{100 * max(s.best[1], 0):.1f}%",
+                            rss=f"{peak_rss_mb():.0f}MB")
             bar.update(1)
-        is_eval = (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps
-        if is_eval:
-            dev = acc_on("dev", cfg.eval_limit)
-            if dev is not None:
-                run.dev_curve.append((done, dev))
-            mw.writerow([done, f"{loss_ema:.6f}" if loss_ema is not None else "", f"{lr:.3e}",
-                         "" if dev is None else f"{dev:.4f}", f"{rss_mb():.1f}",
-                         f"{time.perf_counter() - t_start:.1f}", f"{tps:.1f}"])
-            mf.flush()
-        if (cfg.snapshot_every and done % cfg.snapshot_every == 0) or done == cfg.steps:
-            log.sync()
-            save_snapshot(cfg.out, done, ts, opt)
+        if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
+            evaluate_dev(s, done, loss_ema, lr, tps)
+        if cfg.snapshot_every and done % cfg.snapshot_every == 0:
+            s.log.sync()
+            save_snapshot(cfg.out, done, s.ts, s.opt, s.hopt)
         run.steps_done = done
     if bar is not None:
         bar.close()
-    log.close()
-    mf.close()
     run.steps_done = max(run.steps_done, start)
-    if task == "classification":
-        run.final_acc = acc_on("test", cfg.test_limit or None)
+    if not run.dev_curve or run.dev_curve[-1][0] != run.steps_done:
+        evaluate_dev(s, run.steps_done, loss_ema, lr, tokens_done / max(
+            time.perf_counter() - t_loop, 1e-9))
+    s.log.sync()
+    save_snapshot(cfg.out, run.steps_done, s.ts, s.opt, s.hopt)
+    s.prev["train_seconds"] = s.prev.get("train_seconds", 0.0) + time.perf_counter() - t_loop
+    s.log.close()
+    s.metrics[0].close()
+
+
+def finish(s: Session) -> Run:
+    """Phase 5: select the best dev step (never test), score the test split there, write
+    summary.json and metrics.png, print the table."""
+    from .metrics import class_report, plot_metrics
+    cfg, run = s.cfg, s.run
+    best_step = s.best[0] if s.best[0] is not None else run.steps_done
+    if best_step != run.steps_done:
+        load_snapshot(cfg.out, s.ts, ZOOptimizer(s.ts.zo_params(), cfg.optimizer, dist=cfg.dist),
+                      HeadAdam(s.ts.head_params()) if s.hopt is not None else None,
+                      name="best.npz")
+    run.best_step = best_step
+    if s.task == "classification":
+        from .metrics import predictions
+        pred = predictions(s.fwd, s.ds, "test", cfg.batch * 2, cfg.test_limit or None, s.passes)
+        run.report = class_report(pred, s.ds, "test")
+        run.final_acc = run.report["accuracy"]
     run.peak_rss_mb = peak_rss_mb()
-    run.seconds = time.perf_counter() - t_start
-    with open(summary_path, "w") as f:
-        json.dump(run.summary(), f, indent=2)
-    plot_metrics(metrics_path, os.path.join(cfg.out, "metrics.png"))
-    if plan is not None and cfg.progress:
-        print(plan.table())
+    run.seconds = time.perf_counter() - s.t_start
+    write_summary(s)
+    plot_metrics(os.path.join(cfg.out, "metrics.csv"), os.path.join(cfg.out, "metrics.png"))
+    if s.plan is not None and cfg.progress:
+        print(s.plan.table())
+    if run.report:
+        print(run.report_text(s.ds.dataset.labels), flush=True)
     print(f"peak RSS (VmHWM): {run.peak_rss_mb:.0f} MB"
-          + (f" (plan predicted {plan.peak / 2**20:.0f} MB; {len(streamed)} of "
-             f"{model.config.n_layer} layers streamed)" if plan is not None else ""), flush=True)
-    model.net.close()
+          + (f" (plan predicted {s.plan.peak / 2**20:.0f} MB; {len(s.streamed)} of "
+             f"{s.model.config.n_layer} layers streamed)" if s.plan is not None else ""), flush=True)
+    s.model.net.close()
     return run
+
+
+def write_summary(s: Session):
+    out = s.run.summary()
+    out["best"] = list(s.best)
+    out["train_seconds"] = round(s.prev.get("train_seconds", 0.0), 2)
+    out["recipe"] = {k: getattr(s.cfg, k) for k in ("method", "layers", "estimator", "q", "lr",
+                                                    "eps", "schedule", "head_grad", "batch")}
+    path = os.path.join(s.cfg.out, "summary.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(out, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def finetune(config: TrainConfig | dict) -> Run:
+    """Python API: run (or resume) a fine-tune; returns the Run with accuracies and peak RSS.
+
+    The phases, in order: setup -> start_or_resume -> zero_shot -> train -> finish."""
+    s = setup(config)
+    start = start_or_resume(s)
+    zero_shot(s)
+    train(s, start)
+    return finish(s)
 
 
 def plan_memory(cfg: TrainConfig, model_path: str):

@@ -27,18 +27,37 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def predictions(model, ds, split: str, batch_size: int = 32, limit=None) -> np.ndarray:
+def predictions(model, ds, split: str, batch_size: int = 32, limit=None, passes=None) -> np.ndarray:
     """Predicted label (argmax over the verbalizer words) of the first `limit` examples of a
-    split, in split order."""
-    out = np.full(len(ds.examples(split)[:limit]), -1, dtype=np.int64)
+    split, in split order.  passes: a train/passes.BatchPasses to run them through (it caches
+    a frozen body's features), else the model's own forward."""
+    out = np.full(len(ds.examples(split, limit)), -1, dtype=np.int64)
     for b in ds.eval_batches(split, batch_size, limit):
-        out[b.indices] = objectives.predict(model, b.input_ids, b.answer_pos, ds.label_tokens)
+        if passes is not None:
+            out[b.indices] = passes.predict(b, split)
+        else:
+            out[b.indices] = objectives.predict(model, b.input_ids, b.answer_pos, ds.label_tokens)
     return out
+
+
+def class_report(pred, ds, split: str) -> dict:
+    """Accuracy, per-class recall and the majority-class baseline (majority of the train
+    split's labels) of predictions for the first len(pred) examples of a split."""
+    labels = np.array([e.label for e in ds.examples(split, len(pred))], dtype=np.int64)
+    pred = np.asarray(pred)
+    C = len(ds.dataset.labels)
+    train_counts = np.bincount([r.label for r in ds.dataset.split("train")], minlength=C)
+    maj = int(np.argmax(train_counts))
+    recall = [float((pred[labels == c] == c).mean()) if (labels == c).any() else 0.0
+              for c in range(C)]
+    return {"n": int(len(labels)), "accuracy": float((pred == labels).mean()) if len(labels) else 0.0,
+            "recall": recall, "majority_class": maj,
+            "majority_acc": float((labels == maj).mean()) if len(labels) else 0.0}
 
 
 def accuracy(pred, ds, split: str) -> float:
     """Share of predictions (for the first len(pred) examples of a split) equal to the labels."""
-    labels = np.array([e.label for e in ds.examples(split)[:len(pred)]], dtype=np.int64)
+    labels = np.array([e.label for e in ds.examples(split, len(pred))], dtype=np.int64)
     return float((np.asarray(pred) == labels).mean()) if len(labels) else 0.0
 
 

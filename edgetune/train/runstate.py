@@ -27,33 +27,61 @@ def read_run_log(run_dir: str):
     return header, records
 
 
-def apply_run(model, run_dir: str, log=None):
-    """Attach the run's trainable set to `model` and restore its latest state; returns the set.
+def resolve_step(run_dir: str, step, records) -> int | None:
+    """--step best|last|N -> a step count (None = last).  'best' is the best dev step recorded
+    in summary.json (dev only: nothing is ever selected on test)."""
+    if step in (None, "last"):
+        return None
+    if step == "best":
+        path = os.path.join(str(run_dir), "summary.json")
+        best = None
+        if os.path.exists(path):
+            try:
+                with open(path) as f:
+                    best = (json.load(f).get("best") or [None])[0]
+            except (OSError, ValueError):
+                best = None
+        return None if best is None else int(best)
+    try:
+        n = int(step)
+    except (TypeError, ValueError):
+        raise EdgetuneError(f"--step: expected best, last or a step number, got {step!r}") from None
+    done = sum(1 for r in records if r.get("type") in ("step", "skip"))
+    if not 0 <= n <= done:
+        raise EdgetuneError(f"{run_dir}: --step {n} is outside the run's 0..{done} logged steps")
+    return n
+
+
+def apply_run(model, run_dir: str, log=None, step="best"):
+    """Attach the run's trainable set to `model` and restore its state at `step` (best: the best
+    dev step; last; or a step number) by replaying the seed log; returns the set.
     log: (header, records) already read with read_run_log, to avoid reading the log twice."""
-    from .loop import StepBatches, load_snapshot, open_dataset, replay
+    from .loop import StepBatches, build_set, load_snapshot, open_dataset, replay
+    from ..zo.head_grad import HeadAdam
     header, records = log if log is not None else read_run_log(run_dir)
     cfg = make_config(flag_values={k: v for k, v in header["config"].items()
                                    if k not in ("resume", "overwrite")})
-    calib, head_rows = None, None
-    if "sparse" in cfg.method or "head" in cfg.method:
-        import numpy as np
-        import torch
-        from . import data as datamod
-        enc = datamod.encode(open_dataset(cfg), model, max_length=cfg.max_length,
-                             chat=cfg.chat)
-        if enc.dataset.kind == "classification":
-            head_rows = enc.label_tokens
-        if "sparse" in cfg.method:
-            b = StepBatches(enc, cfg.batch, cfg.seed)
-            calib = [torch.from_numpy(b.get(i).padded().astype(np.int64)) for i in range(4)]
-    ts = build_trainable(model.net, cfg.method, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
-                         lora_targets=tuple(t.strip() for t in cfg.lora_targets.split(",")),
-                         sparse_fraction=cfg.sparse_fraction, calibration=calib,
-                         init_seed=cfg.seed, dist=cfg.dist, head_rows=head_rows)
+    from . import data as datamod
+    enc = datamod.encode(open_dataset(cfg), model, max_length=cfg.max_length, chat=cfg.chat)
+    cfg = cfg.resolved(enc.dataset.kind)
+    ts = build_set(model, cfg, enc, StepBatches(enc, cfg.batch, cfg.seed, cfg.train_limit))
     if json.loads(json.dumps(ts.describe())) != header.get("trainable"):
         raise EdgetuneError(f"{run_dir}: this model does not match the run's trainable set "
                             f"(was the run made with another model file?)")
-    opt = ZOOptimizer(ts.params, cfg.optimizer, weight_decay=cfg.weight_decay,
+    opt = ZOOptimizer(ts.zo_params(), cfg.optimizer, weight_decay=cfg.weight_decay,
                       momentum=cfg.momentum, dist=cfg.dist)
-    replay(records, ts, opt, load_snapshot(run_dir, ts, opt))
+    hopt = HeadAdam(ts.head_params()) if cfg.head_grad == "exact" else None
+    target = resolve_step(run_dir, step, records)
+    if target is None:
+        replay(records, ts, opt, load_snapshot(run_dir, ts, opt, hopt), hopt)
+    else:   # from the initial state (the log is the truth), or from best.npz when it matches
+        start = 0
+        if os.path.exists(os.path.join(str(run_dir), "best.npz")):
+            import numpy as np
+            with np.load(os.path.join(str(run_dir), "best.npz")) as z:
+                snap = int(z["step"])
+            if snap == target:
+                start = load_snapshot(run_dir, ts, opt, hopt, name="best.npz")
+        replay(records, ts, opt, start, hopt, to_step=target)
+    ts.restored_step = target
     return ts

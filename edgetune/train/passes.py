@@ -1,0 +1,169 @@
+"""Losses of one batch under many perturbations, computing each thing once (DESIGN principle 7).
+
+A ZO step asks for the loss of the same batch under P perturbations (2q for two-point, q + 1 for
+one-sided / normalised).  Done naively that is P full forwards.  Here:
+
+  * blocks below the trainable set's first block (`TrainableSet.first_layer`) run once per step,
+    unperturbed, and every perturbed pass starts from their output;
+  * the blocks above run layer by layer for `chunk` passes at a time, so a block's weights are
+    read once per chunk (ZO2 generalised from 2 passes to P);
+  * when only `head`/`bias` train (`TrainableSet.frozen_body`) nothing below the label-word logits
+    can change: the final normed hidden state at each example's answer position is computed once
+    per example and cached (one d-vector per example, e.g. 2.3 KB for SmolLM2), and a perturbed
+    pass is a C x d product — a step costs a forward only for examples never seen before.
+
+Cost of one step, in forwards of the batch (n blocks, K trainable ones, P passes):
+    (n - K + P * K) / n        (+ the label-word logits, negligible)
+and ~0 for a frozen body once its examples are cached.  `step_cost()` returns it.
+
+The same object scores dev/test examples, so evaluation of a frozen body is also nearly free
+after the first time.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..errors import EdgetuneError
+
+
+def step_cost(n_layer: int, first_layer: int, passes: int) -> float:
+    """Forwards per step for a set whose lowest trainable block is first_layer (see above)."""
+    k = n_layer - first_layer
+    return (n_layer - k + passes * k) / n_layer
+
+
+def ce_losses(logits: np.ndarray, labels) -> np.ndarray:
+    """Mean cross-entropy per pass: logits [P, B, C] -> [P] (float64)."""
+    lg = np.asarray(logits, np.float64)
+    m = lg.max(-1, keepdims=True)
+    lse = (m[..., 0] + np.log(np.exp(lg - m).sum(-1)))
+    y = np.asarray(labels, np.int64)
+    picked = np.take_along_axis(lg, np.broadcast_to(y[None, :, None], lg.shape[:2] + (1,)), -1)[..., 0]
+    return (lse - picked).mean(-1)
+
+
+def error_rates(logits: np.ndarray, labels) -> np.ndarray:
+    """1 - accuracy per pass: logits [P, B, C] -> [P]."""
+    return 1.0 - (np.asarray(logits).argmax(-1) == np.asarray(labels)[None]).mean(-1)
+
+
+class BatchPasses:
+    """Label-word logits / LM losses of batches under lists of perturbations (None = unperturbed).
+
+    model: an edgetune Model whose net carries the trainable set `ts` as its hooks.
+    chunk: perturbed passes that go through a block together (memory: chunk hidden states)."""
+
+    def __init__(self, model, ts, label_tokens=None, chunk: int = 8, cache: bool = True):
+        self.model, self.ts, self.label_tokens = model, ts, label_tokens
+        self.chunk = max(1, int(chunk))
+        self.cache_on = bool(cache) and ts is not None and ts.frozen_body
+        self._features: dict = {}          # (split, index) -> final normed state [d] (frozen body)
+        self.forwards = 0                  # examples that went through the network (for stats)
+
+    @property
+    def first_layer(self) -> int:
+        return self.model.config.n_layer if self.ts is None else self.ts.first_layer
+
+    # -- classification ------------------------------------------------------------------------
+    def _final_states(self, batch, perturbs, split: str | None):
+        """Final normed states at the answer positions, one [B, d] tensor per perturbation."""
+        net = self.model.net
+        if self.cache_on and split is not None:
+            keys = [(split, i) for i in batch.indices]
+            missing = [j for j, k in enumerate(keys) if k not in self._features]
+            if missing:
+                sub = [batch.input_ids[j] for j in missing]
+                pos = [batch.answer_pos[j] for j in missing]
+                x = self._compute_states(sub, pos, [None])[0][0]
+                for j, row in zip(missing, x):
+                    self._features[keys[j]] = row.clone()
+            x = torch.stack([self._features[k] for k in keys])
+            return [x] * len(perturbs), True
+        del net
+        return self._compute_states(batch.input_ids, batch.answer_pos, perturbs)
+
+    def _compute_states(self, ids, answer_pos, perturbs):
+        """(states, shared): shared when the states cannot depend on the perturbation."""
+        model, net = self.model, self.model.net
+        tokens, lengths = model._pad(ids)
+        B = tokens.shape[0]
+        idx = torch.as_tensor(answer_pos, dtype=torch.long)
+        f = self.first_layer
+        self.forwards += B
+        with torch.inference_mode():
+            h0 = net.hidden_upto(tokens, f)
+            frozen_norm = self.ts is None or "output_norm.weight" not in getattr(self.ts, "norms", {})
+            if f >= net.config.n_layer and frozen_norm:
+                x = net.final_norm(h0[torch.arange(B), idx])
+                return [x] * len(perturbs), True
+            out = []
+            for c in range(0, len(perturbs), self.chunk):
+                part = perturbs[c:c + self.chunk]
+                for h, p in zip(net.hidden_from(h0, f, part), part):
+                    out.append(net.final_norm(h[torch.arange(B), idx], p))
+            return out, False
+
+    def class_logits(self, batch, perturbs, split: str | None = None):
+        """(logits [P, B, C] float32 numpy, x_base): x_base is the unperturbed final state [B, d]
+        when perturbs contains None (the exact head gradient needs it), else None."""
+        if not self.label_tokens:
+            raise EdgetuneError("class_logits needs a classification dataset's label words")
+        states, shared = self._final_states(batch, perturbs, split)
+        net = self.model.net
+        rows = self.label_tokens
+        x_base = None
+        if None in perturbs:
+            x_base = states[perturbs.index(None)].numpy()
+        if shared:  # one state for every pass: vectorise the head over all perturbations
+            lg = net.label_logits(states[0], rows, perturbs).numpy()
+        else:
+            lg = np.stack([net.label_logits(x, rows, [p])[0].numpy()
+                           for x, p in zip(states, perturbs)])
+        return lg, x_base
+
+    def class_losses(self, batch, perturbs, split=None, metric: str = "ce"):
+        lg, x = self.class_logits(batch, perturbs, split)
+        fn = ce_losses if metric == "ce" else error_rates
+        return [float(v) for v in fn(lg, batch.labels)], lg, x
+
+    def predict(self, batch, split=None) -> np.ndarray:
+        lg, _ = self.class_logits(batch, [None], split)
+        return lg[0].argmax(-1)
+
+    # -- language modelling --------------------------------------------------------------------
+    def lm_losses(self, batch, perturbs) -> list:
+        """Mean next-token CE over loss-mask tokens under each perturbation (full vocabulary,
+        logits only where the loss needs them)."""
+        model, net = self.model, self.model.net
+        ids, masks = batch.input_ids, batch.loss_masks
+        positions, targets = [], []
+        for seq, mask in zip(ids, masks):
+            pos = [t - 1 for t in range(1, len(seq)) if mask[t]]
+            positions.append(pos)
+            targets.append([seq[t + 1] for t in pos])
+        width = max(len(p) for p in positions)
+        if width == 0:
+            return [0.0] * len(perturbs)
+        padded = [(p + [p[0] if p else 0] * (width - len(p))) for p in positions]
+        tokens, _ = model._pad(ids)
+        B = tokens.shape[0]
+        idx = torch.tensor(padded, dtype=torch.long)
+        f = min(self.first_layer, net.config.n_layer)
+        self.forwards += B
+        out = []
+        with torch.inference_mode():
+            h0 = net.hidden_upto(tokens, f)
+            for c in range(0, len(perturbs), self.chunk):
+                part = perturbs[c:c + self.chunk]
+                for h, p in zip(net.hidden_from(h0, f, part), part):
+                    lg = net.head(h[torch.arange(B)[:, None], idx], p).float()
+                    logp = torch.log_softmax(lg, dim=-1)
+                    total, count = 0.0, 0
+                    for b, tg in enumerate(targets):
+                        if tg:
+                            total += float(-logp[b, torch.arange(len(tg)), torch.as_tensor(tg)]
+                                           .double().sum())
+                            count += len(tg)
+                    out.append(total / max(count, 1))
+        return out

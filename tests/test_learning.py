@@ -1,0 +1,288 @@
+"""Learning machinery on a tiny synthetic model: frozen blocks computed once, many passes layer by
+layer, the head/bias sets, the normalized estimator, the exact head gradient, best-step
+selection on dev (--step best|last|N), head export to llama.cpp, and resume refusals."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import edgetune
+from edgetune.config import make_config
+from edgetune.errors import EdgetuneError
+from edgetune.train.loop import finetune
+from edgetune.train.passes import BatchPasses, ce_losses, step_cost
+from edgetune.train.runstate import apply_run
+from edgetune.zo import head_grad
+from edgetune.zo.estimator import estimate_from
+from edgetune.zo.trainable import Perturb, build_trainable, parse_layers
+from edgetune.train.data import Batch
+from tests.conftest import make_tiny_task
+
+LABELS = [300, 301]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_task(tmp_path_factory.mktemp("learn"), 400)
+
+
+def _batch(m, texts, labels):
+    ids = [m.tokenize(t) for t in texts]
+    return Batch(ids, [len(s) - 1 for s in ids], list(labels), [[] for _ in ids],
+                 list(range(len(ids))))
+
+
+def cfg_for(tiny, out, **kw):
+    model, data = tiny
+    base = dict(model=model, data=data, verbalizer="a=a,b=b", out=str(out), steps=30, batch=8,
+                eval_every=10, eval_limit=16, test_limit=16, snapshot_every=7, progress=False)
+    base.update(kw)
+    return make_config(flag_values=base)
+
+
+def test_parse_layers():
+    assert parse_layers("all", 4) == (0, 1, 2, 3)
+    assert parse_layers("top:2", 30) == (28, 29)
+    assert parse_layers("3-5", 30) == (3, 4, 5)
+    assert parse_layers("7", 30) == (7,)
+    for bad in ("top:0", "top:31", "5-3", "x", "30"):
+        with pytest.raises(EdgetuneError, match="--layers"):
+            parse_layers(bad, 30)
+
+
+def test_step_cost_model():
+    assert step_cost(30, 30, 129) == 1.0            # frozen body: one forward
+    assert step_cost(30, 0, 2) == 2.0               # everything trains: every pass is a forward
+    assert abs(step_cost(30, 26, 9) - (26 + 9 * 4) / 30) < 1e-12
+
+
+def test_frozen_prefix_and_multipass_equal_separate_forwards(tiny):
+    """Blocks below the set computed once + all passes layer by layer == one full forward per
+    pass, bit for bit; and the prefix really is shared (the top-2 set starts at block 2)."""
+    m = edgetune.load(tiny[0])
+    ts = build_trainable(m.net, "scales,norms,lora", layers="top:2")
+    n = m.config.n_layer
+    assert ts.first_layer == n - 2 and all(int(k.split(".")[1]) >= n - 2 for k in ts.scales)
+    b = _batch(m, ["ab cd ef gh", "ab ab", "gh ef cd ab ab"], [0, 1, 0])
+    bp = BatchPasses(m, ts, LABELS, chunk=3)
+    perts = [None] + [Perturb(s, 1e-2, sg) for s in (5, 6) for sg in (1, -1)]
+    lg, x = bp.class_logits(b, perts)
+    for i, p in enumerate(perts):
+        ref = m.logits(b.input_ids, positions=[[q] for q in b.answer_pos], perturb=p, vocab=LABELS)
+        np.testing.assert_array_equal(lg[i], ref[:, 0, :])
+    assert np.abs(lg[1] - lg[2]).max() > 1e-4       # the perturbations do something
+    tokens, _ = m._pad(b.input_ids)
+    full = m.net.hidden(tokens)
+    pre = m.net.hidden_upto(tokens, n - 2)
+    np.testing.assert_array_equal(m.net.hidden_from(pre, n - 2, [None])[0].numpy(), full.numpy())
+
+
+def test_head_bias_vectorised_equals_explicit(tiny):
+    """label_logits (all perturbations in one einsum) == writing theta + eps*z into head/bias
+    and running the plain forward, pass by pass."""
+    m = edgetune.load(tiny[0])
+    ts = build_trainable(m.net, "head,bias", head_rows=LABELS)
+    assert ts.frozen_body and ts.first_layer == m.config.n_layer
+    rng = np.random.default_rng(0)
+    for p in ts.params:
+        p.value[...] = rng.normal(0, 0.05, p.value.shape).astype(np.float32)
+    b = _batch(m, ["ab cd", "ef gh ab", "cd"], [1, 0, 1])
+    bp = BatchPasses(m, ts, LABELS)
+    perts = [None, Perturb(9, 1e-2, 1), Perturb(9, 1e-2, -1), Perturb(10, 1e-2, 1)]
+    lg, _ = bp.class_logits(b, perts)
+    for i, p in enumerate(perts):
+        saved = {q.name: q.value.copy() for q in ts.params}
+        if p is not None:
+            for q in ts.params:
+                q.value[...] = p.apply(q)
+        ref = m.logits(b.input_ids, positions=[[a] for a in b.answer_pos], vocab=LABELS)[:, 0]
+        for q in ts.params:
+            q.value[...] = saved[q.name]
+        np.testing.assert_allclose(lg[i], ref, rtol=0, atol=2e-6)
+    # the base logits are the model's label rows in fp32: equal to a float64 product
+    x = bp._compute_states(b.input_ids, b.answer_pos, [None])[0][0].double().numpy()
+    W = m.net.output_rows_f32(LABELS).astype(np.float64)
+    full = x @ (W + ts.head[next(iter(ts.head))].value).T + ts.label_bias.value
+    np.testing.assert_allclose(lg[0], full, rtol=0, atol=1e-4)
+
+
+def test_feature_cache_changes_nothing_and_saves_forwards(tiny):
+    m = edgetune.load(tiny[0])
+    ts = build_trainable(m.net, "head", head_rows=LABELS)
+    b = _batch(m, ["ab cd", "ef gh ab", "cd", "ab ab ab"], [1, 0, 1, 0])
+    cached, plain = BatchPasses(m, ts, LABELS, cache=True), BatchPasses(m, ts, LABELS, cache=False)
+    perts = [None, Perturb(3, 1e-2, 1)]
+    a1, _ = cached.class_logits(b, perts, "train")
+    a2, _ = cached.class_logits(b, perts, "train")
+    c, _ = plain.class_logits(b, perts, "train")
+    np.testing.assert_array_equal(a1, a2)
+    np.testing.assert_allclose(a1, c, rtol=0, atol=1e-6)
+    assert cached.forwards == 4 and plain.forwards == 4   # the second call ran nothing
+
+
+def test_normalized_estimator_divides_by_loss_spread():
+    theta = np.array([0.3, -0.2, 0.5], np.float64)
+
+    def losses(ps):
+        out = []
+        for p in ps:
+            z = np.zeros(3) if p is None else p.sign * p.eps * \
+                np.array([1.0 if (p.seed >> k) & 1 else -1.0 for k in range(3)])
+            out.append(float(((theta + z) ** 2).sum()))
+        return out
+    e = estimate_from(losses, seed=11, eps=1e-3, q=8, mode="normalized")
+    lp = np.array(e.lp)
+    assert e.base_loss == pytest.approx(float((theta ** 2).sum()))
+    np.testing.assert_allclose(e.g, (lp - e.base_loss) / lp.std(), rtol=1e-12)
+    e10 = estimate_from(lambda ps: [10 * v for v in losses(ps)], 11, 1e-3, 8, "normalized")
+    np.testing.assert_allclose(e10.g, e.g, rtol=1e-9)   # invariant to the loss scale
+    with pytest.raises(EdgetuneError, match="q 2"):
+        estimate_from(losses, 1, 1e-3, 1, "normalized")
+
+
+def test_exact_head_gradient_matches_finite_differences():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(5, 7)).astype(np.float32)
+    W = rng.normal(size=(3, 7)).astype(np.float32)
+    y = np.array([0, 2, 1, 1, 0])
+
+    class P:
+        def __init__(self, name, kind, value):
+            self.name, self.kind, self.value, self.size = name, kind, value, value.size
+    D = P("head", "head", rng.normal(0, 0.1, (3, 7)))
+    b = P("bias", "label_bias", rng.normal(0, 0.1, 3))
+
+    def loss(D_, b_):
+        return float(ce_losses((x.astype(np.float64) @ (W + D_).T + b_)[None], y)[0])
+    g = head_grad.gradients(x, x @ (W + D.value).T + b.value, y, [D, b])
+    h = 1e-6
+    for (i, j) in [(0, 0), (2, 5), (1, 3)]:
+        Dp, Dm = D.value.copy(), D.value.copy()
+        Dp[i, j] += h
+        Dm[i, j] -= h
+        assert g["head"][i, j] == pytest.approx((loss(Dp, b.value) - loss(Dm, b.value)) / (2 * h),
+                                                abs=1e-5)
+    for c in range(3):
+        bp, bm = b.value.copy(), b.value.copy()
+        bp[c] += h
+        bm[c] -= h
+        assert g["bias"][c] == pytest.approx((loss(D.value, bp) - loss(D.value, bm)) / (2 * h),
+                                             abs=1e-5)
+    enc = head_grad.encode(g, [D, b])
+    back = head_grad.decode(enc, [D, b])
+    np.testing.assert_array_equal(back["head"], g["head"])
+
+
+def test_head_run_learns_selects_best_and_replays_any_step(tiny, tmp_path):
+    out = tmp_path / "h"
+    run = finetune(cfg_for(tiny, out, method="head,bias", steps=40, eval_every=8, lr=1.0))
+    s = json.loads((out / "summary.json").read_text())
+    best_step, best_dev = s["best"]
+    assert best_step == run.best_step and best_dev == max(a for _, a in run.dev_curve)
+    assert [st for st, _ in run.dev_curve] == [0, 8, 16, 24, 32, 40]
+    rep = s["test_report"]
+    assert set(rep) >= {"accuracy", "recall", "majority_acc", "n"} and rep["n"] == 16
+    assert (out / "best.npz").exists()
+    # --step N replays the log from scratch to step N; best == the snapshot at the best step
+    states = {}
+    for step in ("best", "last", 0, 13, best_step):
+        m = edgetune.load(tiny[0])
+        states[step] = apply_run(m, str(out), step=step).state()
+    for k, v in states["best"].items():
+        np.testing.assert_array_equal(v, states[best_step][k])
+        np.testing.assert_array_equal(states[0][k], 0 * v)
+    with np.load(out / "state.npz") as z:
+        for k, v in states["last"].items():
+            np.testing.assert_array_equal(v, z[f"p:{k}"])
+    assert any(np.any(states[13][k] != states["last"][k]) for k in states[13])
+    with pytest.raises(EdgetuneError, match="outside"):
+        apply_run(edgetune.load(tiny[0]), str(out), step=41)
+
+
+def test_exact_head_run_replays_and_logs_gradients(tiny, tmp_path):
+    out = tmp_path / "x"
+    finetune(cfg_for(tiny, out, method="head", head_grad="exact", steps=12, eval_every=4))
+    recs = [json.loads(line) for line in (out / "seedlog.jsonl").read_text().splitlines()[1:]]
+    assert all("hg" in r and "seeds" not in r for r in recs)    # no ZO part: exact only
+    m = edgetune.load(tiny[0])
+    last = apply_run(m, str(out), step="last").state()
+    with np.load(out / "state.npz") as z:
+        for k, v in last.items():
+            np.testing.assert_array_equal(v, z[f"p:{k}"])
+            assert np.any(v != 0)
+
+
+def test_top_layers_lora_with_exact_head(tiny, tmp_path):
+    """A hybrid: exact head + ZO LoRA on the top block; resume == uninterrupted, bit for bit."""
+    import os
+    import subprocess
+    import sys
+    kw = dict(method="lora,head", layers="top:1", head_grad="exact", steps=10, q=4, eval_every=5)
+    a = finetune(cfg_for(tiny, tmp_path / "a", **kw))
+    ra = (tmp_path / "a" / "seedlog.jsonl").read_text().splitlines()
+    # SIGKILL while writing step 8's record (snapshot at step 7), then --resume
+    model, data = tiny
+    cmd = [sys.executable, "-m", "edgetune", "finetune", "--model", model, "--data", data,
+           "--verbalizer", "a=a,b=b", "--out", str(tmp_path / "b"), "--batch", "8",
+           "--eval-limit", "16", "--test-limit", "16", "--snapshot-every", "7", "--no-progress",
+           "--method", "lora,head", "--layers", "top:1", "--head-grad", "exact", "--steps", "10",
+           "--q", "4", "--eval-every", "5"]
+    r = subprocess.run(cmd, env=dict(os.environ, EDGETUNE_FAULT="log-mid-record:10"),
+                       capture_output=True, text=True)
+    assert r.returncode != 0
+    finetune(cfg_for(tiny, tmp_path / "b", resume=True, **kw))
+    rb = (tmp_path / "b" / "seedlog.jsonl").read_text().splitlines()
+    assert rb[1:] == ra[1:]
+    with np.load(tmp_path / "a" / "state.npz") as za, np.load(tmp_path / "b" / "state.npz") as zb:
+        assert sorted(za.files) == sorted(zb.files)
+        for k in za.files:
+            np.testing.assert_array_equal(za[k], zb[k], err_msg=k)
+    rec = json.loads(ra[1])
+    assert len(rec["seeds"]) == 4 and "hg" in rec and "l0" in rec
+    assert all(k.split(":")[1].startswith(f"blk.{a.model.config.n_layer - 1}.") or
+               k.startswith("head") for k in a.trainable.state())
+
+
+def test_resume_refuses_changed_trajectory(tiny, tmp_path):
+    out = tmp_path / "r"
+    finetune(cfg_for(tiny, out, method="head", steps=6))
+    with pytest.raises(EdgetuneError, match="lr was"):
+        finetune(cfg_for(tiny, out, method="head", steps=6, lr=0.5, resume=True))
+    with pytest.raises(EdgetuneError, match="steps was 6, now 9"):   # cosine: lr depends on it
+        finetune(cfg_for(tiny, out, method="head", steps=9, resume=True))
+    finetune(cfg_for(tiny, out, method="head", steps=9, resume=True, accept_config_change=True))
+    recs = [json.loads(line) for line in (out / "seedlog.jsonl").read_text().splitlines()[1:]]
+    notes = [r for r in recs if r["type"] == "config"]
+    assert notes and notes[0]["changed"]["steps"] == [6, 9] and notes[0]["at_step"] == 6
+    assert [r["step"] for r in recs if r["type"] == "step"] == list(range(9))
+
+
+def test_export_head_to_llamacpp_and_refuse_bias(tiny, tmp_path):
+    import llama_cpp
+    from edgetune.export.gguf_export import export_gguf
+    out = tmp_path / "h"
+    finetune(cfg_for(tiny, out, method="head", steps=20, lr=3.0, eval_every=0))
+    m = edgetune.load(tiny[0])
+    ts = apply_run(m, str(out), step="last")
+    delta = next(iter(ts.head.values())).value
+    assert np.abs(delta).max() > 1e-3
+    f = export_gguf(str(out), tmp_path / "h.gguf", step="last")
+    ex = edgetune.load(f)
+    ids = [m.tokenize("ab cd ef"), m.tokenize("gh gh")]
+    for s in ids:
+        tuned = m.logits([s], positions=[-1], vocab=LABELS)[0, 0]
+        exported = ex.logits([s], positions=[-1], vocab=LABELS)[0, 0]
+        base = edgetune.load(tiny[0]).logits([s], positions=[-1], vocab=LABELS)[0, 0]
+        assert np.abs(exported - tuned).max() < 0.05 * np.abs(tuned - base).max() + 1e-3
+        ll = llama_cpp.Llama(str(f), logits_all=True, verbose=False, n_ctx=64, seed=0)
+        ll.eval(s)
+        lc = np.array(ll.scores[len(s) - 1])[LABELS]
+        assert np.abs(lc - exported).max() < 0.05 * np.abs(tuned - base).max() + 1e-2
+    # the input embeddings are not the tuned head: the label words embed as before
+    np.testing.assert_array_equal(
+        np.asarray(ex.net.embed_tokens(torch.tensor([LABELS]))),
+        np.asarray(edgetune.load(tiny[0]).net.embed_tokens(torch.tensor([LABELS]))))
+    finetune(cfg_for(tiny, tmp_path / "b", method="head,bias", steps=3, eval_every=0))
+    with pytest.raises(EdgetuneError, match="no output bias"):
+        export_gguf(str(tmp_path / "b"), tmp_path / "b.gguf")
