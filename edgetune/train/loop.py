@@ -66,13 +66,14 @@ class Run:
     trainable: object = None
     best_step: int | None = None
     report: dict = field(default_factory=dict)   # test accuracy, recalls, majority baseline
+    dev_curve_s: list = field(default_factory=list)   # (training seconds, dev accuracy)
 
     def summary(self) -> dict:
         return {"zero_shot_test_acc": self.zero_shot_acc, "final_test_acc": self.final_acc,
                 "best_step": self.best_step, "test_report": self.report,
                 "peak_rss_mb": round(self.peak_rss_mb, 1), "seconds": round(self.seconds, 1),
                 "steps": self.steps_done, "skipped_steps": self.skipped,
-                "dev_curve": self.dev_curve}
+                "dev_curve": self.dev_curve, "dev_curve_s": self.dev_curve_s}
 
     def report_text(self, labels) -> str:
         r = self.report
@@ -232,6 +233,7 @@ class Session:
     log: object = None
     metrics: object = None       # (file, csv writer)
     best: tuple = (None, -1.0)   # (step, dev accuracy) of the best dev evaluation so far
+    loop_t0: float = 0.0         # perf_counter when the current training-time segment began
 
 
 def setup(config) -> Session:
@@ -346,6 +348,7 @@ def start_or_resume(s: Session) -> int:
                 s.prev = json.load(f)
         s.best = tuple(s.prev.get("best", (None, -1.0)))
         s.run.dev_curve = [tuple(x) for x in s.prev.get("dev_curve", [])]
+        s.run.dev_curve_s = [tuple(x) for x in s.prev.get("dev_curve_s", [])]
     else:
         with open(os.path.join(cfg.out, "config.json"), "w") as f:
             json.dump(cfg.to_dict(), f, indent=2)
@@ -404,7 +407,10 @@ def zero_shot(s: Session):
         s.run.zero_shot_acc = accuracy_on(s, "test", cfg.test_limit or None)
         print(f"zero-shot test accuracy: {100 * s.run.zero_shot_acc:.1f}%", flush=True)
     if not s.resuming and s.task == "classification" and cfg.eval_limit:
+        t0 = time.perf_counter()   # counted as training time: --budget includes evaluations
+        s.loop_t0 = t0
         evaluate_dev(s, 0, None, cfg.lr, 0.0)
+        s.prev["train_seconds"] = s.prev.get("train_seconds", 0.0) + time.perf_counter() - t0
     if not s.resuming:
         write_summary(s)
 
@@ -415,6 +421,8 @@ def evaluate_dev(s: Session, done: int, loss_ema, lr: float, tps: float):
     dev = accuracy_on(s, "dev", cfg.eval_limit)
     if dev is not None:
         s.run.dev_curve.append((done, dev))
+        t = s.prev.get("train_seconds", 0.0) + time.perf_counter() - s.loop_t0
+        s.run.dev_curve_s.append((round(t, 2), dev))
         if dev >= s.best[1]:   # ties go to the later, more trained step
             s.best = (done, dev)
             save_snapshot(cfg.out, done, s.ts, s.opt, s.hopt, name="best.npz")
@@ -500,6 +508,7 @@ def train(s: Session, start: int):
         from tqdm import tqdm
         bar = tqdm(total=cfg.steps, initial=start, desc="finetune", unit="step", dynamic_ncols=True)
     tokens_done, t_loop = 0, time.perf_counter()
+    s.loop_t0 = t_loop
     loss_ema, done, lr = None, start, cfg.lr
     budget_left = cfg.budget - s.prev.get("train_seconds", 0.0) if cfg.budget else None
     for step in range(start, cfg.steps):

@@ -59,6 +59,7 @@ class BatchPasses:
         self.chunk = max(1, int(chunk))
         self.cache_on = bool(cache) and ts is not None and ts.frozen_body
         self._features: dict = {}          # (split, index) -> final normed state [d] (frozen body)
+        self._prefix: dict = {}            # dev batch -> output of the frozen blocks (below first_layer)
         self.forwards = 0                  # examples that went through the network (for stats)
 
     @property
@@ -81,10 +82,16 @@ class BatchPasses:
             x = torch.stack([self._features[k] for k in keys])
             return [x] * len(perturbs), True
         del net
-        return self._compute_states(batch.input_ids, batch.answer_pos, perturbs)
+        key = (split, tuple(batch.indices)) if split in self.prefix_splits else None
+        return self._compute_states(batch.input_ids, batch.answer_pos, perturbs, key)
 
-    def _compute_states(self, ids, answer_pos, perturbs):
-        """(states, shared): shared when the states cannot depend on the perturbation."""
+    # splits whose frozen-prefix activations are kept across calls: dev is scored every
+    # eval_every steps on the same batches, so its frozen blocks run once per run
+    prefix_splits = ("dev",)
+
+    def _compute_states(self, ids, answer_pos, perturbs, key=None):
+        """(states, shared): shared when the states cannot depend on the perturbation.
+        key: cache the frozen blocks' output under it (the same examples come again)."""
         model, net = self.model, self.model.net
         tokens, lengths = model._pad(ids)
         B = tokens.shape[0]
@@ -92,7 +99,13 @@ class BatchPasses:
         f = self.first_layer
         self.forwards += B
         with torch.inference_mode():
-            h0 = net.hidden_upto(tokens, f)
+            if key is not None and key in self._prefix:
+                h0 = self._prefix[key]
+                self.forwards -= B
+            else:
+                h0 = net.hidden_upto(tokens, f)
+                if key is not None and 0 < f:
+                    self._prefix[key] = h0
             frozen_norm = self.ts is None or "output_norm.weight" not in getattr(self.ts, "norms", {})
             if f >= net.config.n_layer and frozen_norm:
                 x = net.final_norm(h0[torch.arange(B), idx])
