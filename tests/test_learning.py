@@ -46,7 +46,8 @@ def test_parse_layers():
     assert parse_layers("top:2", 30) == (28, 29)
     assert parse_layers("3-5", 30) == (3, 4, 5)
     assert parse_layers("7", 30) == (7,)
-    for bad in ("top:0", "top:31", "5-3", "x", "30"):
+    assert parse_layers("top:40", 30) == tuple(range(30))   # more than the model has: all
+    for bad in ("top:0", "5-3", "x", "30"):
         with pytest.raises(EdgetuneError, match="--layers"):
             parse_layers(bad, 30)
 
@@ -286,3 +287,36 @@ def test_export_head_to_llamacpp_and_refuse_bias(tiny, tmp_path):
     finetune(cfg_for(tiny, tmp_path / "b", method="head,bias", steps=3, eval_every=0))
     with pytest.raises(EdgetuneError, match="no output bias"):
         export_gguf(str(tmp_path / "b"), tmp_path / "b.gguf")
+
+
+def test_lm_objective_top_layers_best_dev_nll_and_llamacpp_perplexity(tiny, tmp_path):
+    """Text data: lora on the top block, the normalized estimator, best step by dev NLL; the
+    exported GGUF's perplexity in llama.cpp equals edgetune's on the same tokens."""
+    import math
+    from edgetune.export.gguf_export import export_gguf
+    from edgetune.export.llamacpp_eval import nll_llamacpp
+    from edgetune.train import data as D
+    from edgetune.train.metrics import lm_nll
+    model, _ = tiny
+    txt = tmp_path / "t.jsonl"
+    rows = [{"text": " ".join(["ab cd", "ef gh", "ab ab cd"][i % 3] for _ in range(4))}
+            for i in range(120)]
+    txt.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "lm"
+    run = finetune(make_config(flag_values=dict(
+        model=model, data=str(txt), out=str(out), steps=12, batch=8, eval_every=4, eval_limit=8,
+        test_limit=8, progress=False, lr=0.5)))
+    n = run.model.config.n_layer     # the lm recipe: lora on the top 4 blocks (all 2 here)
+    assert run.trainable.methods == ("lora",) and run.trainable.layers == tuple(range(n))
+    s = json.loads((out / "summary.json").read_text())
+    assert s["test_report"]["perplexity"] > 1 and s["zero_shot_test_ppl"] > 1
+    nlls = [-v for _, v in s["dev_curve"]]
+    assert -s["best"][1] == min(nlls)
+    m = edgetune.load(model)
+    apply_run(m, str(out))
+    ds = D.encode(D.load_jsonl(str(txt)), m, max_length=96)
+    tot, cnt = lm_nll(m, ds, "test", 8, 8)
+    assert math.exp(tot / cnt) == pytest.approx(s["test_report"]["perplexity"], rel=1e-6)
+    f = export_gguf(str(out), tmp_path / "lm.gguf")
+    lt, lc = nll_llamacpp(f, ds, "test", 8)
+    assert lc == cnt and abs(lt / lc - tot / cnt) < 0.02

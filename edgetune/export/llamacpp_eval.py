@@ -58,7 +58,8 @@ def _check_adapter(lora_path: str):
                                      f"--format gguf-lora`")
 
 
-def open_llama(model_path, n_ctx: int = 512, lora_path=None, threads: int = 0):
+def open_llama(model_path, n_ctx: int = 512, lora_path=None, threads: int = 0,
+               logits_all: bool = False):
     """A llama_cpp.Llama on `model_path` (+ LoRA adapter), or one clear EdgetuneError."""
     from ..model.tokenizer import _quiet_stderr
     try:
@@ -76,7 +77,7 @@ def open_llama(model_path, n_ctx: int = 512, lora_path=None, threads: int = 0):
         try:
             ll = llama_cpp.Llama(model_path, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
                                  n_threads=n, n_threads_batch=n, lora_path=lora_path,
-                                 seed=0, verbose=False)
+                                 seed=0, verbose=False, logits_all=logits_all)
         except (ValueError, RuntimeError) as e:
             what = f"{model_path} with the adapter {lora_path}" if lora_path else model_path
             raise EdgetuneError(f"{what}: llama.cpp could not load it ({e}); is it a model "
@@ -124,3 +125,32 @@ def evaluate_llamacpp(model_path, ds, split: str, limit=None, lora_path=None,
     """Accuracy in llama.cpp on the examples train/metrics.evaluate scores (see predict_llamacpp)."""
     from ..train.metrics import accuracy
     return accuracy(predict_llamacpp(model_path, ds, split, limit, lora_path, threads), ds, split)
+
+
+def nll_llamacpp(model_path, ds, split: str, limit=None, lora_path=None,
+                 threads: int = 0) -> tuple:
+    """(summed negative log-likelihood in nats, token count) of the loss-mask tokens of the
+    first `limit` examples of an LM split (train/data.Encoded, {text} or {prompt,completion})
+    in llama.cpp — train/metrics.lm_nll's twin; perplexity = exp(sum / count)."""
+    if ds.dataset.kind == "classification":
+        raise EdgetuneError("perplexity needs language-model data ({text} or {prompt,completion})")
+    exs = ds.examples(split, limit)
+    if not exs:
+        return 0.0, 0
+    longest = max(len(e.input_ids) for e in exs)
+    ll = open_llama(model_path, n_ctx=64 * -(-longest // 64), lora_path=lora_path,
+                    threads=threads, logits_all=True)
+    total, count = 0.0, 0
+    for e in exs:
+        ids = list(e.input_ids)
+        ll.reset()
+        ll.eval(ids)
+        sc = np.asarray(ll.scores[:len(ids)], dtype=np.float64)
+        for t in range(1, len(ids)):
+            if e.loss_mask[t]:
+                row = sc[t - 1]
+                m = row.max()
+                total += float(m + np.log(np.exp(row - m).sum()) - row[ids[t]])
+                count += 1
+    ll.close()
+    return total, count

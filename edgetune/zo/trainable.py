@@ -241,17 +241,17 @@ def _layer_matrices(net):
 
 
 def parse_layers(spec, n_layer: int) -> tuple:
-    """--layers: 'all', 'top:K' (the last K blocks), 'A-B' (inclusive) or 'A' -> block indices."""
+    """--layers: 'all', 'top:K' (the last K blocks; all of them if the model has fewer), 'A-B'
+    (inclusive) or 'A' -> block indices."""
     s = str(spec or "all").strip().lower()
     try:
         if s == "all":
             return tuple(range(n_layer))
         if s.startswith("top:"):
             k = int(s[4:])
-            if not 1 <= k <= n_layer:
-                raise EdgetuneError(f"--layers {spec}: K must be in 1..{n_layer} (the model has "
-                                    f"{n_layer} blocks)")
-            return tuple(range(n_layer - k, n_layer))
+            if k < 1:
+                raise EdgetuneError(f"--layers {spec}: K must be >= 1")
+            return tuple(range(max(0, n_layer - k), n_layer))   # K > blocks: all of them
         a, _, b = s.partition("-")
         lo, hi = int(a), int(b) if b else int(a)
     except ValueError:
