@@ -258,7 +258,19 @@ def _add_plan(sub):
     p.add_argument("--memory", default=None, help="budget, e.g. 2G, 1.5GB, 800M (default: none)")
     p.add_argument("--batch", type=int, default=16, help="sequences per step (default: %(default)s)")
     p.add_argument("--seq", type=int, default=64, help="tokens per sequence (default: %(default)s)")
-    p.add_argument("--method", default="scales", help="trainable set(s) (default: %(default)s)")
+    p.add_argument("--method", default="auto",
+                   help="trainable set(s), as for finetune; auto = head (default: %(default)s)")
+    p.add_argument("--layers", default="auto",
+                   help="blocks the block methods train: all, top:K, A-B (default: %(default)s)")
+    p.add_argument("--q", type=int, default=0,
+                   help="queries per step, as for finetune (0 = the recipe's) (default: 0)")
+    p.add_argument("--estimator", default="normalized",
+                   help="normalized | two_point | one_sided (default: %(default)s)")
+    p.add_argument("--train-limit", type=int, default=-1,
+                   help="training examples a frozen body caches features for (-1 = the "
+                        "recipe's) (default: -1)")
+    p.add_argument("--objective", default="classification", choices=("classification", "lm"),
+                   help="lm computes full-vocabulary logits (default: %(default)s)")
     p.add_argument("--optimizer", default="sgd", help="sgd|momentum|adam|sign (default: %(default)s)")
     p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -270,10 +282,16 @@ def _run_plan(args) -> int:
     from . import assets
     from .formats.gguf_reader import GGUFFile
     from .memory.budget import make_plan, parse_size
+    from .config import make_config
     g = GGUFFile(assets.resolve_model(args.model))
     budget = parse_size(args.memory) if args.memory else None
-    plan = make_plan(g, budget, batch=args.batch, seq=args.seq, method=args.method,
-                     optimizer=args.optimizer, lora_rank=args.lora_rank)
+    r = make_config(flag_values={"method": args.method, "layers": args.layers, "q": args.q,
+                                 "estimator": args.estimator,
+                                 "train_limit": args.train_limit}).resolved(args.objective)
+    plan = make_plan(g, budget, batch=args.batch, seq=args.seq, method=r.method,
+                     optimizer=args.optimizer, lora_rank=args.lora_rank, layers=r.layers,
+                     passes=2 * r.q if r.estimator == "two_point" else r.q + 1,
+                     full_vocab_logits=args.objective == "lm", pool=max(r.train_limit, 0))
     print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.table())
     return 0
 

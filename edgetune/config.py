@@ -37,7 +37,7 @@ class TrainConfig:
     template: str = "{text}"        # JSONL {text,label}: prompt template with {text}
     verbalizer: str = ""            # JSONL {text,label}: 'label=word,...' (default: ' ' + label)
     eval_every: int = 50            # evaluate on dev every N steps (0 = only at the end); best step kept
-    eval_limit: int = 400           # dev examples per evaluation
+    eval_limit: int = 400           # dev examples per evaluation (0 = no dev: the last step is kept)
     test_limit: int = 0             # test examples in the final evaluation (0 = all)
     snapshot_every: int = 50        # atomic snapshot of the trainable state every N steps
     max_length: int = 96            # truncate examples to this many tokens

