@@ -35,8 +35,10 @@ def accuracy_loss(model, ids, answer_pos, labels, label_tokens, perturb=None) ->
     return 1.0 - float((lg.argmax(-1) == y).float().mean())
 
 
-def lm_loss(model, ids, loss_masks, perturb=None) -> float:
-    """Mean CE of next-token prediction over tokens whose loss mask is 1."""
+def lm_targets(ids, loss_masks):
+    """(positions padded to one width, targets per sequence): position t-1 predicts token t for
+    every t whose loss mask is 1; a sequence's list is padded by repeating its first position
+    (padded entries are ignored).  positions is None when no token carries the loss."""
     positions, targets = [], []
     for seq, mask in zip(ids, loss_masks):
         pos = [t - 1 for t in range(1, len(seq)) if mask[t]]
@@ -44,9 +46,15 @@ def lm_loss(model, ids, loss_masks, perturb=None) -> float:
         targets.append([seq[t + 1] for t in pos])
     width = max(len(p) for p in positions)
     if width == 0:
+        return None, targets
+    return [(p + [p[0] if p else 0] * (width - len(p))) for p in positions], targets
+
+
+def lm_loss(model, ids, loss_masks, perturb=None) -> float:
+    """Mean CE of next-token prediction over tokens whose loss mask is 1."""
+    padded, targets = lm_targets(ids, loss_masks)
+    if padded is None:
         return 0.0
-    # pad each sequence's position list by repeating its first one; padded entries are ignored
-    padded = [(p + [p[0] if p else 0] * (width - len(p))) for p in positions]
     lg = model.logits_tensor(ids, positions=padded, perturb=perturb).float()  # [B, W, V]
     logp = torch.log_softmax(lg, dim=-1)
     total, count = torch.zeros((), dtype=torch.float32), 0

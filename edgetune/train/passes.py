@@ -149,16 +149,11 @@ class BatchPasses:
         """Mean next-token CE over loss-mask tokens under each perturbation (full vocabulary,
         logits only where the loss needs them)."""
         model, net = self.model, self.model.net
-        ids, masks = batch.input_ids, batch.loss_masks
-        positions, targets = [], []
-        for seq, mask in zip(ids, masks):
-            pos = [t - 1 for t in range(1, len(seq)) if mask[t]]
-            positions.append(pos)
-            targets.append([seq[t + 1] for t in pos])
-        width = max(len(p) for p in positions)
-        if width == 0:
+        from .objectives import lm_targets
+        ids = batch.input_ids
+        padded, targets = lm_targets(ids, batch.loss_masks)
+        if padded is None:
             return [0.0] * len(perturbs)
-        padded = [(p + [p[0] if p else 0] * (width - len(p))) for p in positions]
         tokens, _ = model._pad(ids)
         B = tokens.shape[0]
         idx = torch.tensor(padded, dtype=torch.long)
