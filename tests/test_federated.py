@@ -211,12 +211,19 @@ def _replay_server_states(out, k):
     return header, recs, states
 
 
-def test_federated_smoke_seeds_and_scalars_only_and_bitexact_replay(tiny, tmp_path):
+@pytest.fixture(scope="module")
+def smoke(tiny, tmp_path_factory):
+    """One 2-round simulation shared by the smoke and the resume test."""
+    cfg = settings(tiny, tmp_path_factory.mktemp("smoke") / "fed")
+    _run(cfg)
+    return cfg
+
+
+def test_federated_smoke_seeds_and_scalars_only_and_bitexact_replay(smoke):
     """12 Flower SuperNodes, 2 rounds, head on a tiny synthetic model: every message the server
     received holds only ints and floats within the size bound, and every device's replayed global
     state equals the server's bit for bit."""
-    cfg = settings(tiny, tmp_path / "fed")
-    _run(cfg)
+    cfg = smoke
     out = cfg.out
     header, recs, states = _replay_server_states(out, cfg.k)
     assert len(recs) == 2 and all(len(r["clients"]) == 12 for r in recs)
@@ -257,24 +264,45 @@ def test_federated_drops_and_malformed_replies_are_ignored_with_reasons(tiny, tm
     assert "wrong type" in why["4"] and "oversized" in why["5"]
     log = open(os.path.join(cfg.out, "server.log")).read()
     assert "client 1 dropped" in log and "rejected the reply of client 2" in log
-    # only the seven valid replies were applied: the same run without the bad clients, whose
-    # valid clients send the same pairs, gives the same global step
-    clean = settings(tiny, tmp_path / "clean", rounds=1, personal_steps=0,
-                     faults="1:drop,2:drop,3:drop,4:drop,5:drop")
-    _run(clean)
-    assert _replay_server_states(clean.out, clean.k)[1][0]["g"] == rec["g"]
+    # only the seven accepted replies were applied: their audited pairs aggregate to the step
+    msgs = [json.loads(l) for l in open(os.path.join(cfg.out, "messages.jsonl"))]
+    assert sorted(m["verdict"].split(":")[0] for m in msgs) == \
+        ["accepted"] * 7 + ["dropped"] + ["rejected"] * 4
+    ok = sorted((m for m in msgs if m["verdict"] == "accepted"), key=lambda m: m["partition"])
+    pairs = [(c["idx"], c["g"], c["n"]) for c in (m["content"]["fedkseed"] for m in ok)]
+    assert aggregate(pairs, cfg.k, cfg.q, cfg.server_lr) == rec["g"]
 
 
-def test_killed_server_resumes_from_its_seed_log(tiny, tmp_path):
-    full = settings(tiny, tmp_path / "full", rounds=3, personal_steps=0, dump_dir="")
-    _run(full)
-    cut = settings(tiny, tmp_path / "cut", rounds=3, personal_steps=0, dump_dir="")
-    r = _run(cut, env={"EDGETUNE_FAULT": "federated-round-logged:2"}, check=False)
-    assert r.returncode != 0                              # SIGKILLed after logging round 1
-    assert len(_replay_server_states(cut.out, cut.k)[1]) == 2
+def test_killed_server_resumes_from_its_seed_log(smoke, tiny, tmp_path):
+    """SIGKILL the server right after it logged round 0, resume: the seed log and the final
+    state equal those of the uninterrupted 2-round smoke run."""
+    cut = settings(tiny, tmp_path / "cut", personal_steps=0, dump_dir="")
+    r = _run(cut, env={"EDGETUNE_FAULT": "federated-round-logged:1"}, check=False)
+    assert r.returncode != 0
+    assert len(_replay_server_states(cut.out, cut.k)[1]) == 1
     cut.resume = True
     _run(cut)
-    a = _replay_server_states(full.out, full.k)
+    a = _replay_server_states(smoke.out, smoke.k)
     b = _replay_server_states(cut.out, cut.k)
-    assert [r["g"] for r in a[1]] == [r["g"] for r in b[1]] and len(b[1]) == 3
-    assert np.array_equal(a[2][-1], b[2][-1])
+    assert len(b[1]) == 2
+    assert [r["g"] for r in a[1]] == [r["g"] for r in b[1]]
+    assert np.array_equal(a[2][-1].view(np.uint32), b[2][-1].view(np.uint32))
+
+
+def test_cli_federate_flags_and_refusals(tiny, tmp_path, capsys):
+    """The contract's flags parse; a bad partition or an existing run is refused before work."""
+    from edgetune.cli import build_parser, main
+    model, data = tiny
+    a = build_parser().parse_args(
+        ["federate", "--model", model, "--data", data, "--clients", "100", "--per-round", "10",
+         "--rounds", "7", "--local-steps", "3", "--partition", "dirichlet:0.3", "--out", "x"])
+    assert (a.clients, a.per_round, a.rounds, a.local_steps, a.partition, a.out) == \
+        (100, 10, 7, 3, "dirichlet:0.3", "x")
+    assert main(["federate", "--model", model, "--data", data, "--partition", "zipf:1",
+                 "--out", str(tmp_path / "r")]) == 2
+    assert "--partition" in capsys.readouterr().err
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "f").write_text("x")
+    assert main(["federate", "--model", model, "--data", data, "--verbalizer", "a=a,b=b",
+                 "--out", str(tmp_path / "busy")]) == 2
+    assert "--overwrite" in capsys.readouterr().err

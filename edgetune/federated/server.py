@@ -133,9 +133,16 @@ class FedServer:
     def _audit(self, f, rnd: int, kind: str, pid, msg, nbytes: int, verdict: str):
         row = {"round": rnd, "type": kind, "partition": pid, "bytes": nbytes, "verdict": verdict}
         if msg.has_content():
-            row["values"] = [v if isinstance(v, (int, float)) else
-                             f"<{type(v).__name__}>" for v in protocol.flat_values(msg.content)]
-            row["kinds"] = sorted({type(v).__name__ for v in protocol.flat_values(msg.content)})
+            def show(v):
+                if isinstance(v, list):
+                    return [show(x) for x in v]
+                return v if isinstance(v, (int, float)) else f"<{type(v).__name__}>"
+            row["content"] = {name: ({k: show(v) for k, v in rec.items()}
+                                     if hasattr(rec, "items") else f"<{type(rec).__name__}>")
+                              for name, rec in msg.content.items()}
+            flat = protocol.flat_values(msg.content)
+            row["values"] = [show(v) for v in flat]
+            row["kinds"] = sorted({type(v).__name__ for v in flat})
         f.write(json.dumps(row) + "\n")
 
     def wait_nodes(self, grid, timeout: float = 120.0) -> dict:
