@@ -145,7 +145,7 @@ class FedServer:
             row["kinds"] = sorted({type(v).__name__ for v in flat})
         f.write(json.dumps(row) + "\n")
 
-    def wait_nodes(self, grid, timeout: float = 120.0) -> dict:
+    def wait_nodes(self, grid, audit, timeout: float = 120.0) -> dict:
         """{node id: partition id} of all `clients` nodes (asked with a "query" message)."""
         from flwr.app import ConfigRecord, Message, RecordDict
         t0 = time.time()
@@ -159,12 +159,17 @@ class FedServer:
                         dst_node_id=n, message_type="query") for n in nodes]
         pid_of = {}
         for m in grid.send_and_receive(msgs, timeout=self.cfg.timeout):
-            if m.has_error():
+            nbytes = protocol.message_bytes(m)
+            if m.has_error() or nbytes > self.cfg.reply_limit:
+                self._audit(audit, -1, "query", None, m, nbytes, "dropped")
                 continue
             c = m.content.config_records.get("hello")
-            p = c.get("partition") if c is not None else None
+            p = c.get("partition") if c is not None and len(m.content) == 1 else None
             if isinstance(p, int) and not isinstance(p, bool) and 0 <= p < self.cfg.clients:
                 pid_of[m.metadata.src_node_id] = p
+                self._audit(audit, -1, "query", p, m, nbytes, "accepted")
+            else:
+                self._audit(audit, -1, "query", None, m, nbytes, "rejected: bad partition id")
         if sorted(pid_of.values()) != list(range(self.cfg.clients)):
             raise EdgetuneError(f"nodes report partitions {sorted(pid_of.values())[:10]}..., "
                                 f"expected each of 0..{self.cfg.clients - 1} once")
@@ -176,7 +181,8 @@ class FedServer:
         if "zero_shot_test_acc" not in self.summary and not self.records:
             self.summary["zero_shot_test_acc"] = self.accuracy("test", cfg.test_limit)
             self._write_summary()
-        pid_of = self.wait_nodes(grid)
+        audit = open(os.path.join(cfg.out, "messages.jsonl"), "a")
+        pid_of = self.wait_nodes(grid, audit)
         node_of = {p: n for n, p in pid_of.items()}
         mpath = os.path.join(cfg.out, "metrics.csv")
         new = not os.path.exists(mpath)
@@ -185,7 +191,6 @@ class FedServer:
         if new:
             mw.writerow(["round", "accepted", "dropped", "rejected", "bytes_up_per_client",
                          "bytes_down_per_client", "dev_acc", "elapsed_s"])
-        audit = open(os.path.join(cfg.out, "messages.jsonl"), "a")
         t0 = time.perf_counter()
         bar = None
         if cfg.progress and cfg.rounds > self.next_round:
