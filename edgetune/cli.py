@@ -101,23 +101,30 @@ FLAG_HELP = {
 }
 
 
-def _add_finetune(sub):
+def _dataclass_flags(p, cls, helps: dict, keep_defaults: bool, hidden=()):
+    """One --flag per dataclass field (booleans get --no-flag).  keep_defaults=False leaves
+    unset flags None, so a config file's values can fill them."""
     from dataclasses import fields
+    for f in fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        h = argparse.SUPPRESS if f.name in hidden else f"{helps.get(f.name, '')} (default: {default})"
+        if isinstance(default, bool):
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                           default=default if keep_defaults else None, help=h)
+        else:
+            p.add_argument(flag, dest=f.name, type=type(default),
+                           default=default if keep_defaults else None, help=h)
+
+
+def _add_finetune(sub):
     from .config import TrainConfig
     p = sub.add_parser("finetune", help="zeroth-order fine-tuning (forward passes only)",
                        description="Fine-tune a GGUF model with two-point ZO estimates; every "
                                    "flag can also be a key of --config FILE (YAML or TOML); "
                                    "flags win.")
     p.add_argument("--config", help="YAML/TOML file whose keys are these flags (without --)")
-    for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default
-        h = f"{FLAG_HELP.get(f.name, '')} (default: {default})"
-        if isinstance(default, bool):
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                           help=h)
-        else:
-            p.add_argument(flag, dest=f.name, type=type(default), default=None, help=h)
+    _dataclass_flags(p, TrainConfig, FLAG_HELP, keep_defaults=False)
     p.set_defaults(func=_run_finetune)
 
 
@@ -351,7 +358,6 @@ FED_HELP = {
 
 
 def _add_federate(sub):
-    from dataclasses import fields
     from .federated.config import FedConfig
     p = sub.add_parser("federate", help="federated ZO fine-tuning on Flower (simulation engine)",
                        description="FedKSeed-style federated fine-tuning: clients exchange seed "
@@ -359,17 +365,8 @@ def _add_federate(sub):
                                    "weights or text.  Runs Flower's simulation engine on this "
                                    "machine; README 'Federated fine-tuning' shows the deployment "
                                    "engine.")
-    hidden = {"faults", "dump_dir", "features_dir", "client_dir"}
-    for f in fields(FedConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default
-        h = argparse.SUPPRESS if f.name in hidden else \
-            f"{FED_HELP.get(f.name, FLAG_HELP.get(f.name, ''))} (default: {default})"
-        if isinstance(default, bool):
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                           default=default, help=h)
-        else:
-            p.add_argument(flag, dest=f.name, type=type(default), default=default, help=h)
+    _dataclass_flags(p, FedConfig, {**FLAG_HELP, **FED_HELP}, keep_defaults=True,
+                     hidden=("faults", "dump_dir", "features_dir", "client_dir"))
     p.set_defaults(func=_run_federate)
 
 
