@@ -17,8 +17,6 @@ Run directory:
 """
 from __future__ import annotations
 
-import csv
-import json
 import math
 import os
 import shutil
@@ -35,7 +33,7 @@ from ..zo.estimator import estimate
 from ..zo.optim import ZOOptimizer, lr_at
 from ..zo.seedlog import SeedLog, read_log
 from ..zo.trainable import build_trainable
-from . import objectives
+from . import objectives, rundir
 from .metrics import peak_rss_mb, rss_mb
 
 
@@ -69,10 +67,8 @@ def prepare_run_dir(cfg: TrainConfig) -> bool:
     """Create/check the run directory before any work.  Returns True when resuming."""
     out = cfg.out
     exists = os.path.isdir(out) and any(os.scandir(out))
-    if cfg.resume:
-        if not os.path.exists(os.path.join(out, "seedlog.jsonl")):
-            raise EdgetuneError(f"{out}: nothing to resume (no seedlog.jsonl)")
-        return True
+    if cfg.resume:   # [rundir] False: killed before its first log record -> start at step 0
+        return rundir.resume_point(out)
     if exists:
         if not cfg.overwrite:
             raise EdgetuneError(f"{out}: run directory exists and is not empty; pass --resume to "
@@ -238,7 +234,7 @@ def finetune(config: TrainConfig | dict) -> Run:
         return evaluate(fwd, ds, split, cfg.batch * 2, limit)
 
     summary_path = os.path.join(cfg.out, "summary.json")
-    prev = {}
+    prev, records = {}, []
     if resuming:
         header, records, _ = read_log(os.path.join(cfg.out, "seedlog.jsonl"))
         if header is None:
@@ -246,40 +242,47 @@ def finetune(config: TrainConfig | dict) -> Run:
         if header.get("trainable") != ts.describe():
             raise EdgetuneError(f"{cfg.out}: the trainable set differs from the logged run; resume "
                                 f"with the same --model/--method/--lora-* flags")
-        snap_step = load_snapshot(cfg.out, ts, opt)
-        start = replay(records, ts, opt, snap_step)
-        if os.path.exists(summary_path):
-            with open(summary_path) as f:
-                prev = json.load(f)
-    else:
-        with open(os.path.join(cfg.out, "config.json"), "w") as f:
-            json.dump(cfg.to_dict(), f, indent=2)
-        start = 0
+        prev = rundir.read_summary(summary_path)
+    else:   # [rundir] atomic; the run's config, not this process's flags
+        rundir.atomic_write_json(os.path.join(cfg.out, "config.json"), rundir.run_config(cfg))
+        faults.reached("after-config")
     log = SeedLog(os.path.join(cfg.out, "seedlog.jsonl"),
-                  header={"config": cfg.to_dict(), "trainable": ts.describe(),
+                  header={"config": rundir.run_config(cfg), "trainable": ts.describe(),
                           "model": os.path.basename(model_path)})
-    metrics_path = os.path.join(cfg.out, "metrics.csv")
-    new_metrics = not os.path.exists(metrics_path)
-    mf = open(metrics_path, "a", newline="")
-    mw = csv.writer(mf)
-    if new_metrics:
-        mw.writerow(["step", "loss", "lr", "dev_acc", "rss_mb", "elapsed_s", "tokens_per_s"])
 
-    if cfg.zero_shot and not resuming and task == "classification":
+    # [rundir] zero-shot on the untuned state: before a resume loads the snapshot, and again by a
+    # resume when the first process was killed before saving it
+    if rundir.needs_zero_shot(cfg, task, prev):
         run.zero_shot_acc = acc_on("test", cfg.test_limit or None)
+        print(f"zero-shot test accuracy: {100 * run.zero_shot_acc:.1f}%", flush=True)
+        rundir.atomic_write_json(summary_path, run.summary())
     else:
         run.zero_shot_acc = prev.get("zero_shot_test_acc")
-    if run.zero_shot_acc is not None and not resuming:
-        print(f"zero-shot test accuracy: {100 * run.zero_shot_acc:.1f}%", flush=True)
-        with open(summary_path, "w") as f:
-            json.dump(run.summary(), f)
+    start = replay(records, ts, opt, load_snapshot(cfg.out, ts, opt)) if resuming else 0
+    # [rundir] header written durably; a resume heals it and keeps the rows the log reaches
+    metrics = rundir.MetricsCSV(os.path.join(cfg.out, "metrics.csv"), upto_step=start)
+    run.skipped = sum(r["type"] == "skip" for r in records)
+    loss_ema = rundir.loss_ema(records)
+
+    def eval_row(done, lr, tps):
+        dev = acc_on("dev", cfg.eval_limit)
+        metrics.append([done, f"{loss_ema:.6f}" if loss_ema is not None else "", f"{lr:.3e}",
+                        "" if dev is None else f"{dev:.4f}", f"{rss_mb():.1f}",
+                        f"{time.perf_counter() - t_start:.1f}", f"{tps:.1f}"])
+
+    def is_eval_step(done):
+        return (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps
+
+    # [rundir] a run killed between logging an evaluated step and its metrics row: evaluate it now
+    # (the replayed state is that step's)
+    if start > metrics.last_step() and is_eval_step(start):
+        eval_row(start, lr_at(start - 1, cfg.lr, cfg.steps, cfg.schedule, cfg.warmup), 0.0)
 
     bar = None
     if cfg.progress and cfg.steps > start:
         from tqdm import tqdm
         bar = tqdm(total=cfg.steps, initial=start, desc="finetune", unit="step", dynamic_ncols=True)
     tokens_done, t_loop = 0, time.perf_counter()
-    loss_ema = None
     for step in range(start, cfg.steps):
         batch = batches.get(step)
         lr = lr_at(step, cfg.lr, cfg.steps, cfg.schedule, cfg.warmup)
@@ -294,6 +297,7 @@ def finetune(config: TrainConfig | dict) -> Run:
             opt.step(est.seeds, est.g, lr)
             log.append({"type": "step", "step": step, "seeds": [str(s) for s in est.seeds],
                         "g": est.g, "lr": lr, "loss": est.loss, "lp": est.lp, "lm": est.lm})
+            faults.reached("step-logged")
             run.losses.append(est.loss)
             loss_ema = est.loss if loss_ema is None else 0.9 * loss_ema + 0.1 * est.loss
         tokens_done += sum(len(s) for s in batch.input_ids) * (2 * cfg.q)
@@ -303,15 +307,8 @@ def finetune(config: TrainConfig | dict) -> Run:
             bar.set_postfix(loss=f"{loss_ema:.4f}" if loss_ema is not None else "nan",
                             lr=f"{lr:.1e}", tok_s=f"{tps:.0f}", rss=f"{peak_rss_mb():.0f}MB")
             bar.update(1)
-        is_eval = (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps
-        if is_eval:
-            dev = acc_on("dev", cfg.eval_limit)
-            if dev is not None:
-                run.dev_curve.append((done, dev))
-            mw.writerow([done, f"{loss_ema:.6f}" if loss_ema is not None else "", f"{lr:.3e}",
-                         "" if dev is None else f"{dev:.4f}", f"{rss_mb():.1f}",
-                         f"{time.perf_counter() - t_start:.1f}", f"{tps:.1f}"])
-            mf.flush()
+        if is_eval_step(done):
+            eval_row(done, lr, tps)
         if (cfg.snapshot_every and done % cfg.snapshot_every == 0) or done == cfg.steps:
             log.sync()
             save_snapshot(cfg.out, done, ts, opt)
@@ -319,15 +316,16 @@ def finetune(config: TrainConfig | dict) -> Run:
     if bar is not None:
         bar.close()
     log.close()
-    mf.close()
+    metrics.close()
     run.steps_done = max(run.steps_done, start)
+    run.dev_curve = metrics.dev_curve()   # [rundir] every process's evaluations, as in the CSV
     if task == "classification":
         run.final_acc = acc_on("test", cfg.test_limit or None)
     run.peak_rss_mb = peak_rss_mb()
     run.seconds = time.perf_counter() - t_start
-    with open(summary_path, "w") as f:
-        json.dump(run.summary(), f, indent=2)
-    plot_metrics(metrics_path, os.path.join(cfg.out, "metrics.png"))
+    faults.reached("before-summary")
+    rundir.atomic_write_json(summary_path, run.summary())   # [rundir] atomic
+    plot_metrics(metrics.path, os.path.join(cfg.out, "metrics.png"))
     if plan is not None and cfg.progress:
         print(plan.table())
     print(f"peak RSS (VmHWM): {run.peak_rss_mb:.0f} MB"
