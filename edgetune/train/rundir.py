@@ -11,7 +11,7 @@ zero-shot eval) and its end (final eval, summary, plot).  So:
   untuned state, before the resume loads any snapshot — `needs_zero_shot`) and the dev evaluation
   of the step the run was killed at (`MetricsCSV.last_step`);
 - `--resume` of a directory the run created but logged nothing in (killed before its first seed-log
-  record) starts it from step 0 (`resume_point`).
+  record), or before it made the directory, starts it from step 0 (`resume_point`).
 The seed log (zo/seedlog.py) and state.npz (loop.save_snapshot) keep their own guarantees.
 """
 from __future__ import annotations
@@ -82,11 +82,17 @@ def run_config(cfg) -> dict:
 
 def resume_point(out: str) -> bool:
     """For --resume: True when `out` holds a seed log with a valid header (continue it); False when
-    the run was killed before logging anything (start it from step 0 in the same directory).
+    the run was killed before logging anything (start it from step 0 in the same directory, made
+    here if the run was killed before it made it).
     Stale temporaries of interrupted atomic writes are removed."""
-    if not os.path.isdir(out):
-        raise EdgetuneError(f"{out}: nothing to resume (no such directory); the run never started: "
-                            f"run it without --resume")
+    if not os.path.isdir(out):   # killed before it made its directory (e.g. while importing)
+        print(f"{out}: no such run directory: starting the run from step 0", file=sys.stderr,
+              flush=True)
+        try:
+            os.makedirs(out)
+        except OSError as e:
+            raise EdgetuneError(f"{out}: cannot create the run directory ({e.strerror})") from None
+        return False
     names = os.listdir(out)
     foreign = sorted(n for n in names if n not in RUN_FILES and not n.endswith(TMP_SUFFIX))
     if "seedlog.jsonl" not in names and foreign:
