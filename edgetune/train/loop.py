@@ -26,7 +26,6 @@ Run directory:
 """
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -46,7 +45,7 @@ from ..zo.head_grad import HeadAdam
 from ..zo.optim import ZOOptimizer, lr_at
 from ..zo.seedlog import SeedLog, read_log
 from ..zo.trainable import build_trainable
-from . import objectives
+from . import objectives, rundir
 from .metrics import peak_rss_mb, rss_mb
 
 
@@ -97,10 +96,8 @@ def prepare_run_dir(cfg: TrainConfig) -> bool:
     """Create/check the run directory before any work.  Returns True when resuming."""
     out = cfg.out
     exists = os.path.isdir(out) and any(os.scandir(out))
-    if cfg.resume:
-        if not os.path.exists(os.path.join(out, "seedlog.jsonl")):
-            raise EdgetuneError(f"{out}: nothing to resume (no seedlog.jsonl)")
-        return True
+    if cfg.resume:   # False: killed before its first log record -> start at step 0
+        return rundir.resume_point(out)
     if exists:
         if not cfg.overwrite:
             raise EdgetuneError(f"{out}: run directory exists and is not empty; pass --resume to "
@@ -236,7 +233,8 @@ class Session:
     t_start: float = 0.0
     prev: dict = field(default_factory=dict)
     log: object = None
-    metrics: object = None       # (file, csv writer)
+    metrics: object = None       # rundir.MetricsCSV
+    loss_ema: float | None = None
     best: tuple = (None, -math.inf)   # (step, dev score) of the best dev evaluation so far
     loop_t0: float = 0.0         # perf_counter when the current training-time segment began
 
@@ -328,9 +326,11 @@ def describe_recipe(cfg: TrainConfig, ts, model) -> str:
 
 def start_or_resume(s: Session) -> int:
     """Phase 2: write config.json and open the log and metrics for a new run, or restore the
-    snapshot + replay the log's tail for --resume.  Returns the first step to run."""
+    snapshot + replay the log's tail for --resume.  Returns the first step to run.
+    Every file is absent or complete at every instant (train/rundir.py)."""
     cfg = s.cfg
     summary_path = os.path.join(cfg.out, "summary.json")
+    records, changed = [], []
     if s.resuming:
         header, records, _ = read_log(os.path.join(cfg.out, "seedlog.jsonl"))
         if header is None:
@@ -346,32 +346,33 @@ def start_or_resume(s: Session) -> int:
                 + ". Resume with the original values, or pass --accept-config-change to continue "
                   "anyway (the change is recorded in the seed log; the result is then not the "
                   "uninterrupted run's)")
-        snap_step = load_snapshot(cfg.out, s.ts, s.opt, s.hopt)
-        start = replay(records, s.ts, s.opt, snap_step, s.hopt)
-        if os.path.exists(summary_path):
-            with open(summary_path) as f:
-                s.prev = json.load(f)
-        s.best = tuple(s.prev.get("best", (None, -math.inf)))
-        s.run.dev_curve = [tuple(x) for x in s.prev.get("dev_curve", [])]
+        s.prev = rundir.read_summary(summary_path)
         s.run.dev_curve_s = [tuple(x) for x in s.prev.get("dev_curve_s", [])]
     else:
-        with open(os.path.join(cfg.out, "config.json"), "w") as f:
-            json.dump(cfg.to_dict(), f, indent=2)
-        start, changed = 0, []
+        rundir.atomic_write_json(os.path.join(cfg.out, "config.json"), rundir.run_config(cfg))
+        faults.reached("after-config")
     s.log = SeedLog(os.path.join(cfg.out, "seedlog.jsonl"),
-                    header={"config": cfg.to_dict(), "trainable": s.ts.describe(),
+                    header={"config": rundir.run_config(cfg), "trainable": s.ts.describe(),
                             "model": os.path.basename(s.model_path)})
+    # zero-shot is measured on the untuned state: before a resume loads the snapshot, and again by
+    # a resume when the first process was killed before saving it
+    zero_shot(s, first=not s.resuming or rundir.needs_zero_shot(cfg, s.task, s.prev))
+    start = 0
+    if s.resuming:
+        snap_step = load_snapshot(cfg.out, s.ts, s.opt, s.hopt)
+        start = replay(records, s.ts, s.opt, snap_step, s.hopt)
     if s.resuming and changed:
         s.log.append({"type": "config", "at_step": start,
                       "changed": {k: [a, b] for k, a, b in changed}})
-    metrics_path = os.path.join(cfg.out, "metrics.csv")
-    new_metrics = not os.path.exists(metrics_path)
-    mf = open(metrics_path, "a", newline="")
-    mw = csv.writer(mf)
-    if new_metrics:
-        mw.writerow(["step", "loss", "lr", "dev_acc", "rss_mb", "elapsed_s", "tokens_per_s",
-                     "dev_nll"])
-    s.metrics = (mf, mw)
+    # header written durably; a resume heals the file and keeps the rows the log reaches
+    s.metrics = rundir.MetricsCSV(os.path.join(cfg.out, "metrics.csv"), upto_step=start)
+    s.run.skipped = sum(r.get("type") == "skip" for r in records)
+    s.loss_ema = rundir.loss_ema(records)
+    if s.resuming:   # the dev curve and its best step, as every process of the run wrote them
+        s.run.dev_curve = s.metrics.dev_curve()
+        for step, score in s.run.dev_curve:
+            if score >= s.best[1] or s.best[0] is None:   # ties: the later step, as live
+                s.best = (step, score)
     return start
 
 
@@ -412,25 +413,32 @@ def accuracy_on(s: Session, split: str, limit=None):
     return accuracy(predictions(s.fwd, s.ds, split, s.cfg.batch * 2, limit, s.passes), s.ds, split)
 
 
-def zero_shot(s: Session):
-    """Phase 3: the untuned model's test accuracy (kept across --resume) and its dev accuracy
-    (step 0 of the dev curve: the best step can be 'no training at all')."""
+def zero_shot(s: Session, first: bool):
+    """The untuned model's test score (kept across --resume; measured again by a resume when the
+    first process was killed before saving it) and, on a new run, its dev score (step 0 of the dev
+    curve: the best step can be 'no training at all')."""
     cfg = s.cfg
     s.run.zero_shot_acc = s.prev.get("zero_shot_test_acc")
     s.run.zero_shot_ppl = s.prev.get("zero_shot_test_ppl")
-    if cfg.zero_shot and not s.resuming and s.task == "classification":
+    if first and cfg.zero_shot and s.task == "classification":
         s.run.zero_shot_acc = accuracy_on(s, "test", cfg.test_limit or None)
         print(f"zero-shot test accuracy: {100 * s.run.zero_shot_acc:.1f}%", flush=True)
-    elif cfg.zero_shot and not s.resuming:
+    elif first and cfg.zero_shot and not s.resuming:
         s.run.zero_shot_ppl = perplexity_on(s, "test", cfg.test_limit or None)[0]
         print(f"zero-shot test perplexity: {s.run.zero_shot_ppl:.3f}", flush=True)
-    if not s.resuming and cfg.eval_limit:
-        t0 = time.perf_counter()   # counted as training time: --budget includes evaluations
-        s.loop_t0 = t0
-        evaluate_dev(s, 0, None, cfg.lr, 0.0)
-        s.prev["train_seconds"] = s.prev.get("train_seconds", 0.0) + time.perf_counter() - t0
-    if not s.resuming:
+    if first:
         write_summary(s)
+
+
+def dev_step_zero(s: Session, start: int):
+    """The step-0 dev evaluation (counted as training time: --budget includes it), unless an
+    earlier process of the run already wrote it."""
+    if start != 0 or not s.cfg.eval_limit or s.metrics.rows:
+        return
+    t0 = time.perf_counter()
+    s.loop_t0 = t0
+    evaluate_dev(s, 0, None, s.cfg.lr, 0.0)
+    s.prev["train_seconds"] = s.prev.get("train_seconds", 0.0) + time.perf_counter() - t0
 
 
 def evaluate_dev(s: Session, done: int, loss_ema, lr: float, tps: float):
@@ -450,12 +458,10 @@ def evaluate_dev(s: Session, done: int, loss_ema, lr: float, tps: float):
         if score >= s.best[1]:   # ties go to the later, more trained step
             s.best = (done, score)
             save_snapshot(cfg.out, done, s.ts, s.opt, s.hopt, name="best.npz")
-    mf, mw = s.metrics
-    mw.writerow([done, f"{loss_ema:.6f}" if loss_ema is not None else "", f"{lr:.3e}",
-                 "" if dev is None else f"{dev:.4f}", f"{rss_mb():.1f}",
-                 f"{time.perf_counter() - s.t_start:.1f}", f"{tps:.1f}",
-                 "" if nll is None else f"{nll:.5f}"])
-    mf.flush()
+    s.metrics.append([done, f"{loss_ema:.6f}" if loss_ema is not None else "", f"{lr:.3e}",
+                      "" if dev is None else f"{dev:.4f}", f"{rss_mb():.1f}",
+                      f"{time.perf_counter() - s.t_start:.1f}", f"{tps:.1f}",
+                      "" if nll is None else f"{nll:.5f}"])
     return dev
 
 
@@ -534,7 +540,11 @@ def train(s: Session, start: int):
         bar = tqdm(total=cfg.steps, initial=start, desc="finetune", unit="step", dynamic_ncols=True)
     tokens_done, t_loop = 0, time.perf_counter()
     s.loop_t0 = t_loop
-    loss_ema, done, lr = None, start, cfg.lr
+    loss_ema, done, lr = s.loss_ema, start, cfg.lr
+    if (start > s.metrics.last_step() and cfg.eval_every and start % cfg.eval_every == 0
+            and start != cfg.steps):   # killed between logging an evaluated step and its row
+        last = [r for r in s.log.records if r.get("type") in ("step", "skip")]
+        evaluate_dev(s, start, loss_ema, last[-1].get("lr", lr) if last else lr, 0.0)
     budget_left = cfg.budget - s.prev.get("train_seconds", 0.0) if cfg.budget else None
     for step in range(start, cfg.steps):
         elapsed = time.perf_counter() - t_loop
@@ -548,6 +558,7 @@ def train(s: Session, start: int):
             lr = lr_at(step, cfg.lr, cfg.steps, cfg.schedule, cfg.warmup)
         rec = train_step(s, step, lr)
         s.log.append(rec)
+        faults.reached("step-logged")
         if rec["type"] == "skip":
             run.skipped += 1
         else:
@@ -578,7 +589,7 @@ def train(s: Session, start: int):
     save_snapshot(cfg.out, run.steps_done, s.ts, s.opt, s.hopt)
     s.prev["train_seconds"] = s.prev.get("train_seconds", 0.0) + time.perf_counter() - t_loop
     s.log.close()
-    s.metrics[0].close()
+    s.metrics.close()
 
 
 def finish(s: Session) -> Run:
@@ -602,6 +613,7 @@ def finish(s: Session) -> Run:
         run.report = {"perplexity": ppl, "nll": nll, "zero_shot_perplexity": run.zero_shot_ppl}
     run.peak_rss_mb = peak_rss_mb()
     run.seconds = time.perf_counter() - s.t_start
+    faults.reached("before-summary")
     write_summary(s)
     plot_metrics(os.path.join(cfg.out, "metrics.csv"), os.path.join(cfg.out, "metrics.png"))
     if s.plan is not None and cfg.progress:
@@ -625,21 +637,17 @@ def write_summary(s: Session):
     out["train_seconds"] = round(s.prev.get("train_seconds", 0.0), 2)
     out["recipe"] = {k: getattr(s.cfg, k) for k in ("method", "layers", "estimator", "q", "lr",
                                                     "eps", "schedule", "head_grad", "batch")}
-    path = os.path.join(s.cfg.out, "summary.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(out, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
+    rundir.atomic_write_json(os.path.join(s.cfg.out, "summary.json"), out)
 
 
 def finetune(config: TrainConfig | dict) -> Run:
     """Python API: run (or resume) a fine-tune; returns the Run with accuracies and peak RSS.
 
-    The phases, in order: setup -> start_or_resume -> zero_shot -> train -> finish."""
+    The phases, in order: setup -> start_or_resume (zero_shot inside it) -> dev_step_zero ->
+    train -> finish."""
     s = setup(config)
-    start = start_or_resume(s)
-    zero_shot(s)
+    start = start_or_resume(s)      # (measures the zero-shot score on the untuned state)
+    dev_step_zero(s, start)
     train(s, start)
     return finish(s)
 

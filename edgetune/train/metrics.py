@@ -1,13 +1,11 @@
 """Measurements: accuracy on a split, RSS (current and peak, from /proc via psutil), plots."""
 from __future__ import annotations
 
-import csv
-import os
-
 import numpy as np
 import psutil
 
-from . import objectives
+from .. import faults
+from . import objectives, rundir
 
 
 def rss_mb() -> float:
@@ -33,6 +31,7 @@ def predictions(model, ds, split: str, batch_size: int = 32, limit=None, passes=
     a frozen body's features), else the model's own forward."""
     out = np.full(len(ds.examples(split, limit)), -1, dtype=np.int64)
     for b in ds.eval_batches(split, batch_size, limit):
+        faults.reached("eval-batch")   # crash tests: kill inside an evaluation
         if passes is not None:
             out[b.indices] = passes.predict(b, split)
         else:
@@ -84,11 +83,9 @@ def evaluate(model, ds, split: str, batch_size: int = 32, limit=None) -> float:
 
 
 def plot_metrics(csv_path: str, png_path: str):
-    """Loss and dev accuracy against step, from metrics.csv."""
-    if not os.path.exists(csv_path):
-        return
-    with open(csv_path) as f:
-        rows = list(csv.DictReader(f))
+    """Loss and dev accuracy against step, from metrics.csv (its well-formed rows: a missing
+    header or a torn line never fails the end of a run).  Written atomically (rundir.atomic_file)."""
+    rows = rundir.read_metrics(csv_path)
     if not rows:
         return
     import matplotlib
@@ -107,7 +104,8 @@ def plot_metrics(csv_path: str, png_path: str):
     ax[1].set_xlabel("step")
     ax[1].set_ylabel("dev accuracy (%)")
     fig.tight_layout()
-    tmp = png_path + ".tmp.png"
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, png_path)
+    try:
+        with rundir.atomic_file(png_path) as f:
+            fig.savefig(f, format="png", dpi=90)
+    finally:
+        plt.close(fig)
