@@ -65,6 +65,33 @@ def step_seed(run_seed: int, step: int) -> int:
     return int(rng.stream_key(run_seed, 0x5EED_0000_0000 + step))
 
 
+def train_step(fwd, batch, objective: str, label_tokens, cfg: TrainConfig, seed: int, lr: float,
+               step: int, opt, log):
+    """One ZO step as `finetune` runs it (benchmarks/zo_step.py times this very function): the
+    projected gradients of `batch` (the +eps/-eps pair layer by layer for classification), the
+    update, the seed-log record.  A non-finite step is logged as skipped and not applied."""
+    if objective == "lm":
+        pair_fn = None
+        loss_fn = lambda p: objectives.lm_loss(fwd, batch.input_ids, batch.loss_masks, p)  # noqa: E731
+    else:
+        metric = "ce" if objective == "classification" else "accuracy"
+        pair_fn = lambda ps: objectives.classification_losses(  # noqa: E731
+            fwd, batch.input_ids, batch.answer_pos, batch.labels, label_tokens, ps, metric)
+        fn = objectives.classification_loss if objective == "classification" else objectives.accuracy_loss
+        loss_fn = lambda p: fn(fwd, batch.input_ids, batch.answer_pos, batch.labels,  # noqa: E731
+                               label_tokens, p)
+    est = estimate(loss_fn, seed, cfg.eps, cfg.q, cfg.estimator, cfg.clip if cfg.clip > 0 else None,
+                   cfg.dist, pair_fn=pair_fn)
+    if not est.finite:  # abort the step, not the run
+        log.append({"type": "skip", "step": step, "seeds": [str(s) for s in est.seeds],
+                    "reason": f"non-finite loss or gradient (lp={est.lp}, lm={est.lm})"})
+    else:
+        opt.step(est.seeds, est.g, lr)
+        log.append({"type": "step", "step": step, "seeds": [str(s) for s in est.seeds],
+                    "g": est.g, "lr": lr, "loss": est.loss, "lp": est.lp, "lm": est.lm})
+    return est
+
+
 def prepare_run_dir(cfg: TrainConfig) -> bool:
     """Create/check the run directory before any work.  Returns True when resuming."""
     out = cfg.out
@@ -219,19 +246,6 @@ def finetune(config: TrainConfig | dict) -> Run:
             print(f"onnxruntime backend: {cfg.out}/model.onnx written and loaded in "
                   f"{time.perf_counter() - t0:.1f}s", flush=True)
 
-    def pair_fn_for(batch):
-        if objective == "lm":
-            return None
-        metric = "ce" if objective == "classification" else "accuracy"
-        return lambda ps: objectives.classification_losses(
-            fwd, batch.input_ids, batch.answer_pos, batch.labels, ds.label_tokens, ps, metric)
-
-    def loss_fn_for(batch):
-        if objective == "lm":
-            return lambda p: objectives.lm_loss(fwd, batch.input_ids, batch.loss_masks, p)
-        fn = objectives.classification_loss if objective == "classification" else objectives.accuracy_loss
-        return lambda p: fn(fwd, batch.input_ids, batch.answer_pos, batch.labels, ds.label_tokens, p)
-
     def acc_on(split, limit):
         if task != "classification":
             return None
@@ -284,16 +298,10 @@ def finetune(config: TrainConfig | dict) -> Run:
         batch = batches.get(step)
         lr = lr_at(step, cfg.lr, cfg.steps, cfg.schedule, cfg.warmup)
         seed = step_seed(cfg.seed, step)
-        est = estimate(loss_fn_for(batch), seed, cfg.eps, cfg.q, cfg.estimator,
-                       cfg.clip if cfg.clip > 0 else None, cfg.dist, pair_fn=pair_fn_for(batch))
-        if not est.finite:  # abort the step, not the run
-            log.append({"type": "skip", "step": step, "seeds": [str(s) for s in est.seeds],
-                        "reason": f"non-finite loss or gradient (lp={est.lp}, lm={est.lm})"})
+        est = train_step(fwd, batch, objective, ds.label_tokens, cfg, seed, lr, step, opt, log)
+        if not est.finite:
             run.skipped += 1
         else:
-            opt.step(est.seeds, est.g, lr)
-            log.append({"type": "step", "step": step, "seeds": [str(s) for s in est.seeds],
-                        "g": est.g, "lr": lr, "loss": est.loss, "lp": est.lp, "lm": est.lm})
             run.losses.append(est.loss)
             loss_ema = est.loss if loss_ema is None else 0.9 * loss_ema + 0.1 * est.loss
         tokens_done += sum(len(s) for s in batch.input_ids) * (2 * cfg.q)
