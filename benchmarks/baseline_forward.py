@@ -49,6 +49,19 @@ def best_time(fn, repeats: int) -> float:
 
 # --- torch bf16 ---------------------------------------------------------------------------------
 
+def rope(x, cos, sin, d: int, mode: str):
+    """RoPE on the first d dims of each head of x [..., head_dim] (cos/sin [T, d/2]): "normal"
+    rotates pairs (2i, 2i+1), "neox" pairs (i, i + d/2).  Also used by fo_baseline.DenseLM."""
+    xr, xp = x[..., :d], x[..., d:]
+    if mode == "normal":
+        x1, x2 = xr[..., 0::2], xr[..., 1::2]
+        out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+    else:
+        x1, x2 = xr[..., : d // 2], xr[..., d // 2:]
+        out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return out if xp.shape[-1] == 0 else torch.cat([out, xp], dim=-1)
+
+
 class DenseLlama(torch.nn.Module):
     """Dense llama-family forward (llama/mistral/qwen2/SmolLM) in one dtype, from a Transformer's
     QTensors dequantized: the bf16 baseline (it was Transformer.to_dense(bf16) in edgetune)."""
@@ -90,15 +103,7 @@ class DenseLlama(torch.nn.Module):
         return w * xf.to(self.dtype)
 
     def rope(self, x, cos, sin):
-        d = self.c.rope_dim
-        xr, xp = x[..., :d], x[..., d:]
-        if self.c.rope_mode == "normal":
-            x1, x2 = xr[..., 0::2], xr[..., 1::2]
-            out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
-        else:
-            x1, x2 = xr[..., : d // 2], xr[..., d // 2:]
-            out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-        return out if xp.shape[-1] == 0 else torch.cat([out, xp], dim=-1)
+        return rope(x, cos, sin, self.c.rope_dim, self.c.rope_mode)
 
     @torch.inference_mode()
     def last_logits(self, tokens: torch.Tensor) -> torch.Tensor:
