@@ -165,8 +165,8 @@ def run_llamacpp(a, path):
     cp.n_batch = cp.n_ubatch = max(512, ntok)
     cp.n_seq_max = a.batch
     cp.n_threads = cp.n_threads_batch = a.threads
-    if hasattr(cp, "kv_unified"):
-        cp.kv_unified = True  # all sequences share the cache cells (no per-sequence n_ctx split)
+    if hasattr(cp, "kv_unified"):  # one KV stream per sequence (n_ctx / n_seq cells each):
+        cp.kv_unified = False      # no token attends over other sequences' cells
     ctx = L.llama_init_from_model(model, cp)
     if not ctx:
         raise SystemExit("llama.cpp could not create a context")
@@ -205,7 +205,7 @@ def run_llamacpp(a, path):
     L.llama_free(ctx)
     L.llama_model_free(model)
     return t, {"threads": a.threads, "n_batch": cp.n_batch, "n_ubatch": cp.n_ubatch,
-               "n_seq": a.batch}
+               "n_seq": a.batch, "kv_unified": bool(getattr(cp, "kv_unified", False))}
 
 
 def main():
