@@ -57,10 +57,17 @@ demo: install
 	@printf '  llama.cpp runs/demo/tuned.gguf   '; \
 	    $(VENV)/bin/edgetune eval --engine llama.cpp --model runs/demo/tuned.gguf
 
+# every benchmark, each printing its contract line last (learning.py takes ~20 min, memory.py
+# builds synthetic 7B/13B GGUFs once)
 bench: install
 	$(PYTHON) benchmarks/qgemm.py
 	$(PYTHON) benchmarks/forward.py
-	$(PYTHON) benchmarks/learning.py --quick
+	$(PYTHON) benchmarks/zo_step.py
+	$(PYTHON) benchmarks/backends.py
+	$(PYTHON) benchmarks/golden_exact.py
+	$(PYTHON) benchmarks/fo_baseline.py --check
+	$(PYTHON) benchmarks/memory.py
+	$(PYTHON) benchmarks/learning.py
 
 clean:
 	rm -rf build $(VENV) .pytest_cache

@@ -46,6 +46,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from baseline_forward import rope  # noqa: E402  (one RoPE for both torch baselines)
 
 LORA_TARGETS = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output",
                 "gate": "ffn_gate", "up": "ffn_up", "down": "ffn_down"}
@@ -117,15 +118,7 @@ class DenseLM(nn.Module):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.config.rms_eps) * w
 
     def rope(self, x, cos, sin):
-        d = self.config.rope_dim
-        xr, xp = x[..., :d], x[..., d:]
-        if self.config.rope_mode == "normal":
-            x1, x2 = xr[..., 0::2], xr[..., 1::2]
-            out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
-        else:
-            x1, x2 = xr[..., : d // 2], xr[..., d // 2:]
-            out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-        return out if xp.shape[-1] == 0 else torch.cat([out, xp], dim=-1)
+        return rope(x, cos, sin, self.config.rope_dim, self.config.rope_mode)
 
     def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
         c = self.config

@@ -1,75 +1,101 @@
-"""End-to-end forward throughput on SmolLM2-135M, batch 16 x 32 tokens, one run, three runtimes.
+"""End-to-end forward throughput on SmolLM2-135M, batch 16 x 32 tokens, three runtimes, one run.
 
-    python benchmarks/forward.py [--batch 16] [--seq 32] [--repeats 5]
+    python benchmarks/forward.py [--threads N] [--batch 16] [--seq 32] [--repeats 5]
 
-edgetune int4 (own kernels) vs a dense bf16 torch forward of the same (dequantized) weights built
-by edgetune itself vs llama.cpp (llama-cpp-python) evaluating the same 16 sequences one by one.
-All three compute logits for the last position of each sequence only.  Prints tokens/s for each;
-the last line is `forward: vs_torch_bf16=R1 vs_llamacpp=R2` (ratios of edgetune's tokens/s).
+edgetune int4 (own kernels, this process) vs a dense bf16 torch llama forward of the same
+dequantized weights vs llama.cpp (llama-cpp-python) on the same GGUF.  Every engine runs with the
+same explicit thread count (--threads, default all cores) and the same best-of-N (--repeats after
+one warm-up); all compute logits for the last position of each sequence only.  The two baselines
+run in their own processes (benchmarks/baseline_forward.py): torch with its default OpenMP settings
+(not the OMP_WAIT_POLICY=PASSIVE that edgetune sets for itself), llama.cpp with all sequences in
+one llama_batch (distinct seq_ids, n_batch = n_ubatch >= 512).  Prints tokens/s for each; the last
+line is `forward: vs_torch_bf16=R1 vs_llamacpp=R2` (ratios of edgetune's tokens/s).  edgetune's
+per-op path (the forward before the one-call C++ block) is timed too, for reference.
 """
 import argparse
+import json
 import os
+import subprocess
 import sys
-import time
+import tempfile
 
-import numpy as np
-import torch
+# the user's own setting (if any), before edgetune's import chooses PASSIVE for this process
+USER_OMP_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import numpy as np  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
 import edgetune  # noqa: E402
-from edgetune import assets  # noqa: E402
+from edgetune import assets, kernels  # noqa: E402
+from baseline_forward import batch_tokens, best_time  # noqa: E402
 
 
-def best_time(fn, repeats):
-    fn()  # warm-up
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return min(ts)
+def run_baseline(engine: str, a, path: str, logits_file: str) -> dict:
+    env = dict(os.environ)
+    env.pop("OMP_WAIT_POLICY", None)
+    if USER_OMP_WAIT_POLICY is not None:
+        env["OMP_WAIT_POLICY"] = USER_OMP_WAIT_POLICY
+    cmd = [sys.executable, os.path.join(HERE, "baseline_forward.py"), engine, "--model", path,
+           "--threads", str(a.threads), "--batch", str(a.batch), "--seq", str(a.seq),
+           "--repeats", str(a.repeats), "--save-logits", logits_file]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"{engine} baseline failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def cosine(a, b) -> float:
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
     a = ap.parse_args()
     path = assets.default_model_path()
+    kernels.set_num_threads(a.threads)
     model = edgetune.load(path)
-    rng = np.random.default_rng(0)
-    batch = [list(rng.integers(100, model.config.n_vocab - 100, a.seq)) for _ in range(a.batch)]
+    batch = batch_tokens(model.config.n_vocab, a.batch, a.seq)
     ntok = a.batch * a.seq
-    # torch keeps its default thread count (all cores)
+    print(f"# {a.batch} x {a.seq} tokens, {a.threads} threads for every engine, best of "
+          f"{a.repeats} after one warm-up")
 
     t_et = best_time(lambda: model.logits(batch, positions=[-1]), a.repeats)
+    lg_et = model.logits(batch[:2], positions=[-1])[:, 0]
     tps_et = ntok / t_et
-    print(f"edgetune int4     : {tps_et:8.1f} tok/s  ({t_et * 1e3:.1f} ms per batch)")
+    print(f"edgetune int4     : {tps_et:8.1f} tok/s  ({t_et * 1e3:.1f} ms per batch, "
+          f"{kernels.get_num_threads()} threads)")
+    # the per-op path (C++ pieces driven from Python, hooks in between) that the one-call block
+    # replaced, same process and batch: what the block alone gains
+    from edgetune.model.transformer import Transformer
+    one_call = Transformer._layer_forward_fast
+    Transformer._layer_forward_fast = Transformer._layer_forward_ops
+    try:
+        t_ops = best_time(lambda: model.logits(batch, positions=[-1]), a.repeats)
+    finally:
+        Transformer._layer_forward_fast = one_call
+    print(f"edgetune per-op   : {ntok / t_ops:8.1f} tok/s  ({t_ops * 1e3:.1f} ms per batch; the "
+          f"previous forward: one C++ call per op, not per layer)")
+    del model
 
-    dense = edgetune.load(path)
-    dense.net.to_dense(torch.bfloat16)
-    t_bf = best_time(lambda: dense.logits(batch, positions=[-1]), a.repeats)
-    tps_bf = ntok / t_bf
-    print(f"torch bf16 dense  : {tps_bf:8.1f} tok/s  ({t_bf * 1e3:.1f} ms per batch)")
-    lg_et = model.logits(batch[:2], positions=[-1])
-    lg_bf = dense.logits(batch[:2], positions=[-1])
-    cos = float((lg_et * lg_bf).sum() / np.linalg.norm(lg_et) / np.linalg.norm(lg_bf))
-    print(f"  (edgetune vs bf16 logits cosine {cos:.5f})")
-    del dense
-
-    import llama_cpp
-    ll = llama_cpp.Llama(path, n_ctx=a.seq + 8, n_batch=a.seq, verbose=False,
-                         n_threads=os.cpu_count() or 2)
-
-    def run_ll():
-        for seq in batch:
-            ll.reset()
-            ll.eval([int(t) for t in seq])
-    t_ll = best_time(run_ll, max(1, a.repeats // 2))
-    tps_ll = ntok / t_ll
-    print(f"llama.cpp         : {tps_ll:8.1f} tok/s  ({t_ll * 1e3:.1f} ms per batch)")
-    print(f"forward: vs_torch_bf16={tps_et / tps_bf:.2f} vs_llamacpp={tps_et / tps_ll:.2f}")
+    tps = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for engine, label in (("torch", "torch bf16 dense  "), ("llamacpp", "llama.cpp batched ")):
+            f = os.path.join(tmp, f"{engine}.npy")
+            r = run_baseline(engine, a, path, f)
+            tps[engine] = ntok / r["seconds"]
+            info = ", ".join(f"{k} {v}" for k, v in r.items() if k not in ("engine", "seconds"))
+            print(f"{label}: {tps[engine]:8.1f} tok/s  ({r['seconds'] * 1e3:.1f} ms per batch; "
+                  f"{info}; own process)")
+            print(f"  (edgetune vs {engine} last-position logits cosine "
+                  f"{cosine(lg_et, np.load(f)):.5f})")
+    print(f"forward: vs_torch_bf16={tps_et / tps['torch']:.2f} "
+          f"vs_llamacpp={tps_et / tps['llamacpp']:.2f}")
 
 
 if __name__ == "__main__":

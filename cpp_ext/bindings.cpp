@@ -7,6 +7,7 @@
 
 #include <string>
 
+#include "edgetune/block.h"
 #include "edgetune/ops.h"
 #include "edgetune/qgemm.h"
 #include "edgetune/rng.h"
@@ -165,6 +166,62 @@ int64_t rows_f32(const py::array& a, const char* what) {
     return a.strides(0) / 4;
 }
 
+
+// a contiguous float32 vector of length n (norm weights, biases)
+const float* vec_f32(const py::handle& h, int64_t n, const std::string& what) {
+    py::array a = py::reinterpret_borrow<py::array>(h);
+    if (!py::isinstance<py::array>(h) || !is_f32(a) || a.ndim() != 1 || a.shape(0) != n ||
+        (n > 1 && a.strides(0) != 4))
+        throw py::value_error("block_forward: " + what + " must be a contiguous float32 vector of length " +
+                              std::to_string(n));
+    return static_cast<const float*>(a.data());
+}
+
+// layer: (segments: 7 qgemm_multi 11-tuples in BlockMatrix order, attn_norm, ffn_norm,
+//         biases: (q, k, v) vectors or None each, loras: 7 entries of None or (A [r, K], B [N, r], scale))
+BlockWeights block_weights_from(const py::handle& layer, const BlockConfig& c) {
+    py::tuple t = py::reinterpret_borrow<py::tuple>(layer);
+    if (!py::isinstance<py::tuple>(layer) || t.size() != 5)
+        throw py::value_error("block_forward: each layer is a 5-tuple (segments, attn_norm, ffn_norm, biases, loras)");
+    BlockWeights w;
+    py::sequence segs = t[0].cast<py::sequence>();
+    py::sequence loras = t[4].cast<py::sequence>();
+    if (segs.size() != BM_COUNT || loras.size() != BM_COUNT)
+        throw py::value_error("block_forward: a layer needs 7 segments and 7 LoRA entries (q, k, v, o, gate, up, down)");
+    for (int i = 0; i < BM_COUNT; ++i) {
+        py::tuple sg = segs[i].cast<py::tuple>();
+        if (sg.size() != 11) throw py::value_error("block_forward: each segment is an 11-tuple");
+        w.w[i] = matrix_from(sg[1].cast<py::array>(), sg[2].cast<py::array>(), py::reinterpret_borrow<py::object>(sg[3]),
+                             sg[0].cast<int>(), sg[4].cast<int>());
+        w.p[i] = make_perturbation(sg[5].cast<bool>(), sg[6].cast<uint64_t>(), sg[7].cast<uint64_t>(),
+                                   sg[8].cast<double>(), sg[9].cast<int>(), sg[10].cast<int>());
+        py::object lo = loras[i];
+        if (!lo.is_none()) {
+            py::tuple lt = lo.cast<py::tuple>();
+            if (lt.size() != 3) throw py::value_error("block_forward: a LoRA entry is (A, B, scale)");
+            py::array a = lt[0].cast<py::array>(), b = lt[1].cast<py::array>();
+            if (!is_f32(a) || a.ndim() != 2 || !c_contig_2d(a) || a.shape(1) != w.w[i].K)
+                throw py::value_error("block_forward: LoRA A must be a C-contiguous float32 [rank, K] array, got shape " +
+                                      shape_str(a));
+            require_f32_2d(b, "LoRA B", w.w[i].N, a.shape(0));
+            w.lora[i].a = static_cast<const float*>(a.data());
+            w.lora[i].b = static_cast<const float*>(b.data());
+            w.lora[i].rank = a.shape(0);
+            w.lora[i].scale = static_cast<float>(lt[2].cast<double>());
+        }
+    }
+    w.attn_norm = vec_f32(t[1], c.n_embd, "attn_norm");
+    w.ffn_norm = vec_f32(t[2], c.n_embd, "ffn_norm");
+    if (!t[3].is_none()) {
+        py::sequence bs = t[3].cast<py::sequence>();
+        if (bs.size() != 3) throw py::value_error("block_forward: biases are (q, k, v)");
+        const int64_t kv = c.n_head_kv * c.head_dim;
+        const int64_t n[3] = {c.n_embd, kv, kv};
+        for (int i = 0; i < 3; ++i)
+            if (!bs[i].is_none()) w.bias[i] = vec_f32(bs[i], n[i], "bias");
+    }
+    return w;
+}
 }  // namespace
 
 PYBIND11_MODULE(_kernels, m) {
@@ -247,6 +304,45 @@ PYBIND11_MODULE(_kernels, m) {
           py::arg("q"), py::arg("k"), py::arg("v"), py::arg("B"), py::arg("T"), py::arg("H"), py::arg("Hkv"),
           py::arg("cos"), py::arg("sin"), py::arg("neox"), py::arg("scale"), py::arg("out"),
           "causal attention with RoPE; q/k/v/out [B*T, heads*hd]");
+    m.def("block_forward",
+          [](py::array h, py::array out, py::tuple cfg, py::list layers, int64_t B, int64_t T, py::array cos,
+             py::array sin, const std::string& path_s) {
+              if (cfg.size() != 9)
+                  throw py::value_error("block_forward: cfg is (n_embd, n_head, n_head_kv, head_dim, n_ff, rope_dim, "
+                                        "neox, rms_eps, attn_scale)");
+              BlockConfig c;
+              c.n_embd = cfg[0].cast<int64_t>();
+              c.n_head = cfg[1].cast<int64_t>();
+              c.n_head_kv = cfg[2].cast<int64_t>();
+              c.head_dim = cfg[3].cast<int64_t>();
+              c.n_ff = cfg[4].cast<int64_t>();
+              c.rope_dim = cfg[5].cast<int64_t>();
+              c.neox = cfg[6].cast<bool>();
+              c.rms_eps = cfg[7].cast<float>();
+              c.attn_scale = cfg[8].cast<float>();
+              const Path path = path_from_name(path_s);
+              require_f32_2d(h, "block_forward h", B * T, c.n_embd);
+              require_f32_2d(out, "block_forward out", B * T, c.n_embd);
+              if (!out.writeable()) throw py::value_error("block_forward: out is read-only");
+              require_f32_2d(cos, "block_forward cos", T, c.rope_dim / 2);
+              require_f32_2d(sin, "block_forward sin", T, c.rope_dim / 2);
+              std::vector<BlockWeights> ws;
+              ws.reserve(layers.size());
+              for (py::handle l : layers) ws.push_back(block_weights_from(l, c));
+              for (const BlockWeights& w : ws)
+                  for (int i = 0; i < BM_COUNT; ++i) qgemm_check(w.w[i], path);
+              const float* hp = static_cast<const float*>(h.data());
+              float* op = static_cast<float*>(out.mutable_data());
+              const float* cp = static_cast<const float*>(cos.data());
+              const float* sp = static_cast<const float*>(sin.data());
+              py::gil_scoped_release nogil;
+              blocks_forward(c, ws.data(), static_cast<int>(ws.size()), hp, op, B, T, cp, sp, path);
+          },
+          py::arg("h"), py::arg("out"), py::arg("cfg"), py::arg("layers"), py::arg("B"), py::arg("T"), py::arg("cos"),
+          py::arg("sin"), py::arg("path") = "auto",
+          "transformer blocks in order on h [B*T, n_embd] -> out (may be h); layers: list of (segments, attn_norm, "
+          "ffn_norm, biases, loras)");
+    m.def("block_arena_bytes", &block_arena_bytes, "bytes held by the block scratch arena");
     m.def("rng_perturbation",
           [](uint64_t seed, uint64_t tensor_id, int64_t n, int dist, uint64_t offset) {
               if (n < 0) throw py::value_error("rng_perturbation: n < 0");

@@ -7,6 +7,8 @@
 
 The perturbation is an argument, not a write: the kernel adds eps·sign·z to the scales it reads
 (z from the counter-based RNG of zo/rng.py, regenerated in C++), so nothing is restored afterwards.
+block_forward(h, cfg, layers, ...) runs whole transformer blocks in one C++ call (block_layer()
+describes a layer as data: its QTensors + scale perturbations, perturbed norm/bias/LoRA values).
 The C++ paths quantize activations to int8 per group (like llama.cpp's Q8 activations): expect
 ~1e-2 relative error against the float64 reference, identical results for any thread count.
 """
@@ -198,6 +200,20 @@ def qgemm(x, qt: quant.QTensor, perturb=None, out=None, path: str = "auto"):
     return y
 
 
+def _segment(qt: quant.QTensor, perturb) -> tuple:
+    """qt + its perturbation as the C++ segment tuple (bits, codes, scales, mins, offset, perturb,
+    seed, tensor_id, eps, sign, dist) of qgemm_multi and block_forward."""
+    _check_codes(qt)
+    p = as_perturbation(perturb)
+    bits = 4 if qt.kind == "q4" else 8
+    scales = np.ascontiguousarray(qt.scales, dtype=np.float32)
+    mins = None if qt.mins is None else np.ascontiguousarray(qt.mins, dtype=np.float32)
+    if p is None:
+        return (bits, qt.codes, scales, mins, int(qt.offset), False, 0, 0, 0.0, 1, 0)
+    return (bits, qt.codes, scales, mins, int(qt.offset), True, int(p.seed) & _MASK64,
+            int(qt.tensor_id) & _MASK64, float(p.eps), int(p.sign), DISTS[p.dist])
+
+
 def qgemm_multi(x, qts, perturbs=None, path: str = "auto"):
     """Fused [qgemm(x, qts[0], perturbs[0]), qgemm(x, qts[1], ...), ...] concatenated along the last
     axis (shape (..., ΣN), float32; torch in -> torch out).  Each QTensor keeps its own scales, mins
@@ -220,18 +236,7 @@ def qgemm_multi(x, qts, perturbs=None, path: str = "auto"):
     else:
         lead = _check_x(xn, qts[0])
         x2 = np.ascontiguousarray(xn.reshape(-1, k), dtype=np.float32)
-        segs = []
-        for qt, p in zip(qts, perturbs):
-            _check_codes(qt)
-            p = as_perturbation(p)
-            bits = 4 if qt.kind == "q4" else 8
-            scales = np.ascontiguousarray(qt.scales, dtype=np.float32)
-            mins = None if qt.mins is None else np.ascontiguousarray(qt.mins, dtype=np.float32)
-            if p is None:
-                segs.append((bits, qt.codes, scales, mins, int(qt.offset), False, 0, 0, 0.0, 1, 0))
-            else:
-                segs.append((bits, qt.codes, scales, mins, int(qt.offset), True, int(p.seed) & _MASK64,
-                             int(qt.tensor_id) & _MASK64, float(p.eps), int(p.sign), DISTS[p.dist]))
+        segs = [_segment(qt, p) for qt, p in zip(qts, perturbs)]
         n = sum(qt.shape[0] for qt in qts)
         y = np.empty((x2.shape[0], n), dtype=np.float32)
         _kernels.qgemm_multi(x2, segs, y, path=path)
@@ -282,6 +287,60 @@ def attention(q, k, v, B: int, T: int, H: int, Hkv: int, cos, sin, neox: bool, s
                        cos.contiguous().numpy(), sin.contiguous().numpy(), bool(neox), float(scale),
                        out.numpy())
     return out
+
+
+def _vec32(v) -> np.ndarray:
+    if _is_torch(v):
+        import torch
+        v = v.detach().to(torch.float32).contiguous().numpy()
+    return np.ascontiguousarray(v, dtype=np.float32).reshape(-1)
+
+
+def block_layer(mats, perturbs, attn_norm, ffn_norm, biases=None, loras=None) -> tuple:
+    """One transformer layer as data for block_forward.
+
+    mats: the 7 QTensors in the order q, k, v, o, gate, up, down (q4/q8; q/k/v and gate/up each of
+    one kind and group); perturbs: their scale perturbations (None / Perturbation / tuple each);
+    attn_norm/ffn_norm: the norm weight vectors as they are to be used (already perturbed);
+    biases: None or (q, k, v) bias vectors (already perturbed); loras: None or 7 entries, each None
+    or (A [rank, K], B [N, rank], scale) with A and B already perturbed."""
+    if len(mats) != 7 or len(perturbs) != 7:
+        raise ValueError("block_layer: need 7 matrices (q, k, v, o, gate, up, down) and 7 perturbations")
+    loras = [None] * 7 if loras is None else list(loras)
+    if len(loras) != 7:
+        raise ValueError("block_layer: need 7 LoRA entries (None for no adapter)")
+    lo = [None if t is None else (np.ascontiguousarray(t[0], np.float32), np.ascontiguousarray(t[1], np.float32),
+                                  float(t[2])) for t in loras]
+    b = None if biases is None else tuple(None if v is None else _vec32(v) for v in biases)
+    return ([_segment(qt, p) for qt, p in zip(mats, perturbs)], _vec32(attn_norm), _vec32(ffn_norm), b, lo)
+
+
+def block_forward(h, cfg: tuple, layers: list, B: int, T: int, cos, sin, out=None, path: str = "auto"):
+    """Transformer blocks (block_layer tuples, applied in order) on h [B*T, n_embd] float32 in one
+    C++ call (edgetune/block.h): RMSNorm, fused q/k/v (+biases, LoRA), RoPE, GQA causal attention,
+    residual, RMSNorm, fused gate/up, SiLU*up, down, residual.  cfg: (n_embd, n_head, n_head_kv,
+    head_dim, n_ff, rope_dim, neox, rms_eps, attn_scale); cos/sin [T, rope_dim/2].  h and out are
+    numpy arrays or torch tensors (out may be h); returns out (new, h's kind, when None)."""
+    torch_in = _is_torch(h)
+    hn = h.detach().contiguous().numpy() if torch_in else np.ascontiguousarray(h, np.float32)
+    if out is None:
+        on = np.empty_like(hn)
+        if torch_in:
+            import torch
+            res = torch.from_numpy(on)
+        else:
+            res = on
+    else:
+        on = out.numpy() if _is_torch(out) else out
+        res = out
+    c = np.ascontiguousarray(cos.numpy() if _is_torch(cos) else cos, np.float32)
+    s = np.ascontiguousarray(sin.numpy() if _is_torch(sin) else sin, np.float32)
+    _kernels.block_forward(hn, on, tuple(cfg), list(layers), int(B), int(T), c, s, path)
+    return res
+
+
+def block_arena_bytes() -> int:
+    return int(_kernels.block_arena_bytes()) if HAVE_KERNELS else 0
 
 
 def _dist_id(dist) -> int:

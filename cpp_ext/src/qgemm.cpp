@@ -145,8 +145,9 @@ void qgemm_multi(const float* x, int64_t M, const std::vector<Segment>& segs, fl
         qgemm_multi_avx512(x, M, segs.data(), static_cast<int>(segs.size()), y, ldy);
         return;
     }
-    // other paths: one call per segment into a scratch buffer, then scatter the columns
-    std::vector<float> tmp;
+    // other paths: one call per segment into a scratch buffer (kept per thread: no allocation in
+    // the steady state), then scatter the columns
+    thread_local std::vector<float> tmp;
     for (const Segment& s : segs) {
         if (s.w.N == 0) continue;
         tmp.resize(static_cast<size_t>(M * s.w.N));

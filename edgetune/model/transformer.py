@@ -119,6 +119,9 @@ class NoHooks:
     def norm_weight(self, name, w, pert):
         return w
 
+    def linear_terms(self, qt, pert):
+        return None
+
 
 class Transformer:
     """Weights + forward.  `perturb` is an opaque per-pass object handed to `self.hooks`, which a
@@ -346,9 +349,75 @@ class Transformer:
         up = self.linear(x, L.w["ffn_up"], perturb)
         return h + self.linear(F.silu(gate) * up, L.w["ffn_down"], perturb)
 
+    def block_config(self) -> tuple:
+        """The model's shape as kernels.block_forward's cfg tuple."""
+        c = self.config
+        return (c.n_embd, c.n_head, c.n_head_kv, c.head_dim, c.n_ff, c.rope_dim,
+                c.rope_mode == "neox", c.rms_eps, 1.0 / math.sqrt(c.head_dim))
+
+    def block_layer(self, i: int, perturb=None):
+        """Layer i under `perturb` as data for the C++ block (kernels.block_layer), or None when
+        it cannot be: the hooks have no `linear_terms` or answer NotImplemented for a matrix (an
+        extra term only their linear_extra can add), a matrix is not q4/q8 codes in memory, or
+        q/k/v (gate/up) differ in kind or group.  Then the per-op path runs."""
+        terms = getattr(self.hooks, "linear_terms", None)
+        if terms is None:
+            return None
+        L, hk = self.layers[i], self.hooks
+        mats = [L.w[n] for n in LAYER_WEIGHTS]
+        if any(qt.kind not in ("q4", "q8") or qt.codes is None or qt.scales is None for qt in mats):
+            return None
+        for grp in (mats[0:3], mats[4:6]):
+            if any(qt.kind != grp[0].kind or qt.group != grp[0].group for qt in grp):
+                return None
+        loras = []
+        for qt in mats:
+            t = terms(qt, perturb)
+            if t is NotImplemented:
+                return None
+            loras.append(t)
+        biases = None
+        if L.bias:
+            biases = tuple(hk.norm_weight(f"blk.{i}.{n}.bias", L.bias[n], perturb)
+                           for n in ("attn_q", "attn_k", "attn_v"))
+        return kernels.block_layer(
+            mats, [hk.scale_perturbation(qt, perturb) for qt in mats],
+            hk.norm_weight(f"blk.{i}.attn_norm.weight", L.attn_norm, perturb),
+            hk.norm_weight(f"blk.{i}.ffn_norm.weight", L.ffn_norm, perturb), biases, loras)
+
+    def layers_forward(self, i0: int, i1: int, h: torch.Tensor, perturb=None) -> torch.Tensor:
+        """Layers i0..i1-1 on h [B, T, n_embd]: one C++ call for the whole range when every layer
+        is resident and describable as data, else layer by layer."""
+        if self._fast() and i1 > i0 and not any(self.stream is not None and i in self.streamed
+                                                 for i in range(i0, i1)):
+            layers = [self.block_layer(i, perturb) for i in range(i0, i1)]
+            if all(lay is not None for lay in layers):
+                B, T, D = h.shape
+                cos, sin = self.rope(T)
+                out = kernels.block_forward(h.reshape(B * T, D), self.block_config(), layers, B, T,
+                                            cos, sin)
+                return out.reshape(B, T, D)
+        for i in range(i0, i1):
+            h = self._run_layer(i, [h], [perturb])[0]
+        return h
+
     def _layer_forward_fast(self, i: int, h: torch.Tensor, perturb=None) -> torch.Tensor:
-        """layer_forward with the C++ pieces: fused q/k/v and gate/up GEMMs, attention with RoPE
-        on token-major rows (no transposes), SiLU*up in one pass."""
+        """layer_forward in one C++ call (kernels.block_forward; the layer and the trainable
+        set's values for this pass handed over as data), or the per-op path when the hooks
+        cannot describe the layer as data."""
+        layer = self.block_layer(i, perturb)
+        if layer is None:
+            return self._layer_forward_ops(i, h, perturb)
+        B, T, D = h.shape
+        cos, sin = self.rope(T)
+        out = kernels.block_forward(h.reshape(B * T, D), self.block_config(), [layer], B, T, cos, sin)
+        return out.reshape(B, T, D)
+
+    def _layer_forward_ops(self, i: int, h: torch.Tensor, perturb=None) -> torch.Tensor:
+        """layer_forward with the C++ pieces driven op by op (fused q/k/v and gate/up GEMMs,
+        attention with RoPE on token-major rows, SiLU*up in one pass) and the hooks called in
+        between: the fallback for hooks that cannot describe themselves as data, and the
+        reference the one-call block is tested against (bit-identical without LoRA)."""
         c = self.config
         L = self.layers[i]
         B, T, D = h.shape

@@ -157,6 +157,25 @@ class TrainableSet:
             y = y.index_add(1, sp.rows, contrib)
         return y
 
+    # methods whose every effect on a layer is scale_perturbation / norm_weight / linear_terms
+    # below: for anything else the model keeps calling linear_extra (the per-op path)
+    DESCRIBED = ("scales", "lora", "norms", "head")
+
+    def linear_terms(self, qt, pert: Perturb | None):
+        """linear_extra as data, for the C++ block: None (nothing is added to qt's output),
+        (A, B, scale) for a LoRA adapter (A, B as perturbed for this pass, float32), or
+        NotImplemented when only linear_extra can apply the term (sparse deltas, head rows, or a
+        method this description does not know)."""
+        if any(m not in self.DESCRIBED for m in self.methods) or qt.name in self.sparse \
+                or qt.name in self.head:
+            return NotImplemented
+        lo = self.lora.get(qt.name)
+        if lo is None:
+            return None
+        a = lo.a.value if pert is None else pert.apply(lo.a)
+        b = lo.b.value if pert is None else pert.apply(lo.b)
+        return a, b, lo.scale
+
     def norm_weight(self, name: str, w: torch.Tensor, pert: Perturb | None) -> torch.Tensor:
         if pert is None or name not in self.norms:
             return w
