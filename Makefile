@@ -36,11 +36,12 @@ arm:
 	        g++-aarch64-linux-gnu qemu-user-static >/dev/null; \
 	    else echo "SKIP arm toolchain: apt-get not available (or not root)"; fi; }
 
+# EDGETUNE_REQUIRE_KERNELS=1: a missing or broken C++ extension fails the suite (no numpy fallback)
 test: install arm
-	$(PYTHON) -m pytest -q tests
+	EDGETUNE_REQUIRE_KERNELS=1 $(PYTHON) -m pytest -q tests
 
 test-long: install arm
-	EDGETUNE_LONG=1 $(PYTHON) -m pytest -q tests
+	EDGETUNE_REQUIRE_KERNELS=1 EDGETUNE_LONG=1 $(PYTHON) -m pytest -q tests
 
 # the default recipe (edgetune finetune with no tuning flags: `head`, the label-word rows, pure
 # ZO with the normalized estimator; the frozen network runs once per example) for at most 240 s of

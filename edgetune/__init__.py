@@ -7,7 +7,7 @@ _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .errors import EdgetuneError, FormatError, UnsupportedError
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: E402
 __all__ = ["load", "finetune", "Model", "EdgetuneError", "FormatError", "UnsupportedError",
            "__version__"]
 

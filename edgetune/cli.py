@@ -451,7 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgetune",
         description="Fine-tune int4 LLMs on the device that uses them (forward passes only).")
-    from . import __version__
+    from .version import __version__
     parser.add_argument("--version", action="version", version=f"edgetune {__version__}")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     _add_generate(sub)

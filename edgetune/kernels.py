@@ -10,11 +10,17 @@ The perturbation is an argument, not a write: the kernel adds eps·sign·z to th
 block_forward(h, cfg, layers, ...) runs whole transformer blocks in one C++ call (block_layer()
 describes a layer as data: its QTensors + scale perturbations, perturbed norm/bias/LoRA values).
 The C++ paths quantize activations to int8 per group (like llama.cpp's Q8 activations): expect
-~1e-2 relative error against the float64 reference, identical results for any thread count.
+~1e-2 relative error against the float64 reference, identical results for any thread count;
+`qgemm_reference(..., int8_activations=True)` rounds the activations the same way.
+
+Without the extension every call falls back to numpy, announced once on stderr at import.
+EDGETUNE_REQUIRE_KERNELS=1 (set by `make test` and .ci/run) makes a missing or broken extension
+an ImportError instead, so a broken build fails the test suite rather than skipping it.
 """
 from __future__ import annotations
 
-import warnings
+import os
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,14 +32,20 @@ try:
     from . import _kernels
     HAVE_KERNELS = True
     _IMPORT_ERROR = None
-except ImportError as e:  # pragma: no cover - exercised only on broken installs
+except ImportError as e:  # exercised by tests/test_build.py in a subprocess
+    if os.environ.get("EDGETUNE_REQUIRE_KERNELS") == "1":
+        raise ImportError(f"edgetune._kernels (the C++ extension) does not import: {e}. "
+                          f"EDGETUNE_REQUIRE_KERNELS=1 forbids the numpy fallback; rebuild it "
+                          f"with `make install`") from e
     _kernels = None
     HAVE_KERNELS = False
     _IMPORT_ERROR = e
+    print(f"edgetune: the C++ extension edgetune._kernels is not available ({e}); falling back "
+          f"to the slow numpy reference (set EDGETUNE_REQUIRE_KERNELS=1 to make this an error)",
+          file=sys.stderr, flush=True)
 
 _MASK64 = (1 << 64) - 1
 DISTS = {"rademacher": 0, "gaussian": 1}
-_warned = False
 
 
 @dataclass(frozen=True)
@@ -121,20 +133,31 @@ def _check_codes(qt: quant.QTensor) -> None:
                          f"got {None if qt.scales is None else tuple(np.shape(qt.scales))}")
 
 
-def _warn_fallback():
-    global _warned
-    if not _warned:
-        _warned = True
-        warnings.warn(f"edgetune._kernels is not available ({_IMPORT_ERROR}); using the slow numpy "
-                      "reference for qgemm", RuntimeWarning, stacklevel=3)
-
-
 # --- public API ---------------------------------------------------------------------------------
 
-def qgemm_reference(x, qt: quant.QTensor, perturb=None) -> np.ndarray:
-    """float64 numpy x @ dequantize(qt, perturbed scales).T, shape (..., N)."""
+def int8_activations(x, group: int) -> np.ndarray:
+    """The activations the SIMD kernels actually multiply, as float64: the numpy twin of
+    cpp_ext's quantize_act_row — per group of `group` values d = max|x| / 127 (fp32),
+    q = round-half-even(x * (127 / max|x|)) clamped to +-127, x' = q * d."""
+    x32 = np.ascontiguousarray(x, dtype=np.float32)
+    k = x32.shape[-1]
+    xg = x32.reshape(-1, k // group, group)
+    amax = np.abs(xg).max(-1, keepdims=True)
+    d = amax / np.float32(127.0)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax > 0, np.float32(127.0) / amax, np.float32(0.0)).astype(np.float32)
+    q = np.clip(np.rint(xg * inv), -127, 127)
+    return (q.astype(np.float64) * d.astype(np.float64)).reshape(x32.shape)
+
+
+def qgemm_reference(x, qt: quant.QTensor, perturb=None, act_int8: bool = False) -> np.ndarray:
+    """float64 numpy x @ dequantize(qt, perturbed scales).T, shape (..., N).
+    act_int8: first round x as the SIMD kernels do (int8_activations), so the remaining
+    difference from a SIMD path is fp32 accumulation only."""
     xn = np.asarray(_to_numpy_x(x), dtype=np.float64)
     lead = _check_x(xn, qt)
+    if act_int8 and qt.kind != "f32":
+        xn = int8_activations(_to_numpy_x(x), 32 if qt.kind == "q4" else qt.group)
     if qt.kind == "f32":
         w = np.asarray(qt.data, dtype=np.float64)
     else:
@@ -174,7 +197,6 @@ def qgemm(x, qt: quant.QTensor, perturb=None, out=None, path: str = "auto"):
     elif qt.kind not in ("q4", "q8"):
         raise ValueError(f"qgemm: unsupported QTensor kind {qt.kind!r}")
     elif not HAVE_KERNELS:
-        _warn_fallback()
         y = qgemm_reference(x2, qt, p).astype(np.float32)
         if out2 is not None:
             out2[...] = y

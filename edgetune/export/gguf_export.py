@@ -84,29 +84,9 @@ LORA_TYPES = ("q8_0", "same")
 # run + model
 
 def _open_run(run_dir, model, step="best"):
-    """(model_path, Model, TrainableSet, header) for a run directory, its state at `step`
-    (best: the best dev step; last; or a step number)."""
-    from .. import assets
-    from ..model.lm import load
-    from ..train.runstate import apply_run, read_run_log
-    run_dir = str(run_dir)
-    header, records = read_run_log(run_dir)
-    trained_on = header.get("model")
-    cfg = header["config"]
-    path = assets.resolve_model(model if model else cfg["model"], quant=cfg.get("quant", "q4_0"),
-                                group_size=cfg.get("group_size", 32))
-    if model and trained_on and os.path.basename(path) != trained_on:
-        raise EdgetuneError(f"{path}: the run {run_dir} was trained on {trained_on}, not on this "
-                            f"model file")
-    m = load(path)
-    ts = apply_run(m, run_dir, log=(header, records), step=step)
-    done = sum(1 for r in records if r.get("type") == "step")
-    header["_steps"] = done if ts.restored_step is None else ts.restored_step
-    return path, m, ts, header
+    from ..train.runstate import open_run
+    return open_run(run_dir, model, step)
 
-
-# ---------------------------------------------------------------------------------------------
-# metadata
 
 def _copy_metadata(src, w: GGUFStreamWriter, skip=()):
     """Copy every metadata key of the source (GGUFFile) with its GGUF type (from edgetune's own
@@ -380,7 +360,7 @@ def _fix_sparse(qtype, blocks, wt, sp, r0, r1, stats, name):
 
 def _provenance(w, header, run_dir, src_path, what):
     cfg = header.get("config", {})
-    from .. import __version__
+    from ..version import __version__
     w.meta.add_string("edgetune.version", str(__version__))
     w.meta.add_string("edgetune.export", what)
     w.meta.add_string("edgetune.run", os.path.basename(os.path.normpath(str(run_dir))))

@@ -416,9 +416,10 @@ def export_onnx(run_dir, out, model=None, overwrite: bool = False, *,
     """A run's model as ONNX with its trainable tensors as inputs, plus their tuned values in
     `out`.trainable.safetensors (what an app feeds, or perturbs and feeds, at run time)."""
     from safetensors.numpy import save_file
-    from .gguf_export import _check_out, _open_run
-    out = _check_out(out, overwrite)
-    path, m, ts, header = _open_run(run_dir, model)
+    from ..formats.gguf_writer import check_output
+    from ..train.runstate import open_run
+    out = check_output(out, overwrite)
+    path, m, ts, header = open_run(run_dir, model)
     check_trainable(ts)
     build_onnx(m.net, ts, out, accuracy_level=accuracy_level,
                doc=f"edgetune export of run {Path(str(run_dir)).name} on {os.path.basename(path)}")

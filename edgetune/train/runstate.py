@@ -56,7 +56,7 @@ def apply_run(model, run_dir: str, log=None, step="best"):
     """Attach the run's trainable set to `model` and restore its state at `step` (best: the best
     dev step; last; or a step number) by replaying the seed log; returns the set.
     log: (header, records) already read with read_run_log, to avoid reading the log twice."""
-    from .loop import StepBatches, build_set, load_snapshot, open_dataset, replay
+    from ..runlog import StepBatches, build_set, load_snapshot, open_dataset, replay
     from ..zo.head_grad import HeadAdam
     header, records = log if log is not None else read_run_log(run_dir)
     cfg = make_config(flag_values={k: v for k, v in header["config"].items()
@@ -85,3 +85,25 @@ def apply_run(model, run_dir: str, log=None, step="best"):
         replay(records, ts, opt, start, hopt, to_step=target)
     ts.restored_step = target
     return ts
+
+
+def open_run(run_dir, model=None, step="best"):
+    """(model_path, Model, TrainableSet, header) for a run directory: the model it was trained on
+    (or `model`, which must be the same file), with the run's state at `step` applied (best: the
+    best dev step; last; or a step number).  What every exporter reads a run through."""
+    from .. import assets
+    from ..model.lm import load
+    run_dir = str(run_dir)
+    header, records = read_run_log(run_dir)
+    trained_on = header.get("model")
+    cfg = header["config"]
+    path = assets.resolve_model(model if model else cfg["model"], quant=cfg.get("quant", "q4_0"),
+                                group_size=cfg.get("group_size", 32))
+    if model and trained_on and os.path.basename(path) != trained_on:
+        raise EdgetuneError(f"{path}: the run {run_dir} was trained on {trained_on}, not on this "
+                            f"model file")
+    m = load(path)
+    ts = apply_run(m, run_dir, log=(header, records), step=step)
+    done = sum(1 for r in records if r.get("type") == "step")
+    header["_steps"] = done if ts.restored_step is None else ts.restored_step
+    return path, m, ts, header
