@@ -159,7 +159,7 @@ class TrainableSet:
 
     # methods whose every effect on a layer is scale_perturbation / norm_weight / linear_terms
     # below: for anything else the model keeps calling linear_extra (the per-op path)
-    DESCRIBED = ("scales", "lora", "norms", "head")
+    DESCRIBED = ("scales", "lora", "norms", "head", "bias")   # head/bias act after every layer
 
     def linear_terms(self, qt, pert: Perturb | None):
         """linear_extra as data, for the C++ block: None (nothing is added to qt's output),
