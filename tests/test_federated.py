@@ -32,7 +32,7 @@ def settings(tiny, out, **kw):
                 rounds=2, local_steps=3, k=16, q=8, batch=4, client_examples=16, lr=1e-2,
                 eps=1e-2, partition="dirichlet:0.3", out=str(out), eval_every=1,
                 eval_limit=20, test_limit=40, progress=False, personal_steps=3,
-                dump_dir=str(out) + "-dump", timeout=120.0)
+                dump_dir=str(out) + "-dump", timeout=900.0)
     base.update(kw)
     return FedConfig(**base)
 

@@ -159,7 +159,8 @@ class FedServer:
         msgs = [Message(RecordDict({"query": ConfigRecord({"what": "partition"})}),
                         dst_node_id=n, message_type="query") for n in nodes]
         pid_of = {}
-        for m in grid.send_and_receive(msgs, timeout=self.cfg.timeout):
+        # the first message starts every ClientApp process (model load, data): be patient
+        for m in grid.send_and_receive(msgs, timeout=max(self.cfg.timeout, 900.0)):
             nbytes = protocol.message_bytes(m)
             if m.has_error() or nbytes > self.cfg.reply_limit:
                 self._audit(audit, -1, "query", None, m, nbytes, "dropped")
