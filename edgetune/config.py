@@ -109,8 +109,7 @@ class TrainConfig:
             c.layers = "all"
         from .zo.trainable import HEAD_METHODS
         methods = [m.strip() for m in c.method.split(",") if m.strip()]
-        frozen_body = all(m in HEAD_METHODS for m in methods) or (
-            c.head_grad == "exact" and all(m in HEAD_METHODS for m in methods))
+        frozen_body = all(m in HEAD_METHODS for m in methods)
         if c.q == 0:
             c.q = 64 if frozen_body else (8 if c.estimator == "normalized" else 1)
         if c.lr == 0:

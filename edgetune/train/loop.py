@@ -353,7 +353,6 @@ def evaluate_dev(s: Session, done: int, loss_ema, lr: float, tps: float):
 
 def step_losses(s: Session, batch):
     """losses_fn for the estimator: every pass of one step on `batch` at once."""
-    cfg = s.cfg
     if s.passes is None:   # onnxruntime backend: its own forward, pass by pass
         if s.objective == "lm":
             return lambda ps: [objectives.lm_loss(s.fwd, batch.input_ids, batch.loss_masks, p)
@@ -368,7 +367,6 @@ def step_losses(s: Session, batch):
     def fn(ps):
         losses, lg, x = s.passes.class_losses(batch, ps, "train", metric)
         return losses, (lg, x, ps)
-    del cfg
     return fn
 
 

@@ -69,7 +69,6 @@ class BatchPasses:
     # -- classification ------------------------------------------------------------------------
     def _final_states(self, batch, perturbs, split: str | None):
         """Final normed states at the answer positions, one [B, d] tensor per perturbation."""
-        net = self.model.net
         if self.cache_on and split is not None:
             keys = [(split, i) for i in batch.indices]
             missing = [j for j, k in enumerate(keys) if k not in self._features]
@@ -81,7 +80,6 @@ class BatchPasses:
                     self._features[keys[j]] = row.clone()
             x = torch.stack([self._features[k] for k in keys])
             return [x] * len(perturbs), True
-        del net
         key = (split, tuple(batch.indices)) if split in self.prefix_splits else None
         return self._compute_states(batch.input_ids, batch.answer_pos, perturbs, key)
 
@@ -97,12 +95,11 @@ class BatchPasses:
         B = tokens.shape[0]
         idx = torch.as_tensor(answer_pos, dtype=torch.long)
         f = self.first_layer
-        self.forwards += B
         with torch.inference_mode():
             if key is not None and key in self._prefix:
                 h0 = self._prefix[key]
-                self.forwards -= B
             else:
+                self.forwards += B
                 h0 = net.hidden_upto(tokens, f)
                 if key is not None and 0 < f:
                     self._prefix[key] = h0
