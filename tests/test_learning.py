@@ -320,3 +320,36 @@ def test_lm_objective_top_layers_best_dev_nll_and_llamacpp_perplexity(tiny, tmp_
     f = export_gguf(str(out), tmp_path / "lm.gguf")
     lt, lc = nll_llamacpp(f, ds, "test", 8)
     assert lc == cnt and abs(lt / lc - tot / cnt) < 0.02
+
+
+def test_eval_several_runs_shares_frozen_features_and_equals_single_eval(tiny, tmp_path):
+    """`edgetune eval --run A --run B --baselines`: head runs share one forward of the frozen body
+    (and the zero-shot line uses it too); a body run gets its own model.  Every line equals what
+    scoring each run alone gives, and --no-final-test leaves the test split untouched."""
+    from edgetune.cli import main as cli_main
+    from edgetune.train import data as datamod
+    from edgetune.train.loop import open_dataset
+    from edgetune.train.metrics import evaluate
+    # the body runs first: scales change the model in place, so they must get their own model
+    runs = {"sc": dict(method="scales", layers="top:1", steps=6, q=2, lr=0.5),
+            "h": dict(method="head", steps=12, lr=1.0), "hb": dict(method="head,bias", steps=12),
+            "lo": dict(method="lora", layers="top:1", steps=6, q=2)}
+    for name, kw in runs.items():
+        r = finetune(cfg_for(tiny, tmp_path / name, final_test=False, zero_shot=False, **kw))
+        assert r.final_acc is None and r.report is None
+    js = tmp_path / "scores.json"
+    assert cli_main(["eval", "--model", tiny[0], "--data", tiny[1], "--verbalizer", "a=a,b=b",
+                     "--limit", "24", "--batch", "5", "--baselines", "--json", str(js)]
+                    + sum((["--run", str(tmp_path / n)] for n in runs), [])) == 0
+    res = json.loads(js.read_text())["results"]
+    assert [x["run"] for x in res] == [None] + [str(tmp_path / n) for n in runs]
+    assert [x["shared"] for x in res] == [True, False, True, True, False]
+    cfg = make_config(flag_values={"data": tiny[1], "verbalizer": "a=a,b=b"})
+    for x in res:
+        m = edgetune.load(tiny[0])
+        if x["run"] is not None:
+            ts = apply_run(m, x["run"])
+            assert x["step"] == ("last" if ts.restored_step is None else ts.restored_step)
+        ds = datamod.encode(open_dataset(cfg), m, max_length=96)
+        assert x["report"]["accuracy"] == evaluate(m, ds, "test", 7, 24)
+        assert x["report"]["n"] == 24

@@ -265,7 +265,7 @@ def start_or_resume(s: Session) -> int:
 # settings that never change which updates a run makes (evaluation, I/O, threads: the kernels
 # give identical results for any thread count)
 NEUTRAL_SETTINGS = {"out", "resume", "overwrite", "progress", "threads", "eval_every",
-                    "eval_limit", "test_limit", "zero_shot", "snapshot_every",
+                    "eval_limit", "test_limit", "zero_shot", "final_test", "snapshot_every",
                     "accept_config_change", "memory", "stream_layers"}
 
 
@@ -296,7 +296,7 @@ def accuracy_on(s: Session, split: str, limit=None):
     if s.task != "classification":
         return None
     from .metrics import accuracy, predictions
-    return accuracy(predictions(s.fwd, s.ds, split, s.cfg.batch * 2, limit, s.passes), s.ds, split)
+    return accuracy(predictions(s.fwd, s.ds, split, s.cfg.batch, limit, s.passes), s.ds, split)
 
 
 def zero_shot(s: Session, first: bool):
@@ -376,6 +376,8 @@ def train_step(s: Session, step: int, lr: float) -> dict:
     cfg = s.cfg
     batch = s.batches.get(step)
     seed = step_seed(cfg.seed, step)
+    if s.objective == "lm" and cfg.loss_positions > 0:
+        batch = objectives.sample_loss_positions(batch, cfg.loss_positions, seed)
     rec = {"type": "step", "step": step, "lr": lr}
     if s.ts.zo_params():
         est = estimate_from(step_losses(s, batch), seed, cfg.eps, cfg.q, cfg.estimator,
@@ -476,9 +478,11 @@ def finish(s: Session) -> Run:
                       HeadAdam(s.ts.head_params()) if s.hopt is not None else None,
                       name="best.npz")
     run.best_step = best_step
-    if s.task == "classification":
+    if not cfg.final_test:
+        run.report = None
+    elif s.task == "classification":
         from .metrics import predictions
-        pred = predictions(s.fwd, s.ds, "test", cfg.batch * 2, cfg.test_limit or None, s.passes)
+        pred = predictions(s.fwd, s.ds, "test", cfg.batch, cfg.test_limit or None, s.passes)
         run.report = class_report(pred, s.ds, "test")
         run.final_acc = run.report["accuracy"]
     else:

@@ -50,6 +50,21 @@ def lm_targets(ids, loss_masks):
     return [(p + [p[0] if p else 0] * (width - len(p))) for p in positions], targets
 
 
+def sample_loss_positions(batch, k: int, seed: int):
+    """The batch with each sequence's loss mask cut to k of its loss tokens, chosen at random
+    from `seed` (the step's seed: a resumed run picks the same ones).  The language-model loss
+    then needs full-vocabulary logits at k positions per sequence, not at every token."""
+    import dataclasses
+    import numpy as np
+    rng = np.random.default_rng(int(seed) % 2**63)
+    masks = []
+    for m in batch.loss_masks:
+        on = [t for t in range(1, len(m)) if m[t]]
+        keep = set(rng.choice(on, size=k, replace=False).tolist()) if len(on) > k else set(on)
+        masks.append([1 if t in keep else 0 for t in range(len(m))])
+    return dataclasses.replace(batch, loss_masks=masks)
+
+
 def lm_loss(model, ids, loss_masks, perturb=None) -> float:
     """Mean CE of next-token prediction over tokens whose loss mask is 1."""
     padded, targets = lm_targets(ids, loss_masks)

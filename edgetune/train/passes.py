@@ -54,11 +54,16 @@ class BatchPasses:
     model: an edgetune Model whose net carries the trainable set `ts` as its hooks.
     chunk: perturbed passes that go through a block together (memory: chunk hidden states)."""
 
-    def __init__(self, model, ts, label_tokens=None, chunk: int = 8, cache: bool = True):
+    def __init__(self, model, ts, label_tokens=None, chunk: int = 8, cache: bool = True,
+                 features: dict | None = None):
         self.model, self.ts, self.label_tokens = model, ts, label_tokens
         self.chunk = max(1, int(chunk))
-        self.cache_on = bool(cache) and ts is not None and ts.frozen_body
-        self._features: dict = {}          # (split, index) -> final normed state [d] (frozen body)
+        # ts None (the untuned model) has a frozen body too, but only callers that share the
+        # feature dict (train/scoring.py) ask for the cache then
+        self.cache_on = bool(cache) and (ts.frozen_body if ts is not None else features is not None)
+        # (split, index) -> final normed state [d] of a frozen body; `features` shares one dict
+        # between BatchPasses of the same model file (several runs scored in one process)
+        self._features: dict = {} if features is None else features
         self._prefix: dict = {}            # dev batch -> output of the frozen blocks (below first_layer)
         self.forwards = 0                  # examples that went through the network (for stats)
 
