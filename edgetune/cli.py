@@ -60,7 +60,8 @@ FLAG_HELP = {
     "method": "trainable set(s), comma-separated: head (label-word rows of the output matrix), "
               "bias (a logit offset per label; not exportable to GGUF), scales, lora, norms, "
               "sparse; auto = head for labelled data, lora on the top 4 blocks for text",
-    "layers": "blocks that scales/lora/sparse/norms train: all, top:K (the last K) or A-B; "
+    "layers": "blocks that scales/lora/sparse/norms train: all, top:K (the last K), A-B, or none "
+              "(norms: only the final output norm); "
               "blocks below run once per step (auto = all, or top:4 for the lm recipe)",
     "steps": "number of steps (an upper bound when --budget is set)",
     "budget": "wall-clock seconds for the training loop, dev evaluations included; the lr "

@@ -55,7 +55,8 @@ class BatchPasses:
     chunk: perturbed passes that go through a block together (memory: chunk hidden states)."""
 
     def __init__(self, model, ts, label_tokens=None, chunk: int = 8, cache: bool = True,
-                 features: dict | None = None):
+                 features: dict | None = None, prefix: dict | None = None,
+                 prefix_splits=("dev",)):
         self.model, self.ts, self.label_tokens = model, ts, label_tokens
         self.chunk = max(1, int(chunk))
         # ts None (the untuned model) has a frozen body too, but only callers that share the
@@ -64,7 +65,11 @@ class BatchPasses:
         # (split, index) -> final normed state [d] of a frozen body; `features` shares one dict
         # between BatchPasses of the same model file (several runs scored in one process)
         self._features: dict = {} if features is None else features
-        self._prefix: dict = {}            # dev batch -> output of the frozen blocks (below first_layer)
+        # (split, batch indices, first_layer) -> output of the frozen blocks below first_layer,
+        # kept for the splits in prefix_splits (dev: scored every eval_every steps on the same
+        # batches); `prefix` shares the dict between runs of one model file (train/scoring.py)
+        self._prefix: dict = {} if prefix is None else prefix
+        self.prefix_splits = tuple(prefix_splits)
         self.forwards = 0                  # examples that went through the network (for stats)
 
     @property
@@ -85,12 +90,9 @@ class BatchPasses:
                     self._features[keys[j]] = row.clone()
             x = torch.stack([self._features[k] for k in keys])
             return [x] * len(perturbs), True
-        key = (split, tuple(batch.indices)) if split in self.prefix_splits else None
+        key = ((split, tuple(batch.indices), self.first_layer)
+               if split in self.prefix_splits and self.first_layer > 0 else None)
         return self._compute_states(batch.input_ids, batch.answer_pos, perturbs, key)
-
-    # splits whose frozen-prefix activations are kept across calls: dev is scored every
-    # eval_every steps on the same batches, so its frozen blocks run once per run
-    prefix_splits = ("dev",)
 
     def _compute_states(self, ids, answer_pos, perturbs, key=None):
         """(states, shared): shared when the states cannot depend on the perturbation.

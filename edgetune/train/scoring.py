@@ -3,7 +3,9 @@
 `edgetune eval --run A --run B ... [--baselines]` uses this.  Runs whose whole body is frozen
 (`head`, `bias`: only the label-word logits change) share one dict of final normed states, so the
 network runs once per example for all of them and for the zero-shot line; any other run gets a
-freshly loaded model and its own forward.  Every run is restored at `step` (best dev step by
+freshly loaded model, and runs whose lowest trainable block is the same (e.g. two `--layers top:2`
+runs) share the output of the blocks below it (held in memory: ~0.2 GB for SmolLM2 on 1,200
+tweets).  Every run is restored at `step` (best dev step by
 default) by replaying its seed log (train/runstate.apply_run), exactly as single-run eval does.
 """
 from __future__ import annotations
@@ -35,6 +37,7 @@ def score_runs(path: str, ds_factory, runs, split: str = "test", limit=None, bat
     shared_model = _load(path)
     ds = ds_factory(shared_model)
     features: dict = {}
+    prefix: dict = {}      # (split, batch, first_layer) -> frozen blocks' output
     out = []
     todo = ([None] if baselines else []) + list(runs)
     for run in todo:
@@ -49,7 +52,9 @@ def score_runs(path: str, ds_factory, runs, split: str = "test", limit=None, bat
             from ..model.transformer import NoHooks
             model.net.hooks = NoHooks()
         shared = ts is None or ts.frozen_body
-        passes = BatchPasses(model, ts, ds.label_tokens, features=features if shared else None)
+        # runs that train only the top blocks share the frozen blocks' output too
+        passes = BatchPasses(model, ts, ds.label_tokens, features=features if shared else None,
+                             prefix=prefix, prefix_splits=(split,))
         pred = predictions(model, ds, split, batch, limit, passes)
         rep = class_report(pred, ds, split)
         dt = time.perf_counter() - t

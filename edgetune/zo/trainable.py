@@ -261,11 +261,14 @@ def _layer_matrices(net):
 
 def parse_layers(spec, n_layer: int) -> tuple:
     """--layers: 'all', 'top:K' (the last K blocks; all of them if the model has fewer), 'A-B'
-    (inclusive) or 'A' -> block indices."""
+    (inclusive), 'A', or 'none' (no block: with `norms`, only the final output norm) -> block
+    indices."""
     s = str(spec or "all").strip().lower()
     try:
         if s == "all":
             return tuple(range(n_layer))
+        if s == "none":
+            return ()
         if s.startswith("top:"):
             k = int(s[4:])
             if k < 1:
