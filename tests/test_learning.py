@@ -47,6 +47,7 @@ def test_parse_layers():
     assert parse_layers("3-5", 30) == (3, 4, 5)
     assert parse_layers("7", 30) == (7,)
     assert parse_layers("top:40", 30) == tuple(range(30))   # more than the model has: all
+    assert parse_layers("none", 30) == ()                   # norms: the final norm only
     for bad in ("top:0", "5-3", "x", "30"):
         with pytest.raises(EdgetuneError, match="--layers"):
             parse_layers(bad, 30)
@@ -353,3 +354,31 @@ def test_eval_several_runs_shares_frozen_features_and_equals_single_eval(tiny, t
         ds = datamod.encode(open_dataset(cfg), m, max_length=96)
         assert x["report"]["accuracy"] == evaluate(m, ds, "test", 7, 24)
         assert x["report"]["n"] == 24
+
+
+def test_loss_positions_sampled_from_the_step_seed():
+    from edgetune.train.objectives import sample_loss_positions
+    b = Batch([[1] * 40, [2] * 6], [0, 0], [0, 0], [[0] * 10 + [1] * 30, [0, 1, 1, 1, 1, 1]], [0, 1])
+    a1, a2, c = (sample_loss_positions(b, 8, s) for s in (7, 7, 8))
+    assert a1.loss_masks == a2.loss_masks and a1.loss_masks != c.loss_masks
+    assert sum(a1.loss_masks[0]) == 8 and a1.loss_masks[1] == b.loss_masks[1]   # 5 <= 8: all kept
+    assert all(m <= o for m, o in zip(a1.loss_masks[0], b.loss_masks[0]))     # a subset
+
+
+def test_lm_final_norm_only_runs_once_per_step_and_replays(tmp_path, tiny):
+    """norms --layers none on text: only output_norm trains, the blocks run once per step
+    (first_layer == n_layer), the loss uses --loss-positions tokens; replay == the live state."""
+    model, _ = tiny
+    txt = tmp_path / "t.jsonl"
+    txt.write_text("\n".join(json.dumps({"text": "ab cd ef gh ab ab cd " * 3}) for _ in range(60)))
+    out = tmp_path / "n"
+    run = finetune(make_config(flag_values=dict(
+        model=model, data=str(txt), out=str(out), steps=6, batch=4, eval_every=3, eval_limit=4,
+        test_limit=4, progress=False, method="norms", layers="none", q=4, loss_positions=3)))
+    assert list(run.trainable.state()) == ["norm:output_norm.weight"]
+    assert run.trainable.first_layer == run.model.config.n_layer
+    m = edgetune.load(model)
+    replayed = apply_run(m, str(out), step="last").state()
+    with np.load(out / "state.npz") as z:
+        np.testing.assert_array_equal(replayed["norm:output_norm.weight"],
+                                      z["p:norm:output_norm.weight"])
