@@ -285,18 +285,16 @@ def _eval_many(args, runs) -> int:
     from .config import make_config
     from .train import data as datamod
     from .train.loop import open_dataset
-    from .train.runstate import read_run_log
+    from .train.runstate import check_trained_on, read_run_log
     from .train.scoring import score_runs
+    logs = {r: read_run_log(r) for r in runs}      # each seed log read once
     kw = {}
     if runs:   # as single-run eval: a Hugging Face directory is converted as the run was
-        c = read_run_log(runs[0])[0]["config"]
+        c = logs[runs[0]][0]["config"]
         kw = {"quant": c.get("quant", "q4_0"), "group_size": c.get("group_size", 32)}
     path = assets.resolve_model(args.model, **kw)
     for r in runs:
-        trained_on = read_run_log(r)[0].get("model")
-        if trained_on and os.path.basename(path) != trained_on:
-            raise EdgetuneError(f"{path}: the run {r} was trained on {trained_on}, not on this "
-                                f"model file (pass it with --model)")
+        check_trained_on(logs[r][0], path, r)
     cfg = make_config(flag_values={"data": args.data, "template": args.template,
                                    "verbalizer": args.verbalizer})
     dataset = open_dataset(cfg)
@@ -307,7 +305,7 @@ def _eval_many(args, runs) -> int:
     def ds_factory(model):
         return datamod.encode(dataset, model, max_length=args.max_length, chat=args.chat)
     res = score_runs(path, ds_factory, runs, args.split, args.limit or None, args.batch,
-                     args.step, baselines=args.baselines)
+                     args.step, baselines=args.baselines, logs=logs)
     if args.baselines and res:
         rep = res[0]["report"]
         print(f"majority class: accuracy {100 * rep['majority_acc']:.2f}% (always class "

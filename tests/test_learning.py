@@ -323,7 +323,7 @@ def test_lm_objective_top_layers_best_dev_nll_and_llamacpp_perplexity(tiny, tmp_
     assert lc == cnt and abs(lt / lc - tot / cnt) < 0.02
 
 
-def test_eval_several_runs_shares_frozen_features_and_equals_single_eval(tiny, tmp_path):
+def test_eval_several_runs_shares_frozen_features_and_equals_single_eval(tiny, tmp_path, capsys):
     """`edgetune eval --run A --run B --baselines`: head runs share one forward of the frozen body
     (and the zero-shot line uses it too); a body run gets its own model.  Every line equals what
     scoring each run alone gives, and --no-final-test leaves the test split untouched."""
@@ -354,6 +354,14 @@ def test_eval_several_runs_shares_frozen_features_and_equals_single_eval(tiny, t
         ds = datamod.encode(open_dataset(cfg), m, max_length=96)
         assert x["report"]["accuracy"] == evaluate(m, ds, "test", 7, 24)
         assert x["report"]["n"] == 24
+    # another model file than the runs were trained on is refused, naming it
+    import shutil
+    other = tmp_path / "other.gguf"
+    shutil.copy(tiny[0], other)
+    capsys.readouterr()
+    assert cli_main(["eval", "--model", str(other), "--data", tiny[1], "--verbalizer", "a=a,b=b",
+                     "--baselines", "--run", str(tmp_path / "h")]) != 0
+    assert "was trained on tiny.gguf, not on this model file" in capsys.readouterr().err
 
 
 def test_loss_positions_sampled_from_the_step_seed():

@@ -87,6 +87,14 @@ def apply_run(model, run_dir: str, log=None, step="best"):
     return ts
 
 
+def check_trained_on(header: dict, path: str, run_dir) -> None:
+    """Refuse a model file other than the one the run's log header names."""
+    trained_on = header.get("model")
+    if trained_on and os.path.basename(path) != trained_on:
+        raise EdgetuneError(f"{path}: the run {run_dir} was trained on {trained_on}, not on this "
+                            f"model file")
+
+
 def open_run(run_dir, model=None, step="best"):
     """(model_path, Model, TrainableSet, header) for a run directory: the model it was trained on
     (or `model`, which must be the same file), with the run's state at `step` applied (best: the
@@ -95,13 +103,11 @@ def open_run(run_dir, model=None, step="best"):
     from ..model.lm import load
     run_dir = str(run_dir)
     header, records = read_run_log(run_dir)
-    trained_on = header.get("model")
     cfg = header["config"]
     path = assets.resolve_model(model if model else cfg["model"], quant=cfg.get("quant", "q4_0"),
                                 group_size=cfg.get("group_size", 32))
-    if model and trained_on and os.path.basename(path) != trained_on:
-        raise EdgetuneError(f"{path}: the run {run_dir} was trained on {trained_on}, not on this "
-                            f"model file")
+    if model:
+        check_trained_on(header, path, run_dir)
     m = load(path)
     ts = apply_run(m, run_dir, log=(header, records), step=step)
     done = sum(1 for r in records if r.get("type") == "step")

@@ -21,19 +21,21 @@ def _load(path):
     return load(path)
 
 
-def frozen_body(run_dir) -> bool:
-    """True when the run trains only head/bias (from its log header: nothing applied)."""
-    from .runstate import read_run_log
-    names = read_run_log(run_dir)[0].get("trainable") or {}
-    return bool(names) and all(k.split(":", 1)[0] in ("head", "bias") for k in names)
+def frozen_body(header: dict) -> bool:
+    """True when a run's log header lists only head/bias tensors (nothing needs applying)."""
+    from ..zo.trainable import HEAD_METHODS
+    names = header.get("trainable") or {}
+    return bool(names) and all(k.split(":", 1)[0] in HEAD_METHODS for k in names)
 
 
 def score_runs(path: str, ds_factory, runs, split: str = "test", limit=None, batch: int = 16,
-               step="best", baselines: bool = False, log=print) -> list:
+               step="best", baselines: bool = False, log=print, logs=None) -> list:
     """[{"run", "step", "report", "seconds", "shared"}] for each run (run None: the untuned
     model's zero-shot line, first, when baselines).  ds_factory(model) -> the encoded dataset
-    (every run is scored on exactly the same examples)."""
-    from .runstate import apply_run
+    (every run is scored on exactly the same examples).  logs: run -> (header, records) already
+    read with runstate.read_run_log (each seed log is read once)."""
+    from .runstate import apply_run, read_run_log
+    logs = dict(logs or {})
     shared_model = _load(path)
     ds = ds_factory(shared_model)
     features: dict = {}
@@ -44,10 +46,12 @@ def score_runs(path: str, ds_factory, runs, split: str = "test", limit=None, bat
         t = time.perf_counter()
         model, ts = shared_model, None
         if run is not None:
+            runlog = logs[run] if run in logs else read_run_log(run)
+            frozen = frozen_body(runlog[0])
             # a set that changes the body (scales: in place) gets a model of its own
-            model = shared_model if frozen_body(run) else _load(path)
-            ts = apply_run(model, run, step=step)
-            assert ts.frozen_body == frozen_body(run)
+            model = shared_model if frozen else _load(path)
+            ts = apply_run(model, run, log=runlog, step=step)
+            assert ts.frozen_body == frozen
         else:
             from ..model.transformer import NoHooks
             model.net.hooks = NoHooks()
