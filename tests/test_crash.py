@@ -125,15 +125,17 @@ def test_sigkill_anywhere_then_resume_is_bit_identical(tiny, tmp_path):
 
 
 # ---- one injected fault per start-up and finish phase, each followed by --resume ----------------
-# 30 steps, dev evaluation every 10 (eval batch = 2 x 8 = 16): evaluation batches are counted as
-# zero-shot test 1-2, dev at steps 10, 20, 30: 3, 4, 5, final test: 6-7.
+# 30 steps, dev evaluation every 10 (eval batch = --batch = 8): evaluation batches are counted as
+# zero-shot test (32 examples) 1-4, dev (16) at steps 0, 10, 20, 30: 5-6, 7-8, 9-10, 11-12 (a kill
+# at 12 redoes the last dev evaluation on resume), final test: 13-16.
 PHASE_STEPS = 30
 PHASES = [
     ("after-config:1", "after config.json, before the seed log exists"),
     ("log-mid-record:1", "seed-log header torn: before the first step"),
     ("eval-batch:2", "during the zero-shot evaluation"),
     ("step-logged:10", "step 10 logged, its dev evaluation not written"),
-    ("eval-batch:7", "during the final test evaluation"),
+    ("eval-batch:12", "during the last dev evaluation"),
+    ("eval-batch:14", "during the final test evaluation"),
     ("before-summary:1", "between the last step and summary.json"),
     ("rename-summary.json:2", "final summary.json written to its temp file, not renamed"),
     ("rename-metrics.png:1", "during the plot"),
@@ -186,7 +188,7 @@ def test_fault_in_phase_then_resume_completes_identically(tiny, tmp_path, phase_
     logged = len(records(out))
     if fault.startswith(("after-config", "log-mid-record", "eval-batch:2")):
         assert logged == 0, phase
-    if fault.startswith(("eval-batch:7", "before-summary", "rename-")):
+    if fault.startswith(("eval-batch:12", "eval-batch:14", "before-summary", "rename-")):
         assert logged == PHASE_STEPS, phase
     r = run(phase_cmd(tiny, out, resume=True))
     assert r.returncode == 0, (phase, r.stderr[-2000:])

@@ -415,11 +415,13 @@ def train(s: Session, start: int):
         bar = tqdm(total=cfg.steps, initial=start, desc="finetune", unit="step", dynamic_ncols=True)
     tokens_done, t_loop = 0, time.perf_counter()
     s.loop_t0 = t_loop
-    loss_ema, done, lr = s.loss_ema, start, cfg.lr
+    # the lr of the last logged step: the row of an evaluation redone after a resume (no step run
+    # yet in this process) carries the lr its step was trained with, as in an uninterrupted run
+    last = [r for r in s.log.records if r.get("type") in ("step", "skip")]
+    loss_ema, done, lr = s.loss_ema, start, last[-1].get("lr", cfg.lr) if last else cfg.lr
     if (start > s.metrics.last_step() and cfg.eval_every and start % cfg.eval_every == 0
             and start != cfg.steps):   # killed between logging an evaluated step and its row
-        last = [r for r in s.log.records if r.get("type") in ("step", "skip")]
-        evaluate_dev(s, start, loss_ema, last[-1].get("lr", lr) if last else lr, 0.0)
+        evaluate_dev(s, start, loss_ema, lr, 0.0)
     budget_left = cfg.budget - s.prev.get("train_seconds", 0.0) if cfg.budget else None
     for step in range(start, cfg.steps):
         elapsed = time.perf_counter() - t_loop
