@@ -4,8 +4,15 @@ VENV    := .venv
 PIP     := $(VENV)/bin/pip
 PYTHON  := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
-# llama-cpp-python compiles from source (~5 min on 2 cores, then cached by pip)
+# llama-cpp-python compiles from source (~5 min on 2 cores, then cached by pip).  On x86-64 it is
+# built without AMX: ggml's -march=native build on an AMX CPU (Sapphire Rapids) runs AMX tile
+# instructions, which a VM may not allow (seen here: SIGILL on `tilezero` in the AMX matmul);
+# -mno-amx-* wins over -march=native in gcc, so everything else stays native
+ifeq ($(shell uname -m),x86_64)
+export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF "-DCMAKE_C_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" "-DCMAKE_CXX_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+else
 export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
+endif
 
 .PHONY: install test test-long demo bench arm clean
 

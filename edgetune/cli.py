@@ -80,9 +80,11 @@ FLAG_HELP = {
     "estimator": "normalized (q one-sided queries, step divided by the std of their losses; "
                  "FZOO) | two_point (L+ - L-)/2eps | one_sided (L+ - L)/eps",
     "q": "perturbation directions averaged per step (0 = 64 for head/bias, 8 otherwise)",
-    "head_grad": "zo | exact: train head/bias with their exact gradient from the unperturbed "
+    "head_grad": "zo | exact: train head/bias (labelled data) or, on text, the final output "
+                 "norm (needs norms in --method) with their exact gradient from the unperturbed "
                  "pass's final hidden states (forward-only, no backprop); the rest stays ZO",
-    "head_lr": "--head-grad exact: Adam learning rate of head/bias (follows the schedule)",
+    "head_lr": "--head-grad exact: Adam learning rate of the exact set, following the schedule "
+               "(0 = the recipe's: 1e-3 for head/bias, 3e-2 for the final norm on text)",
     "train_limit": "train on the first N training examples only (0 = all; -1 = 2000 for a frozen "
                    "body (head/bias), all otherwise); a pool that repeats lets a frozen body "
                    "reuse its cached features",

@@ -29,7 +29,7 @@ class TrainConfig:
     estimator: str = "normalized"   # normalized | two_point | one_sided
     q: int = 0                      # perturbation directions (queries) per step (0 = recipe default)
     head_grad: str = "zo"           # zo | exact: exact gradient for head/bias (forward-only)
-    head_lr: float = 1e-3           # --head-grad exact: Adam learning rate of head/bias
+    head_lr: float = 0.0            # --head-grad exact: Adam lr of the exact set (0 = recipe)
     train_limit: int = -1           # train on the first N training examples (0 = all, -1 = auto)
     clip: float = 100.0             # clip each projected gradient to [-clip, clip]; 0 = off
     dist: str = "rademacher"        # perturbation distribution: rademacher | gaussian
@@ -69,6 +69,8 @@ class TrainConfig:
             raise EdgetuneError("--eps must be > 0")
         if not self.lr >= 0:
             raise EdgetuneError("--lr must be >= 0")
+        if not self.head_lr >= 0:
+            raise EdgetuneError("--head-lr must be >= 0")
         if self.loss_positions < -1:
             raise EdgetuneError("--loss-positions must be >= 0 (0 = every token; -1 = auto)")
         if self.q < 0:
@@ -118,6 +120,8 @@ class TrainConfig:
             c.q = 64 if frozen_body else (8 if c.estimator == "normalized" else 1)
         if c.lr == 0:
             c.lr = RECIPE_LR[c.estimator] * (1.0 if frozen_body else BODY_LR_FACTOR)
+        if c.head_lr == 0:
+            c.head_lr = HEAD_LR["classification" if task == "classification" else "lm"]
         if c.loss_positions == -1:
             c.loss_positions = LM_LOSS_POSITIONS
         if c.train_limit == -1:
@@ -131,6 +135,8 @@ class TrainConfig:
 # zo/trainable.py); the body of the network gets a smaller one than the head
 RECIPE_LR = {"normalized": 1.0, "two_point": 1e-4, "one_sided": 1e-4}
 BODY_LR_FACTOR = 0.05
+# --head-grad exact, Adam: the label-word rows (classification) or the final output norm (lm)
+HEAD_LR = {"classification": 1e-3, "lm": 3e-2}
 FROZEN_POOL = 2000
 # lm: next-token losses per sequence per training step (dev/test always score every token)
 LM_LOSS_POSITIONS = 16

@@ -390,3 +390,54 @@ def test_lm_final_norm_only_runs_once_per_step_and_replays(tmp_path, tiny):
     with np.load(out / "state.npz") as z:
         np.testing.assert_array_equal(replayed["norm:output_norm.weight"],
                                       z["p:norm:output_norm.weight"])
+
+
+def test_lm_exact_final_norm_gradient_equals_autograd_and_run_replays(tmp_path, tiny):
+    """--head-grad exact on text trains the final output norm g with dL/dg computed from the
+    unperturbed pass (no backward through the network).  It equals torch autograd of the same
+    loss through (n * g) E^T on the dequantized output matrix; the run lowers the train loss,
+    replays to its live state, and without norms in --method it is refused with the fix."""
+    from edgetune.quant import dequantize
+    from edgetune.train import data as D
+    from edgetune.train.objectives import lm_targets
+    model, _ = tiny
+    txt = tmp_path / "t.jsonl"
+    txt.write_text("\n".join(json.dumps({"text": ["ab cd ef gh ab ab cd", "ef ef gh ab cd cd"][i % 2]
+                                         * 3}) for i in range(60)))
+    m = edgetune.load(model)
+    ts = build_trainable(m.net, "norms", layers="none", exact_head=True)
+    assert [p.name for p in ts.head_params()] == ["norm:output_norm.weight"] and not ts.zo_params()
+    ds = D.encode(D.load_jsonl(str(txt)), m, max_length=96)
+    b = next(iter(ds.eval_batches("train", 4)))
+    g = ts.head_params()[0]
+    g.value[:] = np.linspace(0.5, 1.5, g.size, dtype=np.float32)   # not all ones: a real weight
+    loss, grads = BatchPasses(m, ts).lm_exact(b, g)
+    # reference: autograd through the final norm and the (dequantized) output matrix only
+    padded, targets = lm_targets(b.input_ids, b.loss_masks)
+    tokens, _ = m._pad(b.input_ids)
+    with torch.inference_mode():
+        h = m.net.hidden(tokens).float()
+    hs = torch.stack([h[i, padded[i][j]] for i, tg in enumerate(targets) for j in range(len(tg))])
+    y = torch.tensor([t for tg in targets for t in tg])
+    gt = torch.tensor(g.value, dtype=torch.float64, requires_grad=True)
+    n = hs.double() * torch.rsqrt(hs.double().pow(2).mean(-1, keepdim=True) + m.config.rms_eps)
+    ref = torch.nn.functional.cross_entropy((n * gt) @ torch.tensor(dequantize(m.net.output),
+                                                                   dtype=torch.float64).T, y)
+    ref.backward()
+    assert loss == pytest.approx(ref.item(), rel=2e-3)       # the model's int8-activation logits
+    np.testing.assert_allclose(grads[g.name], gt.grad.numpy(), rtol=2e-2,
+                               atol=2e-2 * float(np.abs(gt.grad.numpy()).max()))
+    # a run: the loss falls, replay gives the live state
+    out = tmp_path / "x"
+    run = finetune(make_config(flag_values=dict(
+        model=model, data=str(txt), out=str(out), steps=30, batch=4, eval_every=10,
+        eval_limit=4, test_limit=4, progress=False, method="norms", layers="none",
+        head_grad="exact", head_lr=3e-2, loss_positions=4)))
+    assert np.mean(run.losses[-5:]) < np.mean(run.losses[:5])
+    replayed = apply_run(edgetune.load(model), str(out), step="last").state()
+    with np.load(out / "state.npz") as z:
+        np.testing.assert_array_equal(replayed["norm:output_norm.weight"],
+                                      z["p:norm:output_norm.weight"])
+    with pytest.raises(EdgetuneError, match="add norms to --method"):
+        finetune(make_config(flag_values=dict(model=model, data=str(txt), out=str(tmp_path / "y"),
+                                              steps=2, progress=False, head_grad="exact")))

@@ -167,9 +167,11 @@ def setup(config) -> Session:
         "classification" if task == "classification" else "lm")
     if objective in ("classification", "accuracy") and task != "classification":
         raise EdgetuneError(f"objective {objective!r} needs a labelled dataset ({cfg.data} is {task})")
-    if cfg.head_grad == "exact" and objective != "classification":
-        raise EdgetuneError("--head-grad exact trains the label words' head: it needs the "
-                            "classification objective and a labelled dataset")
+    if cfg.head_grad == "exact" and objective != "classification" and not (
+            objective == "lm" and task != "classification"):
+        raise EdgetuneError("--head-grad exact trains the label words' head (classification "
+                            "objective) or, on text data, the final output norm (lm objective); "
+                            f"not the {objective!r} objective on {task} data")
     batches = StepBatches(ds, cfg.batch, cfg.seed, cfg.train_limit)
     ts = build_set(model, cfg, ds, batches)
     opt = ZOOptimizer(ts.zo_params(), cfg.optimizer, weight_decay=cfg.weight_decay,
@@ -391,13 +393,20 @@ def train_step(s: Session, step: int, lr: float) -> dict:
         # two-point: the -eps losses; one-sided kinds: L(theta) once (not repeated q times)
         rec.update({"lm": est.lm} if cfg.estimator == "two_point" else {"l0": est.base_loss})
         extra = est.extra
+    elif s.objective == "lm":   # only the exact final norm trains: one unperturbed pass
+        extra = s.passes.lm_exact(batch, s.hopt.params[0])
+        rec["loss"] = extra[0]
     else:   # only the exact head trains: one unperturbed pass
         losses, lg, x = s.passes.class_losses(batch, [None], "train")
         rec["loss"] = losses[0]
         extra = (lg, x, [None])
     if s.hopt is not None:
-        lg, x, ps = extra
-        grads = head_grad.gradients(x, lg[ps.index(None)], batch.labels, s.hopt.params)
+        if s.objective == "lm":   # with a ZO body: one more, unperturbed, pass for the gradient
+            grads = (s.passes.lm_exact(batch, s.hopt.params[0]) if s.ts.zo_params()
+                     else extra)[1]
+        else:
+            lg, x, ps = extra
+            grads = head_grad.gradients(x, lg[ps.index(None)], batch.labels, s.hopt.params)
         rec["hg"] = head_grad.encode(grads, s.hopt.params)
         rec["hlr"] = cfg.head_lr * lr / cfg.lr if cfg.lr else cfg.head_lr
     apply_record(rec, s.opt, s.hopt)

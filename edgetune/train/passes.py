@@ -179,3 +179,43 @@ class BatchPasses:
                             count += len(tg)
                     out.append(total / max(count, 1))
         return out
+
+    def lm_exact(self, batch, param) -> tuple:
+        """(mean next-token CE of the unperturbed pass, {param.name: dL/dg}) for the final
+        output norm's weight g (`--head-grad exact` on text).  With n the final hidden state
+        divided by its RMS, the logits are (n * g) E^T, so
+
+            dL/dg = sum over loss tokens of  n * ((softmax(logits) - onehot(target)) E) / count
+
+        — the logits' own inputs, no backward through the network (forward-only).  E, the
+        output matrix dequantized to float32, is kept after the first call (V x d floats)."""
+        model, net = self.model, self.model.net
+        from .objectives import lm_targets
+        padded, targets = lm_targets(batch.input_ids, batch.loss_masks)
+        if padded is None:
+            return 0.0, {param.name: np.zeros_like(param.value)}
+        tokens, _ = model._pad(batch.input_ids)
+        B = tokens.shape[0]
+        idx = torch.tensor(padded, dtype=torch.long)
+        f = min(self.first_layer, net.config.n_layer)
+        self.forwards += B
+        with torch.inference_mode():
+            h = net.hidden_from(net.hidden_upto(tokens, f), f, [None])[0]
+            hs = h[torch.arange(B)[:, None], idx]                       # [B, W, d]
+            rows = [(b, j) for b, tg in enumerate(targets) for j in range(len(tg))]
+            hsel = torch.stack([hs[b, j] for b, j in rows]).float()     # [N, d]
+            y = torch.tensor([targets[b][j] for b, j in rows], dtype=torch.long)
+            n = net.rms_norm(hsel, torch.ones(hsel.shape[-1], dtype=torch.float32))
+            lg = net.head(hsel).double()
+            logp = torch.log_softmax(lg, dim=-1)
+            loss = float(-logp[torch.arange(len(y)), y].sum()) / len(y)
+            r = logp.exp()
+            r[torch.arange(len(y)), y] -= 1.0
+            r /= len(y)
+            if getattr(self, "_out_f32", None) is None:
+                from ..quant import dequantize
+                self._out_f32 = torch.from_numpy(np.ascontiguousarray(
+                    dequantize(net.output), dtype=np.float32))
+            grad = (n.double() * (r.float() @ self._out_f32).double()).sum(0)
+        return loss, {param.name: grad.numpy().astype(np.float32).reshape(param.value.shape)}
+

@@ -53,6 +53,9 @@ LORA_TARGETS = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output",
                 "gate": "ffn_gate", "up": "ffn_up", "down": "ffn_down"}
 
 
+FINAL_NORM = "output_norm.weight"    # the final RMSNorm's weight, as named in the norms set
+
+
 @dataclass
 class Param:
     name: str
@@ -127,12 +130,20 @@ class TrainableSet:
         return all(m in HEAD_METHODS for m in self.methods)
 
     def zo_params(self) -> list:
-        """The Params ZO perturbs and updates (all but head/bias under --head-grad exact)."""
+        """The Params ZO perturbs and updates (all but the exact set under --head-grad exact)."""
         hp = self.head_params() if self.exact_head else []
         return [p for p in self.params if p not in hp]
 
+    @property
+    def exact_final_norm(self) -> bool:
+        """--head-grad exact on text (no label words): the exact set is the final output norm."""
+        return self.exact_head and not self.head_rows and FINAL_NORM in self.norms
+
     def head_params(self) -> list:
-        """The Params that act on the label-word logits directly (head rows, label bias)."""
+        """The Params that act on the output logits directly: the label-word head rows and
+        label bias, or, for the lm objective under --head-grad exact, the final output norm."""
+        if self.exact_final_norm:
+            return [self.norms[FINAL_NORM][0]]
         return [p for p in self.params if p.kind in ("head", "label_bias")]
 
     # -- model hooks ---------------------------------------------------------------------------
@@ -177,7 +188,7 @@ class TrainableSet:
         return a, b, lo.scale
 
     def norm_weight(self, name: str, w: torch.Tensor, pert: Perturb | None) -> torch.Tensor:
-        if pert is None or name not in self.norms:
+        if pert is None or name not in self.norms or (name == FINAL_NORM and self.exact_final_norm):
             return w
         return torch.from_numpy(pert.apply(self.norms[name][0]))
 
@@ -315,7 +326,13 @@ def build_trainable(net, methods, *, lora_rank: int = 8, lora_alpha: float = 16.
         raise EdgetuneError(f"unknown perturbation distribution {dist!r}")
     n_layer = len(net.layers)
     chosen = set(parse_layers(layers, n_layer))
-    if exact_head and not any(m in HEAD_METHODS for m in methods):
+    if exact_head and head_rows is None:
+        # text (lm objective): no label words; the exact set is the final output norm
+        if "norms" not in methods:
+            raise EdgetuneError("--head-grad exact on text data trains the final output norm "
+                                "(output_norm.weight) with its exact gradient: add norms to "
+                                "--method (--method norms --layers none trains only it)")
+    elif exact_head and not any(m in HEAD_METHODS for m in methods):
         methods = tuple(methods) + ("head",)
     ts = TrainableSet(methods=tuple(methods), dist=dist, layers=tuple(sorted(chosen)),
                       n_layer=n_layer, exact_head=exact_head)
