@@ -198,17 +198,39 @@ def refit_scales(qtype: str, raw: np.ndarray, s_new: np.ndarray):
     return out, stored.reshape(n, nb * S).astype(np.float32)
 
 
+def _reround(qtype: str, raw: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Blocks raw [m, bytes] with their codes re-rounded to w [m, 256] under the blocks' own stored
+    scales and mins (d, sc, dmin, mn unchanged)."""
+    m = raw.shape[0]
+    if qtype == "Q6_K":
+        d = _f16v(raw[:, 208:210])
+        sc = np.ascontiguousarray(raw[:, 192:208]).view(np.int8)
+        eff = (d[:, None] * sc.astype(np.float32))[:, :, None]
+        q = np.clip(np.rint(_safe_div(w.reshape(m, 16, 16), eff)), -32, 31)
+        return pack_q6_k(d[:, None], sc[:, None], q.reshape(m, 1, QK_K)).reshape(m, -1)
+    from .formats.gguf_reader import k_scale_min
+    d, dmin = _f16v(raw[:, 0:2]), _f16v(raw[:, 2:4])
+    sc, mn = k_scale_min(np.ascontiguousarray(raw[:, 4:16]))
+    eff_s = (d[:, None] * sc.astype(np.float32))[:, :, None]
+    eff_m = (dmin[:, None] * mn.astype(np.float32))[:, :, None]
+    qmax = 15 if qtype == "Q4_K" else 31
+    q = np.clip(np.rint(_safe_div(w.reshape(m, 8, 32) + eff_m, eff_s)), 0, qmax)
+    return pack_q45_k(qtype, d[:, None], dmin[:, None], sc[:, None], mn[:, None],
+                      q.reshape(m, 1, QK_K)).reshape(m, -1)
+
+
 def requantize_changed(qtype: str, raw: np.ndarray, w_new: np.ndarray, w_old: np.ndarray) -> np.ndarray:
     """Re-encode only the super-blocks whose float weights changed (LoRA merge, sparse deltas);
-    raw uint8 [n, nb, bytes], w_new/w_old float32 [n, nb*256].  Returns blocks [n, nb, bytes]."""
+    raw uint8 [n, nb, bytes], w_new/w_old float32 [n, nb*256].  Per changed super-block the better
+    (smaller squared error to w_new) of re-rounding its codes under its own scales and mins, and a
+    fresh `encode`, is kept.  Returns blocks [n, nb, bytes]."""
     n, nb, bs = raw.shape
     out = np.array(raw)
-    ch = np.any(w_new.reshape(n, nb, QK_K) != w_old.reshape(n, nb, QK_K), axis=-1)
+    wn = np.asarray(w_new, np.float32).reshape(n, nb, QK_K)
+    ch = np.any(wn != np.asarray(w_old, np.float32).reshape(n, nb, QK_K), axis=-1)
     if ch.any():
-        rows = np.nonzero(ch.any(axis=1))[0]
-        enc = encode(w_new[rows], qtype).reshape(len(rows), nb, bs)
-        sel = ch[rows]
-        blk = out[rows]
-        blk[sel] = enc[sel]
-        out[rows] = blk
+        target = wn[ch]                                          # [m, 256]
+        cands = [_reround(qtype, raw[ch], target), encode(target, qtype)]
+        errs = [((decode(c, qtype, QK_K) - target) ** 2).sum(-1) for c in cands]
+        out[ch] = np.where((errs[1] < errs[0])[:, None], cands[1], cands[0])
     return out

@@ -51,6 +51,8 @@ METHODS = ("scales", "lora", "sparse", "norms", "head", "bias")
 HEAD_METHODS = ("head", "bias")   # above every block: trained on the final hidden state
 LORA_TARGETS = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output",
                 "gate": "ffn_gate", "up": "ffn_up", "down": "ffn_down"}
+FUSED_TARGETS = {"attn_q": "attn_qkv", "attn_k": "attn_qkv", "attn_v": "attn_qkv",
+                 "ffn_gate": "ffn_up"}
 
 
 @dataclass
@@ -354,6 +356,9 @@ def build_trainable(net, methods, *, lora_rank: int = 8, lora_alpha: float = 16.
             if t not in LORA_TARGETS:
                 raise EdgetuneError(f"unknown LoRA target {t!r}; choose from {', '.join(LORA_TARGETS)}")
             targets.append(LORA_TARGETS[t])
+        have = set(net.config.layer_weights)
+        # fused layouts (phi3): q/k/v adapt the fused attn_qkv, gate/up the fused ffn_up
+        targets = {n if n in have else FUSED_TARGETS.get(n, n) for n in targets}
         if lora_rank < 1:
             raise EdgetuneError("--lora-rank must be >= 1")
         k = 0
