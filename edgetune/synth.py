@@ -226,7 +226,12 @@ def synthetic_vocab(n: int, specials=()) -> tuple[list[str], list[float], list[i
 
 
 # ---------------------------------------------------------------- writing
-def _resolve(shape: str, quant: str) -> tuple[Shape, str]:
+def _resolve(shape, quant: str) -> tuple[Shape, str]:
+    if isinstance(shape, Shape):      # a custom shape (tests: a real one with fewer layers)
+        shape, q = shape, str(quant).lower()
+        if q not in QUANTS:
+            raise EdgetuneError(f"unknown quant {quant!r} (choose from: {', '.join(QUANTS)})")
+        return shape, q
     if shape not in SHAPES:
         raise EdgetuneError(f"unknown shape {shape!r} (choose from: {', '.join(SHAPES)})")
     q = str(quant).lower()

@@ -14,7 +14,8 @@ the fly (fused into the int4 kernel for `scales`; explicit small temporaries for
           index + value deltas (SensZOQ / Sparse-MeZO).  Sensitivity is Wanda's score
           |W_ij| * ||x_j||_2 over a few calibration batches: it needs forward passes only, where
           SensZOQ's gradient-based mask needs backpropagation, which a device cannot afford.
-  norms   RMSNorm weights (and attention biases where the model has them, e.g. qwen2).
+  norms   RMSNorm weights (and attention biases where the model has them, e.g. qwen2; the q/k head
+          norms of qwen3/gemma3 and gemma3's post-attention/FFN norms).
   head    deltas to the output-matrix rows of a classifier's label words (C x d): a linear
           probe on the last hidden state, tiny (1,728 values for SmolLM2 with 3 labels), so ZO's
           dimension-dependent variance is small and it learns in few steps.
@@ -341,6 +342,7 @@ def build_trainable(net, methods, *, lora_rank: int = 8, lora_alpha: float = 16.
             named += [(i, f"blk.{i}.attn_norm.weight", layer.attn_norm),
                       (i, f"blk.{i}.ffn_norm.weight", layer.ffn_norm)]
             named += [(i, f"blk.{i}.{b}.bias", t) for b, t in layer.bias.items()]
+            named += [(i, f"blk.{i}.{n}.weight", t) for n, t in layer.norms.items()]  # q/k/post
         named.append((n_layer, "output_norm.weight", net.output_norm))
         for k, (i, name, t) in enumerate(named):
             if i < n_layer and i not in chosen:
