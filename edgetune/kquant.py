@@ -19,6 +19,17 @@ survives is measured by tests/test_kquant.py and reported by export (`report=`):
 (Q4_K/Q5_K: 0..63) or 8 (Q6_K), so a sub-block scale moves in steps of ~1/40 of itself; a shared
 change of the super-block moves d, which is fp16 (2^-11 relative) and survives almost entirely.
 
+Survival 1 - ||stored - s'|| / ||s' - s|| measured on a 256 x 2048 Gaussian matrix (std 0.02) for
+a random relative change of every sub-block scale (independent) or of each super-block's scales
+together (common), with kquant.refit_scales:
+    change      0.1%   0.3%   1%     3%     10%
+    Q4_K indep  0.05   0.07   0.56   0.85   0.95     common  0.82  0.94  0.98  0.99  1.00
+    Q5_K indep  0.03   0.09   0.57   0.86   0.96     common  0.68  0.89  0.97  0.99  1.00
+    Q6_K indep  0.00   0.19   0.74   0.91   0.97     common  0.09  0.62  0.89  0.96  0.99
+So changes below ~1% per sub-block mostly round away, larger ones survive; a LoRA merge into a
+4-bit tensor is usually smaller than half a code step and keeps the codes (tests/test_archs.py
+prints residual/update per run: ~1.0 for LoRA on Q4_K, 0.1-0.9 for scales).
+
 `encode` (float -> blocks) is round-to-nearest with ggml's layout: per sub-block scale (and min,
 clamped so 0 is representable as in ggml), the sub-block scales/mins quantized to 6 (Q6_K: 8) bits
 under one fp16 super-scale, then the codes re-rounded with the stored scales.  It is not ggml's
