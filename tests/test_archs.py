@@ -218,3 +218,14 @@ def test_real_shapes_with_two_layers_match_llamacpp(tmp_path, shape):
                           for i, p in enumerate(prompts)])
     print(f"{shape} (2 layers): mean_cos={cos.mean():.5f} min_cos={cos.min():.5f}")
     assert cos.mean() >= 0.999 and cos.min() >= 0.995, (shape, cos.mean(), cos.min())
+
+
+def test_streamed_layers_give_the_same_logits(arch_model):
+    name, path, _ = arch_model
+    ids = [_prompts(512)[3]]
+    full = edgetune.load(path).logits(ids)
+    m = edgetune.load(path, streamed_layers=[0, 1])
+    try:
+        np.testing.assert_array_equal(m.logits(ids), full)
+    finally:
+        m.net.close()
