@@ -229,3 +229,14 @@ def test_streamed_layers_give_the_same_logits(arch_model):
         np.testing.assert_array_equal(m.logits(ids), full)
     finally:
         m.net.close()
+
+
+def test_onnx_export_refuses_other_architectures(arch_model):
+    from edgetune.errors import EdgetuneError
+    from edgetune.export.onnx_export import build_onnx
+    name, path, d = arch_model
+    m = edgetune.load(path)
+    if m.net.config.plain_block:          # llama 3 is a llama block (rope_freqs only)
+        return
+    with pytest.raises(EdgetuneError, match="ONNX export builds llama/mistral/qwen2 blocks only"):
+        build_onnx(m.net, None, d / "m.onnx")
