@@ -73,3 +73,11 @@ def test_planner_counts_kquant_codes_as_unpacked(tmp_path):
         rt = g.tensors[name]
         held = qt.codes.nbytes if qt.kind != "f32" else qt.data.nbytes
         assert _qbytes(rt) == held, (name, rt.type_name, _qbytes(rt), held)
+
+
+def test_synth_plan_nbytes_counts_the_q4_k_m_mix(tmp_path):
+    from edgetune.synth import plan_nbytes, write_synthetic
+    path = write_synthetic("gemma3-tiny", "q4_k_m", tmp_path / "g.gguf", progress=False)
+    g = GGUFFile(str(path))
+    assert plan_nbytes("gemma3-tiny", "q4_k_m") == sum(int(t.data.nbytes) for t in g.tensors.values())
+    assert g.get("general.file_type") == 15          # llama.cpp's MOSTLY_Q4_K_M
