@@ -12,6 +12,16 @@ norm weights are float32 near 1. Outputs are deterministic for a given (shape, q
 Use them to measure memory and speed on the shapes that matter (1B/7B/13B) without downloading
 weights; nothing here learns anything meaningful.
 
+    edgetune synth --shape qwen3-0.6b --quant q4_k_m --out /tmp/qwen3.gguf
+
+writes the other architectures (gemma3, qwen3, llama 3.x with llama3 RoPE scaling, phi3 — see
+model/archs.py) with their own tensors and `{arch}.*` keys, and `--quant q4_k_m` writes the tensor
+type mix of llama.cpp's Q4_K_M: Q6_K for the output matrix (token_embd when tied) and for attn_v /
+ffn_down in llama.cpp's "more bits" layers (the first and last eighth, every third in between),
+Q4_K elsewhere; a matrix whose rows are not a multiple of 256 falls back to Q8_0 (llama.cpp would
+pick Q5_0 for the Q4_K ones, a type edgetune does not read).  The `*-tiny` shapes are the same
+architectures at test size.  Each writes its architecture's chat template.
+
     edgetune synth --shape smollm2-135m --format hf --out smollm2-hf
 
 writes the same shapes as a Hugging Face directory instead (config.json for LlamaForCausalLM,
@@ -39,7 +49,8 @@ from .formats.gguf_writer import (GGUFStreamWriter, add_file_type, add_llama_hpa
                                   check_free_space, check_output, random_blocks,
                                   row_nbytes)
 
-QUANTS = ("q4_0", "q4_1", "q8_0")
+QUANTS = ("q4_0", "q4_1", "q8_0", "q4_k_m")
+K_QUANTS = ("Q4_K", "Q5_K", "Q6_K")
 CHUNK_BYTES = 16 << 20                               # generate/write at most this much at a time
 WEIGHT_STD = 0.02
 
@@ -57,10 +68,21 @@ class Shape:
     rope_base: float = 10000.0
     context_length: int = 4096
     rms_eps: float = 1e-5
+    arch: str = "llama"          # general.architecture (model/archs.py)
+    key_length: int = 0          # head size when it is not hidden / n_heads
+    rope_dim: int = 0            # rotated dims per head (phi4-mini: 3/4 of the head), 0 = all
+    sliding_window: int = 0      # gemma3: window of its sliding layers
+    rope_base_swa: float = 0.0
+    llama3_rope: tuple = ()      # (factor, low_freq_factor, high_freq_factor, original context)
+    longrope: tuple = ()         # phi3: (original context, attn_factor)
 
     @property
     def head_dim(self) -> int:
-        return self.hidden // self.n_heads
+        return self.key_length or self.hidden // self.n_heads
+
+    @property
+    def q_dim(self) -> int:
+        return self.n_heads * self.head_dim
 
     @property
     def kv_dim(self) -> int:
@@ -68,19 +90,40 @@ class Shape:
 
     def tensor_shapes(self) -> list[tuple[str, tuple, bool]]:
         """[(name, numpy shape (N, K) or (n,), is_matrix)] in file order."""
-        h, f, kv, v = self.hidden, self.ffn, self.kv_dim, self.vocab
+        from .model.archs import ARCHS
+        a = ARCHS[self.arch]
+        h, f, kv, v, qd = self.hidden, self.ffn, self.kv_dim, self.vocab, self.q_dim
+        rd = self.rope_dim or self.head_dim
         out = [("token_embd.weight", (v, h), True)]
+        if self.llama3_rope:
+            out.append(("rope_freqs.weight", (rd // 2,), False))
+        if self.longrope:
+            out += [("rope_factors_long.weight", (rd // 2,), False),
+                    ("rope_factors_short.weight", (rd // 2,), False)]
         for i in range(self.n_layers):
             p = f"blk.{i}."
-            out += [(p + "attn_norm.weight", (h,), False),
-                    (p + "attn_q.weight", (h, h), True),
-                    (p + "attn_k.weight", (kv, h), True),
-                    (p + "attn_v.weight", (kv, h), True),
-                    (p + "attn_output.weight", (h, h), True),
-                    (p + "ffn_norm.weight", (h,), False),
-                    (p + "ffn_gate.weight", (f, h), True),
-                    (p + "ffn_up.weight", (f, h), True),
-                    (p + "ffn_down.weight", (h, f), True)]
+            out.append((p + "attn_norm.weight", (h,), False))
+            if a.fused:
+                out.append((p + "attn_qkv.weight", (qd + 2 * kv, h), True))
+            else:
+                out += [(p + "attn_q.weight", (qd, h), True),
+                        (p + "attn_k.weight", (kv, h), True),
+                        (p + "attn_v.weight", (kv, h), True)]
+            if a.qk_norm:
+                out += [(p + "attn_q_norm.weight", (self.head_dim,), False),
+                        (p + "attn_k_norm.weight", (self.head_dim,), False)]
+            out.append((p + "attn_output.weight", (h, qd), True))
+            if a.post_norms:
+                out.append((p + "post_attention_norm.weight", (h,), False))
+            out.append((p + "ffn_norm.weight", (h,), False))
+            if a.fused:
+                out.append((p + "ffn_up.weight", (2 * f, h), True))
+            else:
+                out += [(p + "ffn_gate.weight", (f, h), True),
+                        (p + "ffn_up.weight", (f, h), True)]
+            out.append((p + "ffn_down.weight", (h, f), True))
+            if a.post_norms:
+                out.append((p + "post_ffw_norm.weight", (h,), False))
         out.append(("output_norm.weight", (h,), False))
         if not self.tied:
             out.append(("output.weight", (v, h), True))
@@ -102,6 +145,38 @@ SHAPES: dict[str, Shape] = {
                        n_kv_heads=32, vocab=32000, context_length=4096),
     "llama2-13b": Shape("synthetic Llama-2-13B", hidden=5120, ffn=13824, n_layers=40, n_heads=40,
                         n_kv_heads=40, vocab=32000, context_length=4096),
+    # the small models phones run (hyperparameters of their published config.json files)
+    "gemma3-270m": Shape("synthetic Gemma-3-270M", hidden=640, ffn=2048, n_layers=18, n_heads=4,
+                         n_kv_heads=1, vocab=262144, tied=True, rope_base=1e6, context_length=32768,
+                         rms_eps=1e-6, arch="gemma3", key_length=256, sliding_window=512,
+                         rope_base_swa=10000.0),
+    "gemma3-1b": Shape("synthetic Gemma-3-1B", hidden=1152, ffn=6912, n_layers=26, n_heads=4,
+                       n_kv_heads=1, vocab=262144, tied=True, rope_base=1e6, context_length=32768,
+                       rms_eps=1e-6, arch="gemma3", key_length=256, sliding_window=512,
+                       rope_base_swa=10000.0),
+    "qwen3-0.6b": Shape("synthetic Qwen3-0.6B", hidden=1024, ffn=3072, n_layers=28, n_heads=16,
+                        n_kv_heads=8, vocab=151936, tied=True, rope_base=1e6, context_length=40960,
+                        rms_eps=1e-6, arch="qwen3", key_length=128),
+    "llama3.2-1b": Shape("synthetic Llama-3.2-1B", hidden=2048, ffn=8192, n_layers=16, n_heads=32,
+                         n_kv_heads=8, vocab=128256, tied=True, rope_base=500000.0,
+                         context_length=131072, llama3_rope=(32.0, 1.0, 4.0, 8192)),
+    "phi4-mini": Shape("synthetic Phi-4-mini", hidden=3072, ffn=8192, n_layers=32, n_heads=24,
+                       n_kv_heads=8, vocab=200064, tied=True, rope_base=10000.0,
+                       context_length=131072, arch="phi3", rope_dim=96, longrope=(4096, 1.1902)),
+    # the same architectures at test size (every matrix row a multiple of 256: K-quants apply)
+    "gemma3-tiny": Shape("synthetic tiny gemma3", hidden=256, ffn=512, n_layers=6, n_heads=2,
+                         n_kv_heads=1, vocab=512, tied=True, rope_base=1e6, context_length=512,
+                         rms_eps=1e-6, arch="gemma3", key_length=128, sliding_window=8,
+                         rope_base_swa=10000.0),
+    "qwen3-tiny": Shape("synthetic tiny qwen3", hidden=256, ffn=512, n_layers=2, n_heads=4,
+                        n_kv_heads=2, vocab=512, tied=True, rope_base=1e6, context_length=512,
+                        rms_eps=1e-6, arch="qwen3", key_length=128),
+    "llama3-tiny": Shape("synthetic tiny llama3", hidden=256, ffn=512, n_layers=2, n_heads=4,
+                         n_kv_heads=2, vocab=512, tied=True, rope_base=500000.0,
+                         context_length=512, llama3_rope=(32.0, 1.0, 4.0, 64)),
+    "phi3-tiny": Shape("synthetic tiny phi3", hidden=256, ffn=512, n_layers=2, n_heads=4,
+                       n_kv_heads=2, vocab=512, tied=False, rope_base=10000.0,
+                       context_length=512, arch="phi3", rope_dim=48, longrope=(256, 1.1)),
 }
 
 
@@ -110,7 +185,15 @@ TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_BYTE = 1, 2, 3, 6
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
 
 
-def synthetic_vocab(n: int) -> tuple[list[str], list[float], list[int]]:
+CHAT_SPECIALS = {   # control tokens of each architecture's chat template (llama.cpp looks some up)
+    "gemma3": ("<start_of_turn>", "<end_of_turn>"),
+    "qwen3": ("<|im_start|>", "<|im_end|>", "<|endoftext|>"),
+    "llama3": ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+    "phi3": ("<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"),
+}
+
+
+def synthetic_vocab(n: int, specials=()) -> tuple[list[str], list[float], list[int]]:
     """A valid llama (SPM) vocabulary of exactly n tokens: specials, 256 byte tokens, word pieces.
 
     Word pieces are "▁" then, by increasing length, every lowercase string s as "▁s" and "s", so
@@ -132,15 +215,23 @@ def synthetic_vocab(n: int) -> tuple[list[str], list[float], list[int]]:
             pieces.append(s)
             if len(tokens) + len(pieces) >= n:
                 break
-    pieces = pieces[: n - len(tokens)]
+    pieces = pieces[: n - len(tokens) - len(specials)]
     tokens += pieces
     types += [TOKEN_NORMAL] * len(pieces)
     scores = [0.0] * 259 + [-float(i) for i in range(len(pieces))]
+    tokens += list(specials)                  # control tokens last: the ids above stay put
+    types += [TOKEN_CONTROL] * len(specials)
+    scores += [0.0] * len(specials)
     return tokens, scores, types
 
 
 # ---------------------------------------------------------------- writing
-def _resolve(shape: str, quant: str) -> tuple[Shape, str]:
+def _resolve(shape, quant: str) -> tuple[Shape, str]:
+    if isinstance(shape, Shape):      # a custom shape (tests: a real one with fewer layers)
+        shape, q = shape, str(quant).lower()
+        if q not in QUANTS:
+            raise EdgetuneError(f"unknown quant {quant!r} (choose from: {', '.join(QUANTS)})")
+        return shape, q
     if shape not in SHAPES:
         raise EdgetuneError(f"unknown shape {shape!r} (choose from: {', '.join(SHAPES)})")
     q = str(quant).lower()
@@ -149,16 +240,73 @@ def _resolve(shape: str, quant: str) -> tuple[Shape, str]:
     return SHAPES[shape], q
 
 
+def _add_arch_hparams(m, s: Shape) -> None:
+    """The `{arch}.*` keys llama.cpp reads for s.arch (what convert_hf_to_gguf.py writes)."""
+    a = s.arch
+    m.add_uint32(f"{a}.vocab_size", s.vocab)
+    m.add_uint32(f"{a}.context_length", s.context_length)
+    m.add_uint32(f"{a}.embedding_length", s.hidden)
+    m.add_uint32(f"{a}.block_count", s.n_layers)
+    m.add_uint32(f"{a}.feed_forward_length", s.ffn)
+    m.add_uint32(f"{a}.attention.head_count", s.n_heads)
+    m.add_uint32(f"{a}.attention.head_count_kv", s.n_kv_heads)
+    m.add_uint32(f"{a}.rope.dimension_count", s.rope_dim or s.head_dim)
+    m.add_float32(f"{a}.rope.freq_base", float(s.rope_base))
+    m.add_float32(f"{a}.attention.layer_norm_rms_epsilon", float(s.rms_eps))
+    if s.key_length:
+        m.add_uint32(f"{a}.attention.key_length", s.key_length)
+        m.add_uint32(f"{a}.attention.value_length", s.key_length)
+    if s.sliding_window:
+        m.add_uint32(f"{a}.attention.sliding_window", s.sliding_window)
+        m.add_float32(f"{a}.rope.freq_base_swa", float(s.rope_base_swa))
+    if s.longrope:
+        m.add_uint32(f"{a}.rope.scaling.original_context_length", int(s.longrope[0]))
+        m.add_float32(f"{a}.rope.scaling.attn_factor", float(s.longrope[1]))
+
+
+def llama3_rope_factors(s: Shape) -> np.ndarray:
+    """rope_freqs of llama3-type RoPE scaling, as convert_hf_to_gguf.py computes them from
+    rope_scaling = {factor, low_freq_factor, high_freq_factor, original_max_position_embeddings}."""
+    factor, low, high, old_ctx = s.llama3_rope
+    d = s.rope_dim or s.head_dim
+    freqs = 1.0 / (s.rope_base ** (np.arange(0, d, 2, dtype=np.float64) / d))
+    wavelen = 2 * np.pi / freqs
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    out = np.where(wavelen < old_ctx / high, 1.0,
+                   np.where(wavelen > old_ctx / low, factor, 1.0 / ((1 - smooth) / factor + smooth)))
+    return out.astype(np.float32)
+
+
+def tensor_type(s: Shape, name: str, shp: tuple, quant: str) -> str:
+    """The GGUF type of one tensor in a synthetic file of `quant` (see the module doc for q4_k_m)."""
+    if len(shp) == 1:
+        return "F32"
+    if quant != "q4_k_m":
+        return quant.upper()
+    n = s.n_layers
+    t = "Q4_K"
+    if name == "output.weight" or (name == "token_embd.weight" and s.tied):
+        t = "Q6_K"
+    elif name.endswith(("attn_v.weight", "ffn_down.weight")):
+        i = int(name.split(".")[1])
+        if i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2:   # llama.cpp's use_more_bits
+            t = "Q6_K"
+    return t if shp[1] % 256 == 0 else "Q8_0"
+
+
 def _add_metadata(w: GGUFStreamWriter, s: Shape, quant: str, seed: int) -> None:
     m = w.meta
     m.add_string("general.name", s.name)
     m.add_string("general.description",
                  f"edgetune synthetic model: random {quant} weights, seed {seed}")
     add_file_type(m, quant)
-    add_llama_hparams(m, "llama", vocab=s.vocab, context_length=s.context_length, hidden=s.hidden,
-                      n_layers=s.n_layers, ffn=s.ffn, n_heads=s.n_heads, n_kv_heads=s.n_kv_heads,
-                      rope_base=s.rope_base, rms_eps=s.rms_eps)
-    tokens, scores, types = synthetic_vocab(s.vocab)
+    _add_arch_hparams(m, s)
+    from .chat_templates import CHAT_TEMPLATES
+    if s.arch in CHAT_TEMPLATES or s.llama3_rope:
+        m.add_string("tokenizer.chat_template",
+                     CHAT_TEMPLATES["llama3" if s.llama3_rope else s.arch])
+    tmpl = "llama3" if s.llama3_rope else s.arch
+    tokens, scores, types = synthetic_vocab(s.vocab, CHAT_SPECIALS.get(tmpl, ()))
     m.add_string("tokenizer.ggml.model", "llama")
     m.add_array("tokenizer.ggml.tokens", tokens)
     m.add_array("tokenizer.ggml.scores", scores)
@@ -170,7 +318,15 @@ def _add_metadata(w: GGUFStreamWriter, s: Shape, quant: str, seed: int) -> None:
     m.add_bool("tokenizer.ggml.add_eos_token", False)
 
 
-def _tensor_chunks(shape: tuple, is_matrix: bool, quant: str, rng: np.random.Generator):
+def _tensor_chunks(s: Shape, name: str, shape: tuple, is_matrix: bool, quant: str,
+                   rng: np.random.Generator):
+    if name == "rope_freqs.weight":
+        yield llama3_rope_factors(s)
+        return
+    if name.startswith("rope_factors_"):      # phi3 longrope: ~1 (short), larger (long)
+        lo, hi = (1.0, 1.5) if name.endswith("short.weight") else (1.0, 8.0)
+        yield np.linspace(lo, hi, shape[0], dtype=np.float32)
+        return
     if not is_matrix:
         v = rng.standard_normal(shape, dtype=np.float32)
         v *= np.float32(0.02)
@@ -178,17 +334,24 @@ def _tensor_chunks(shape: tuple, is_matrix: bool, quant: str, rng: np.random.Gen
         yield v
         return
     n, k = shape
-    rows = max(1, CHUNK_BYTES // row_nbytes(quant, k))
+    rows = max(1, CHUNK_BYTES // row_nbytes(quant, k) // (4 if quant in K_QUANTS else 1))
     for r0 in range(0, n, rows):
-        yield random_blocks(quant, min(rows, n - r0), k, rng, WEIGHT_STD)
+        if quant in K_QUANTS:
+            from .kquant import encode
+            w = rng.standard_normal((min(rows, n - r0), k), dtype=np.float32)
+            w *= np.float32(WEIGHT_STD)
+            yield encode(w, quant)
+        else:
+            yield random_blocks(quant, min(rows, n - r0), k, rng, WEIGHT_STD)
 
 
 def plan_nbytes(shape: str, quant: str) -> int:
     """Bytes of tensor data a synthetic model of this shape/quant has (the file is slightly more)."""
     s, q = _resolve(shape, quant)
     total = 0
-    for _, shp, is_matrix in s.tensor_shapes():
-        total += (shp[0] * row_nbytes(q, shp[1])) if is_matrix else 4 * shp[0]
+    for name, shp, is_matrix in s.tensor_shapes():
+        t = tensor_type(s, name, shp, q)
+        total += (shp[0] * row_nbytes(t, shp[1])) if is_matrix else 4 * shp[0]
     return total
 
 
@@ -213,11 +376,12 @@ def write_synthetic(shape: str, quant: str, out, seed: int = 0, overwrite: bool 
     w = None
     try:
         try:
-            w = GGUFStreamWriter(tmp, "llama")
+            w = GGUFStreamWriter(tmp, s.arch)
             _add_metadata(w, s, q, seed)
             tensors = s.tensor_shapes()
+            types = {name: tensor_type(s, name, shp, q) for name, shp, _ in tensors}
             for name, shp, is_matrix in tensors:
-                w.add_tensor_info(name, shp, q if is_matrix else "F32")
+                w.add_tensor_info(name, shp, types[name])
             w.write_head()
         except OSError as e:
             raise EdgetuneError(f"{tmp}: cannot write into {parent} ({e.strerror or e})") from None
@@ -234,7 +398,7 @@ def write_synthetic(shape: str, quant: str, out, seed: int = 0, overwrite: bool 
         try:
             for idx, (name, shp, is_matrix) in enumerate(tensors):
                 rng = np.random.default_rng([int(seed), idx])
-                w.write_tensor(name, _tensor_chunks(shp, is_matrix, q, rng),
+                w.write_tensor(name, _tensor_chunks(s, name, shp, is_matrix, types[name], rng),
                                on_bytes=bar.update if bar is not None else None)
             w.close()
             w = None

@@ -50,7 +50,10 @@ Merged GGUF (`--format gguf`)
     on the tiny test model (12 steps, lr 1e-3) the weight residual ||W_exp - W_tuned|| /
     ||(alpha/r) B A|| is 0.021 with Q8_0 and 0.34 with Q4_1 re-encoding, the max logit error 0.007
     vs 0.035 (the LoRA update itself moves logits by 0.11).  lora_type="same" re-encodes into the source type instead.
-  * tensors of other types (K-quants, F16) that were tuned are written as Q8_0 (matrices) or F32.
+  * K-quants (Q4_K/Q5_K/Q6_K) are written back in the same type (kquant.py): tuned scales refit
+    each changed super-block's fp16 d and integer sub-scales with codes and mins kept; LoRA-merged
+    or sparse-tuned matrices re-encode only the super-blocks whose weights changed.
+  * tensors of other types (F16, BF16) that were tuned are written as Q8_0 (matrices) or F32.
   * head (the label-word rows): output.weight with W + delta on those rows (a tied-embedding
     model gets its own output.weight, a copy of token_embd, so the input embeddings stay); the
     bias set has no GGUF equivalent and is refused.
@@ -74,6 +77,7 @@ import numpy as np
 from ..errors import EdgetuneError, FormatError
 from ..formats.gguf_writer import BLOCK_BYTES, GGUFStreamWriter, encode_blocks, pack_blocks
 from ..formats.gguf_writer import check_output as _check_out, write_atomic as _write_atomic
+from ..kquant import K_TYPES
 
 CHUNK_ELEMS = 4 << 20            # float32 elements per processing chunk (16 MB)
 ROUNDINGS = ("compensate", "nearest", "stochastic", "q8_0", "f16")
@@ -261,6 +265,8 @@ def _matrix_plan(name, rt, qt, base_qt, ts, rounding, lora_type, stats):
     has_sparse = name in ts.sparse
     block = src_type in BLOCK_BYTES
     n, k = rt.shape
+    if src_type in K_TYPES:
+        return _kquant_plan(name, rt, qt, base_qt, ts, stats)
     if has_lora:
         out_type = "Q8_0" if (lora_type == "q8_0" or not block) else src_type
         kind = "lora"
@@ -317,6 +323,45 @@ def _matrix_plan(name, rt, qt, base_qt, ts, rounding, lora_type, stats):
                           res2=(res.astype(np.float64) ** 2).sum())
             yield outb
     return _Plan(name, rt.shape, out_type, chunks)
+
+
+def _kquant_plan(name, rt, qt, base_qt, ts, stats):
+    """A tuned Q4_K/Q5_K/Q6_K matrix written back in its own type (kquant.py): tuned scales alone
+    refit each changed super-block's (d, sc) with codes and mins kept; LoRA / sparse re-encode the
+    super-blocks whose float weights changed.  Unchanged super-blocks keep their bytes."""
+    from ..kquant import BLOCK_BYTES as KB, decode, refit_scales, requantize_changed
+    t = rt.type_name
+    n, k = rt.shape
+    nb, bs = k // 256, KB[t]
+    only_scales = name in ts.scales and name not in ts.lora and name not in ts.sparse
+    step = max(1, CHUNK_ELEMS // k)
+
+    def chunks():
+        from ..quant import dequantize, slice_rows
+        for r0 in range(0, n, step):
+            r1 = min(n, r0 + step)
+            raw = np.asarray(rt.data[r0:r1]).reshape(r1 - r0, nb, bs)
+            wt = _tuned_rows(qt, ts, r0, r1) if (not only_scales or stats is not None) else None
+            if only_scales:
+                s_new = ts.scales[name].value[r0:r1]
+                blocks, stored = refit_scales(t, raw, s_new)
+                if stats is not None:
+                    s0 = slice_rows(base_qt, np.arange(r0, r1)).scales.astype(np.float64)
+                    ds, dr = s_new.astype(np.float64) - s0, stored.astype(np.float64) - s0
+                    stats.add(name.split(".")[-2], sdiff2=(ds * ds).sum(), sur2=(dr * dr).sum(),
+                              sdot=(ds * dr).sum(), groups=s0.size, changed=(dr != 0).sum())
+            else:
+                w_old = decode(raw.reshape(r1 - r0, -1), t, k)
+                blocks = requantize_changed(t, raw, wt, w_old)
+            if stats is not None:
+                wx = decode(blocks.reshape(r1 - r0, -1), t, k)
+                wb = dequantize(slice_rows(base_qt, np.arange(r0, r1)))
+                upd, res = wt - wb, wx - wt
+                stats.add(f"{'kscales' if only_scales else 'krequant'}:{t}",
+                          upd2=(upd.astype(np.float64) ** 2).sum(),
+                          res2=(res.astype(np.float64) ** 2).sum())
+            yield blocks.reshape(r1 - r0, -1)
+    return _Plan(name, rt.shape, t, chunks)
 
 
 def _fix_sparse(qtype, blocks, wt, sp, r0, r1, stats, name):

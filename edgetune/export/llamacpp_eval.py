@@ -58,6 +58,36 @@ def _check_adapter(lora_path: str):
                                      f"--format gguf-lora`")
 
 
+def _has_kquants(model_path) -> bool:
+    try:
+        return any(t.type_name in ("Q4_K", "Q5_K", "Q6_K") for t in GGUFFile(model_path).tensors.values())
+    except EdgetuneError:
+        return False
+
+
+def new_llama(model_path, **kw):
+    """llama_cpp.Llama(model_path, **kw); for a file with K-quant tensors, llama.cpp's extra weight
+    buffers (AMX / repacked) are switched off: this machine's CPU reports AMX, its kernel does not
+    grant the tile state, and the llama-cpp-python build repacks K-quants for AMX and dies with
+    SIGILL on the first matmul (measured: tilezero in ggml_backend_amx_mul_mat).  Q4_0/Q4_1/Q8_0
+    files keep the default, so llama.cpp's speed baselines are unchanged."""
+    import llama_cpp
+    import llama_cpp.llama_cpp as api          # the module llama_cpp.Llama reads its defaults from
+    if not _has_kquants(model_path):
+        return llama_cpp.Llama(model_path, **kw)
+    orig = api.llama_model_default_params
+
+    def params():
+        p = orig()
+        p.use_extra_bufts = False
+        return p
+    api.llama_model_default_params = params
+    try:
+        return llama_cpp.Llama(model_path, **kw)
+    finally:
+        api.llama_model_default_params = orig
+
+
 def open_llama(model_path, n_ctx: int = 512, lora_path=None, threads: int = 0,
                logits_all: bool = False):
     """A llama_cpp.Llama on `model_path` (+ LoRA adapter), or one clear EdgetuneError."""
@@ -75,7 +105,7 @@ def open_llama(model_path, n_ctx: int = 512, lora_path=None, threads: int = 0,
     n = threads or os.cpu_count() or 1
     with _quiet_stderr():
         try:
-            ll = llama_cpp.Llama(model_path, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
+            ll = new_llama(model_path, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
                                  n_threads=n, n_threads_batch=n, lora_path=lora_path,
                                  seed=0, verbose=False, logits_all=logits_all)
         except (ValueError, RuntimeError) as e:

@@ -372,6 +372,10 @@ def build_onnx(net, ts, out, *, accuracy_level: int = 0, doc: str = "") -> Path:
     check_trainable(ts)
     if net.stream is not None:
         raise EdgetuneError("ONNX export needs a fully loaded model (no streamed layers)")
+    if not net.config.plain_block:
+        raise EdgetuneError(f"{net.path}: ONNX export builds llama/mistral/qwen2 blocks only; "
+                            f"architecture {net.config.arch!r} (model/archs.py) is not supported "
+                            f"there yet (GGUF export is)")
     if accuracy_level not in (0, 1, 2, 3, 4):
         raise EdgetuneError("accuracy_level must be 0..4 (onnxruntime MatMulNBits)")
     out = Path(out)

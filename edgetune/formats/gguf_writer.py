@@ -34,7 +34,9 @@ from ..errors import EdgetuneError
 QK = 32
 BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
 QUANT_TYPES = tuple(BLOCK_BYTES)
-FILE_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7}   # gguf.LlamaFileType.MOSTLY_*
+FILE_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7,   # gguf.LlamaFileType.MOSTLY_*
+             "Q4_K_M": 15}
+K_BLOCK_BYTES = {"Q4_K": 144, "Q5_K": 176, "Q6_K": 210}   # 256-element super-blocks (kquant.py)
 
 
 def _qname(qtype) -> str:
@@ -43,7 +45,7 @@ def _qname(qtype) -> str:
     if not isinstance(name, str):
         raise ValueError(f"unknown quant type {qtype!r}")
     up = name.upper()
-    if up not in BLOCK_BYTES and up not in ("F32", "F16"):
+    if up not in BLOCK_BYTES and up not in K_BLOCK_BYTES and up not in ("F32", "F16", "Q4_K_M"):
         raise ValueError(f"unsupported quant type {name!r} (supported: "
                          f"{', '.join(q.lower() for q in QUANT_TYPES)})")
     return up
@@ -61,6 +63,10 @@ def row_nbytes(qtype, k: int) -> int:
         return 4 * k
     if q == "F16":
         return 2 * k
+    if q in K_BLOCK_BYTES:
+        if k % 256:
+            raise ValueError(f"{q}: row length {k} is not a multiple of 256")
+        return (k // 256) * K_BLOCK_BYTES[q]
     if k % QK:
         raise ValueError(f"{q}: row length {k} is not a multiple of {QK}")
     return (k // QK) * BLOCK_BYTES[q]

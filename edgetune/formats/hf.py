@@ -62,15 +62,17 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import EdgetuneError, FormatError, UnsupportedError
-from .gguf_writer import (add_file_type, add_llama_hparams, check_free_space, check_group,
+from .gguf_writer import (add_file_type, check_free_space, check_group,
                           check_output, encode_blocks, tensor_nbytes, write_atomic)
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama",
-                 "Qwen2ForCausalLM": "qwen2"}
+                 "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
+                 "Gemma3ForCausalLM": "gemma3", "Phi3ForCausalLM": "phi3"}
+ACTIVATIONS = {"gemma3": ("gelu_pytorch_tanh", "gelu_tanh")}   # else silu
 QUANTS = ("q4_0", "q4_1")
 HEAD_QUANT = "Q8_0"
 CHUNK_ELEMS = 2 << 20                  # float32 values converted at a time (8 MB)
-CONVERTER_VERSION = 1                  # part of the cache key: bump when the output changes
+CONVERTER_VERSION = 2                  # part of the cache key: bump when the output changes
 DTYPES = {"F32": ("<f4", 4), "F16": ("<f2", 2), "BF16": ("<u2", 2)}
 # files whose content decides the conversion (all *.safetensors too): the cache key covers them
 INPUT_FILES = ("config.json", "model.safetensors.index.json", "tokenizer.json",
@@ -113,10 +115,17 @@ class HFConfig:
     context_length: int
     tie_word_embeddings: bool
     qkv_bias: bool
+    key_length: int = 0        # head size when it is not hidden / n_heads (qwen3, gemma3)
+    rope_dim: int = 0          # phi3 partial_rotary_factor * head size
+    swa_window: int = 0        # gemma3 sliding window and the pattern of its layers (n: i % n < n-1)
+    swa_pattern: int = 0
+    rope_base_swa: float = 0.0
+    llama3_rope: tuple = ()    # (factor, low_freq_factor, high_freq_factor, original context)
+    longrope: tuple = ()       # phi3: (original context, attn_factor, short factors, long factors)
 
     @property
     def head_dim(self) -> int:
-        return self.hidden // self.n_heads
+        return self.key_length or self.hidden // self.n_heads
 
 
 def read_config(src: Path) -> HFConfig:
@@ -145,17 +154,24 @@ def read_config(src: Path) -> HFConfig:
             raise FormatError(path, f"key {key!r} = {v!r} is not a positive number")
         return v
 
+    arch = ARCHITECTURES[hf_arch]
     hidden, n_heads = int(need("hidden_size")), int(need("num_attention_heads"))
     n_kv = int(need("num_key_value_heads", n_heads))
-    if hidden % n_heads or n_heads % n_kv:
+    own_head = arch in ("qwen3", "gemma3")      # head_dim is free; llama/qwen2/phi3: hidden/heads
+    if (hidden % n_heads and not own_head) or n_heads % n_kv:
         raise FormatError(path, f"hidden_size {hidden}, num_attention_heads {n_heads} and "
                                 f"num_key_value_heads {n_kv} do not divide evenly")
-    if c.get("head_dim") not in (None, hidden // n_heads):
+    head_dim = int(c.get("head_dim") or hidden // n_heads)
+    if head_dim != hidden // n_heads and not own_head:
         raise UnsupportedError(path, f"head_dim {c['head_dim']} != hidden_size / "
-                                     f"num_attention_heads = {hidden // n_heads} is not supported")
-    act = c.get("hidden_act", "silu")
-    if act != "silu":
-        raise UnsupportedError(path, f"hidden_act {act!r} is not supported (silu only)")
+                                     f"num_attention_heads = {hidden // n_heads} is not supported "
+                                     f"for {hf_arch}")
+    act_key = "hidden_activation" if arch == "gemma3" else "hidden_act"
+    act = c.get(act_key) or c.get("hidden_act") or ACTIVATIONS.get(arch, ("silu",))[0]
+    if act not in ACTIVATIONS.get(arch, ("silu",)):
+        raise UnsupportedError(path, f"{act_key} {act!r} is not supported for {hf_arch} "
+                                     f"({', '.join(ACTIVATIONS.get(arch, ('silu',)))} only)")
+    extra = _arch_extras(path, c, arch, head_dim)
     for key in ("attention_bias", "mlp_bias"):
         if c.get(key):
             raise UnsupportedError(path, f"{key}: true is not supported for {hf_arch}")
@@ -165,23 +181,84 @@ def read_config(src: Path) -> HFConfig:
     rope = c.get("rope_parameters") if isinstance(c.get("rope_parameters"), dict) else {}
     scaling = c.get("rope_scaling") or rope       # transformers < 5 | >= 5
     key = "rope_scaling" if c.get("rope_scaling") else "rope_parameters"
+    if arch == "gemma3" and isinstance(scaling, dict) and "full_attention" in scaling:
+        scaling = scaling["full_attention"]            # transformers 5: per layer type
+        rope = dict(rope, rope_theta=scaling.get("rope_theta"))
     kind = scaling.get("rope_type", scaling.get("type", "default")) if isinstance(scaling, dict) \
         else scaling
     factor = 1.0
     if kind == "linear":
         factor = float(scaling.get("factor", 1.0))
+    elif kind == "llama3" and arch == "llama":
+        extra["llama3_rope"] = (float(scaling["factor"]), float(scaling.get("low_freq_factor", 1.0)),
+                                float(scaling.get("high_freq_factor", 4.0)),
+                                int(scaling["original_max_position_embeddings"]))
+    elif kind in ("longrope", "su") and arch == "phi3":
+        extra["longrope"] = _longrope(path, c, scaling, head_dim, extra.get("rope_dim", 0))
     elif kind not in (None, "default"):
         raise UnsupportedError(path, f"{key}: RoPE scaling type {kind!r} is not supported "
-                                     f"(supported: none, linear)")
+                                     f"(supported: none, linear; llama3 for llama; longrope for "
+                                     f"phi3)")
     return HFConfig(
-        hf_arch=hf_arch, arch=ARCHITECTURES[hf_arch], hidden=hidden,
+        hf_arch=hf_arch, arch=arch, hidden=hidden,
         n_layers=int(need("num_hidden_layers")), n_heads=n_heads, n_kv_heads=n_kv,
         ffn=int(need("intermediate_size")), vocab=int(need("vocab_size")),
         rope_base=float(need("rope_theta", rope.get("rope_theta", 10000.0))),
         rope_linear_factor=factor, rms_eps=float(need("rms_norm_eps", 1e-6)),
         context_length=int(need("max_position_embeddings", 2048)),
-        tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
-        qkv_bias=ARCHITECTURES[hf_arch] == "qwen2")
+        tie_word_embeddings=bool(c.get("tie_word_embeddings", arch == "gemma3")),
+        qkv_bias=arch == "qwen2", key_length=head_dim if head_dim != hidden // n_heads else 0,
+        **extra)
+
+
+def _arch_extras(path, c: dict, arch: str, head_dim: int) -> dict:
+    """The HFConfig fields a non-llama architecture adds, checked against what llama.cpp's graph
+    computes (model/archs.py)."""
+    out = {}
+    if arch == "gemma3":
+        qs = c.get("query_pre_attn_scalar", head_dim)
+        if qs != head_dim:
+            raise UnsupportedError(path, f"query_pre_attn_scalar {qs} != head_dim {head_dim}: "
+                                         f"llama.cpp scales attention by 1/sqrt(key_length)")
+        for k in ("final_logit_softcapping", "attn_logit_softcapping"):
+            if c.get(k):
+                raise UnsupportedError(path, f"{k} {c[k]} is not supported")
+        if c.get("sliding_window"):
+            types = c.get("layer_types")
+            n = int(c.get("sliding_window_pattern") or 6)
+            if types:
+                full = [i for i, t in enumerate(types) if t != "sliding_attention"]
+                n = full[0] + 1 if full else 0
+                if [t != "sliding_attention" for t in types] != \
+                        [n != 0 and i % n == n - 1 for i in range(len(types))]:
+                    raise UnsupportedError(path, "layer_types is not a periodic sliding/full pattern")
+            out.update(swa_window=int(c["sliding_window"]), swa_pattern=n)
+            rp = c.get("rope_parameters") or {}
+            local = (rp.get("sliding_attention") or {}).get("rope_theta") \
+                if isinstance(rp, dict) else None
+            out["rope_base_swa"] = float(c.get("rope_local_base_freq") or local or 10000.0)
+    if arch == "phi3":
+        rp = c.get("rope_parameters") if isinstance(c.get("rope_parameters"), dict) else {}
+        f = float(c.get("partial_rotary_factor") or rp.get("partial_rotary_factor") or 1.0)
+        if f != 1.0:
+            out["rope_dim"] = int(head_dim * f)
+    return out
+
+
+def _longrope(path, c: dict, scaling: dict, head_dim: int, rope_dim: int) -> tuple:
+    """(original context, attention factor, short factors, long factors) of phi3's longrope."""
+    orig = int(c.get("original_max_position_embeddings")
+               or scaling.get("original_max_position_embeddings") or 0)
+    n = (rope_dim or head_dim) // 2
+    short, long = scaling.get("short_factor"), scaling.get("long_factor")
+    if not orig or not isinstance(short, list) or not isinstance(long, list) \
+            or len(short) != n or len(long) != n:
+        raise FormatError(path, f"longrope needs original_max_position_embeddings and "
+                                f"short_factor/long_factor lists of {n} values")
+    scale = int(c.get("max_position_embeddings", orig)) / orig
+    attn = scaling.get("attention_factor") or \
+        (math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1 else 1.0)
+    return orig, float(attn), [float(x) for x in short], [float(x) for x in long]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,6 +411,7 @@ class _Item:
     qtype: str                 # Q4_0 | Q4_1 | Q8_0 | F32
     shape: tuple
     head_dim: int = 0          # > 0: llama q/k, permute rows within heads of this size
+    add_one: bool = False      # gemma RMSNorm weights: GGUF stores 1 + w (as llama.cpp reads them)
 
 
 @dataclass
@@ -357,18 +435,37 @@ def expected_tensors(c: HFConfig, with_head: bool) -> list[tuple[str, str, tuple
     """[(HF name, GGUF name, numpy shape, role)] in GGUF order; role: embed | matrix | vector.
     with_head: lm_head.weight is a tensor of its own (not tied to the embedding)."""
     h, kv, f, v = c.hidden, c.n_kv_heads * c.head_dim, c.ffn, c.vocab
-    shapes = {"attn_q": (h, h), "attn_k": (kv, h), "attn_v": (kv, h), "attn_output": (h, h),
+    qd, hd = c.n_heads * c.head_dim, c.head_dim
+    shapes = {"attn_q": (qd, h), "attn_k": (kv, h), "attn_v": (kv, h), "attn_output": (h, qd),
               "ffn_gate": (f, h), "ffn_up": (f, h), "ffn_down": (h, f)}
     out = [("model.embed_tokens.weight", "token_embd.weight", (v, h), "embed")]
     for i in range(c.n_layers):
-        p = f"model.layers.{i}."
-        out.append((p + "input_layernorm.weight", f"blk.{i}.attn_norm.weight", (h,), "vector"))
+        p, b = f"model.layers.{i}.", f"blk.{i}."
+        out.append((p + "input_layernorm.weight", b + "attn_norm.weight", (h,), "vector"))
+        if c.arch == "phi3":     # fused, in GGUF's order already ([q; k; v], [gate; up])
+            out += [(p + "self_attn.qkv_proj.weight", b + "attn_qkv.weight", (qd + 2 * kv, h),
+                     "matrix"),
+                    (p + "self_attn.o_proj.weight", b + "attn_output.weight", (h, qd), "matrix"),
+                    (p + "post_attention_layernorm.weight", b + "ffn_norm.weight", (h,), "vector"),
+                    (p + "mlp.gate_up_proj.weight", b + "ffn_up.weight", (2 * f, h), "matrix"),
+                    (p + "mlp.down_proj.weight", b + "ffn_down.weight", (h, f), "matrix")]
+            continue
         for hf, gg in LAYER_MATRICES.items():
             out.append((p + hf + ".weight", f"blk.{i}.{gg}.weight", shapes[gg], "matrix"))
             if c.qkv_bias and hf in QKV_BIASES:
                 out.append((p + hf + ".bias", f"blk.{i}.{gg}.bias", shapes[gg][:1], "vector"))
-        out.append((p + "post_attention_layernorm.weight", f"blk.{i}.ffn_norm.weight", (h,),
-                    "vector"))
+        if c.arch in ("qwen3", "gemma3"):
+            out += [(p + "self_attn.q_norm.weight", b + "attn_q_norm.weight", (hd,), "vector"),
+                    (p + "self_attn.k_norm.weight", b + "attn_k_norm.weight", (hd,), "vector")]
+        if c.arch == "gemma3":
+            out += [(p + "post_attention_layernorm.weight", b + "post_attention_norm.weight",
+                     (h,), "vector"),
+                    (p + "pre_feedforward_layernorm.weight", b + "ffn_norm.weight", (h,), "vector"),
+                    (p + "post_feedforward_layernorm.weight", b + "post_ffw_norm.weight", (h,),
+                     "vector")]
+        else:
+            out.append((p + "post_attention_layernorm.weight", b + "ffn_norm.weight", (h,),
+                        "vector"))
     out.append(("model.norm.weight", "output_norm.weight", (h,), "vector"))
     if with_head:
         out.append(("lm_head.weight", "output.weight", (v, h), "embed"))
@@ -423,14 +520,16 @@ def make_plan(src_dir, quant: str = "q4_0", group_size: int = 32) -> Plan:
                                     f"must be a multiple of 32 dividing every row length)") \
                     from None
         permute = c.arch == "llama" and gg_name.endswith(("attn_q.weight", "attn_k.weight"))
-        items.append(_Item(gg_name, t, qtype, shape, c.head_dim if permute else 0))
+        items.append(_Item(gg_name, t, qtype, shape, c.head_dim if permute else 0,
+                           c.arch == "gemma3" and gg_name.endswith("norm.weight")))
     return Plan(src, c, items, quant, int(group_size))
 
 
 def _chunks(plan: Plan, it: _Item, maps: _Maps, on_src_bytes):
     """Encoded bytes (or float32 vectors) of one tensor, in chunks of whole rows (whole heads)."""
     if it.qtype == "F32":
-        yield maps.rows(it.src, 0, 1).reshape(-1)
+        v = maps.rows(it.src, 0, 1).reshape(-1)
+        yield v + np.float32(1.0) if it.add_one else v
         on_src_bytes(it.src.nbytes)
         return
     n, k = it.shape
@@ -553,15 +652,17 @@ def convert_hf(src_dir, out, quant: str = "q4_0", group_size: int = 32, *,
                      f"{plan.quant} matrices with group size {plan.group_size}, Q8_0 "
                      f"embedding/head")
         add_file_type(m, plan.quant)
-        add_llama_hparams(m, c.arch, vocab=c.vocab, context_length=c.context_length,
-                          hidden=c.hidden, n_layers=c.n_layers, ffn=c.ffn, n_heads=c.n_heads,
-                          n_kv_heads=c.n_kv_heads, rope_base=c.rope_base, rms_eps=c.rms_eps,
-                          rope_linear_factor=c.rope_linear_factor)
+        _add_hparams(m, c)
         m.add_uint32("edgetune.quant_group_size", plan.group_size)
         _add_tokenizer(m, plan.src, c.vocab, say)
+        rope_vecs = _rope_vectors(c)
+        for name, v in rope_vecs:
+            w.add_tensor_info(name, v.shape, "F32")
         for it in plan.items:
             w.add_tensor_info(it.name, it.shape, it.qtype)
         w.write_head()
+        for name, v in rope_vecs:
+            w.write_tensor(name, [v])
         from tqdm import tqdm
         with tqdm(total=plan.src_nbytes, unit="B", unit_scale=True, unit_divisor=1024,
                   desc=f"convert {plan.src.name} {plan.quant} g{plan.group_size}",
@@ -573,6 +674,53 @@ def convert_hf(src_dir, out, quant: str = "q4_0", group_size: int = 32, *,
         return write_atomic(out, c.arch, fill)
     finally:
         maps.close()
+
+
+def _add_hparams(m, c: HFConfig) -> None:
+    """The `{arch}.*` keys llama.cpp reads, as convert_hf_to_gguf.py writes them."""
+    a = c.arch
+    m.add_uint32(f"{a}.vocab_size", c.vocab)
+    m.add_uint32(f"{a}.context_length", c.context_length)
+    m.add_uint32(f"{a}.embedding_length", c.hidden)
+    m.add_uint32(f"{a}.block_count", c.n_layers)
+    m.add_uint32(f"{a}.feed_forward_length", c.ffn)
+    m.add_uint32(f"{a}.attention.head_count", c.n_heads)
+    m.add_uint32(f"{a}.attention.head_count_kv", c.n_kv_heads)
+    m.add_uint32(f"{a}.rope.dimension_count", c.rope_dim or c.head_dim)
+    m.add_float32(f"{a}.rope.freq_base", float(c.rope_base))
+    m.add_float32(f"{a}.attention.layer_norm_rms_epsilon", float(c.rms_eps))
+    if c.rope_linear_factor != 1.0:
+        m.add_string(f"{a}.rope.scaling.type", "linear")
+        m.add_float32(f"{a}.rope.scaling.factor", float(c.rope_linear_factor))
+    if c.key_length:
+        m.add_uint32(f"{a}.attention.key_length", c.key_length)
+        m.add_uint32(f"{a}.attention.value_length", c.key_length)
+    if c.swa_window:
+        m.add_uint32(f"{a}.attention.sliding_window", c.swa_window)
+        m.add_float32(f"{a}.rope.freq_base_swa", float(c.rope_base_swa))
+        if c.swa_pattern != 6:      # llama.cpp's gemma3 default; other patterns need the key
+            m.add_uint32(f"{a}.attention.sliding_window_pattern", c.swa_pattern)
+    if c.longrope:
+        m.add_uint32(f"{a}.rope.scaling.original_context_length", c.longrope[0])
+        m.add_float32(f"{a}.rope.scaling.attn_factor", c.longrope[1])
+
+
+def _rope_vectors(c: HFConfig) -> list:
+    """Per-dimension RoPE frequency divisors written as tensors: llama3's rope_freqs (computed
+    from rope_scaling as convert_hf_to_gguf.py does), phi3's longrope short/long factors."""
+    d = c.rope_dim or c.head_dim
+    if c.llama3_rope:
+        factor, low, high, old = c.llama3_rope
+        freqs = 1.0 / (c.rope_base ** (np.arange(0, d, 2, dtype=np.float64) / d))
+        wl = 2 * np.pi / freqs
+        smooth = (old / wl - low) / (high - low)
+        f = np.where(wl < old / high, 1.0,
+                     np.where(wl > old / low, factor, 1.0 / ((1 - smooth) / factor + smooth)))
+        return [("rope_freqs.weight", f.astype(np.float32))]
+    if c.longrope:
+        return [("rope_factors_long.weight", np.asarray(c.longrope[3], np.float32)),
+                ("rope_factors_short.weight", np.asarray(c.longrope[2], np.float32))]
+    return []
 
 
 # ---------------------------------------------------------------------------------------------

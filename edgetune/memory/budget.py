@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import math
 import re
+
+import numpy as np
 from dataclasses import dataclass, field
 
 from ..errors import EdgetuneError
@@ -85,6 +87,12 @@ class Plan:
 
 
 def _qbytes(rt) -> int:
+    """Bytes of a tensor's codes as edgetune holds them: mapped file bytes, except K-quants, whose
+    codes are unpacked into RAM (Q4_K: packed nibbles, K/2 per row; Q5_K/Q6_K: one int8 each)."""
+    if rt.type_name == "Q4_K":
+        return int(np.prod(rt.shape)) // 2
+    if rt.type_name in ("Q5_K", "Q6_K"):
+        return int(np.prod(rt.shape))
     return int(rt.data.size)
 
 
@@ -108,7 +116,7 @@ def make_plan(gguf, budget: int | None, *, batch: int = 16, seq: int = 64,
     layers: the blocks the block methods train (--layers); passes: perturbed passes per step
     (P = q + 1 normalized/one-sided, 2q two-point); pool: training examples whose features a
     frozen body caches (0 = none); eval_examples: dev + test examples scored."""
-    from ..model.transformer import ModelConfig, LAYER_WEIGHTS
+    from ..model.transformer import ModelConfig
     from ..train.passes import step_cost
     from ..zo.trainable import HEAD_METHODS, LORA_TARGETS, parse_layers
     c = ModelConfig.from_gguf(gguf)
@@ -120,11 +128,11 @@ def make_plan(gguf, budget: int | None, *, batch: int = 16, seq: int = 64,
     layer_q, layer_s = [], []
     for i in range(c.n_layer):
         q = s = 0
-        for n in LAYER_WEIGHTS:
+        for n in c.layer_weights:
             rt = T[f"blk.{i}.{n}.weight"]
             q += _qbytes(rt)
             s += _scale_bytes(rt)
-        for n in ("attn_norm", "ffn_norm"):
+        for n in ("attn_norm", "ffn_norm") + c.layer_vectors:
             q += _qbytes(T[f"blk.{i}.{n}.weight"])
         layer_q.append(q)
         layer_s.append(s)
@@ -134,14 +142,16 @@ def make_plan(gguf, budget: int | None, *, batch: int = 16, seq: int = 64,
         fixed["output head"] = _qbytes(T["output.weight"]) + _scale_bytes(T["output.weight"])
     trainable = 0
     if "lora" in methods:
-        targets = [LORA_TARGETS[t] for t in lora_targets]
+        from ..zo.trainable import FUSED_TARGETS
+        targets = {LORA_TARGETS[t] if LORA_TARGETS[t] in c.layer_weights
+                   else FUSED_TARGETS.get(LORA_TARGETS[t]) for t in lora_targets} - {None}
         for i in sorted(chosen):
             for n in targets:
                 N, K = T[f"blk.{i}.{n}.weight"].shape
                 trainable += lora_rank * (N + K) * 4
     if "sparse" in methods:
         total = sum(math.prod(T[f"blk.{i}.{n}.weight"].shape)
-                    for i in sorted(chosen) for n in LAYER_WEIGHTS)
+                    for i in sorted(chosen) for n in c.layer_weights)
         trainable += int(total * sparse_fraction) * (4 + 8 + 8)
     if "norms" in methods:
         trainable += (2 * len(chosen) + 1) * c.n_embd * 4

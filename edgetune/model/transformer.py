@@ -1,4 +1,7 @@
-"""Forward-only llama-family transformer (llama, mistral, qwen2, SmolLM) on int4 QTensors.
+"""Forward-only transformer (llama, mistral, qwen2, SmolLM, llama 3.x, qwen3, gemma3, phi3) on QTensors.
+
+What each architecture adds to the llama block is in model/archs.py; plain llama blocks run as
+one C++ call per block range, the others op by op (C++ GEMMs, torch attention).
 
 No autograd: every matmul with a weight goes through kernels.qgemm, which can perturb a tensor's
 group scales on the fly (ZO training).  Activations are fp32 torch CPU tensors.  Sequences in a
@@ -17,10 +20,11 @@ from .. import kernels
 from ..errors import FormatError, UnsupportedError
 from ..formats.gguf_reader import GGUFFile
 from ..quant import QTensor, dequantize_rows, slice_rows
+from .archs import ARCHS, BLOCK_ARCHS, LLAMA_WEIGHTS, layer_vectors, layer_weights, swa_layers
 
 # architectures whose GGUF layout we implement, with their RoPE pairing convention
-ARCHITECTURES = {"llama": "normal", "mistral": "normal", "qwen2": "neox"}
-LAYER_WEIGHTS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+ARCHITECTURES = {a: spec.rope_mode for a, spec in ARCHS.items()}
+LAYER_WEIGHTS = LLAMA_WEIGHTS   # the llama-family layout; config.layer_weights is the model's own
 
 
 @dataclass
@@ -40,10 +44,42 @@ class ModelConfig:
     context_length: int = 2048
     tied_embeddings: bool = False
     qkv_bias: bool = False
+    key_length: int = 0       # attention.key_length: head size when n_head * head size != n_embd
+    swa_window: int = 0       # sliding-window layers see the last swa_window positions (incl. own)
+    swa_layers: tuple = ()
+    rope_base_swa: float = 0.0
+    attn_scale: float = 0.0   # 0: 1/sqrt(head_dim)
+    rope_attn_factor: float = 1.0   # multiplies cos/sin (phi3 longrope)
+    rope_orig_context: int = 0      # phi3: longer contexts use rope_factors_long
 
     @property
     def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+        return self.key_length or self.n_embd // self.n_head
+
+    @property
+    def spec(self):
+        return ARCHS[self.arch]
+
+    @property
+    def q_dim(self) -> int:
+        return self.n_head * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.n_head_kv * self.head_dim
+
+    @property
+    def layer_weights(self) -> tuple:
+        return layer_weights(self.arch)
+
+    @property
+    def layer_vectors(self) -> tuple:
+        return layer_vectors(self.arch)
+
+    @property
+    def plain_block(self) -> bool:
+        """A llama block the one-call C++ block computes."""
+        return self.arch in BLOCK_ARCHS and self.q_dim == self.n_embd
 
     @classmethod
     def from_gguf(cls, g: GGUFFile) -> "ModelConfig":
@@ -69,17 +105,30 @@ class ModelConfig:
         if scaling not in ("none", "linear"):
             raise UnsupportedError(g.path, f"RoPE scaling {scaling!r} is not supported (none, linear)")
         factor = float(g.get(f"{a}.rope.scaling.factor", 1.0) or 1.0) if scaling == "linear" else 1.0
+        n_layer = int(key("block_count"))
+        key_length = int(g.get(f"{a}.attention.key_length", 0) or 0)
+        vlen = int(g.get(f"{a}.attention.value_length", key_length) or 0)
+        if key_length and vlen != key_length:
+            raise UnsupportedError(g.path, f"attention.key_length {key_length} != value_length {vlen}")
+        rope_base = float(g.get(f"{a}.rope.freq_base", 10000.0))
+        swa = swa_layers(g, a, n_layer)
         return cls(
             arch=arch, n_embd=n_embd, n_layer=int(key("block_count")), n_head=n_head,
             n_head_kv=int(g.get(f"{a}.attention.head_count_kv", n_head)),
             n_ff=int(key("feed_forward_length")), n_vocab=n_vocab,
-            rope_base=float(g.get(f"{a}.rope.freq_base", 10000.0)),
-            rope_dim=int(g.get(f"{a}.rope.dimension_count", n_embd // n_head)),
+            rope_base=rope_base,
+            rope_dim=int(g.get(f"{a}.rope.dimension_count", key_length or n_embd // n_head)),
             rope_mode=ARCHITECTURES[arch], rope_scale=factor,
             rms_eps=float(g.get(f"{a}.attention.layer_norm_rms_epsilon", 1e-5)),
             context_length=int(g.get(f"{a}.context_length", 2048)),
             tied_embeddings="output.weight" not in g.tensors,
             qkv_bias="blk.0.attn_q.bias" in g.tensors,
+            key_length=key_length if key_length != n_embd // n_head else 0,
+            swa_window=int(g.get(f"{a}.attention.sliding_window", 0) or 0) if swa else 0,
+            swa_layers=swa,
+            rope_base_swa=float(g.get(f"{a}.rope.freq_base_swa", ARCHS[a].rope_base_swa or rope_base)),
+            rope_attn_factor=float(g.get(f"{a}.rope.scaling.attn_factor", 1.0) or 1.0),
+            rope_orig_context=int(g.get(f"{a}.rope.scaling.original_context_length", 0) or 0),
         )
 
 
@@ -87,8 +136,9 @@ class ModelConfig:
 class Layer:
     attn_norm: torch.Tensor
     ffn_norm: torch.Tensor
-    w: dict                                   # name in LAYER_WEIGHTS -> QTensor
+    w: dict                                   # name in config.layer_weights -> QTensor
     bias: dict = field(default_factory=dict)  # "attn_q"/"attn_k"/"attn_v" -> torch vector (qwen2)
+    norms: dict = field(default_factory=dict)  # config.layer_vectors -> torch vector (q/k/post norms)
 
 
 def _drop_pages(g: GGUFFile, offset: int, nbytes: int) -> None:
@@ -141,25 +191,32 @@ class Transformer:
         to_stream = sorted(set(int(i) for i in streamed_layers))
         for i in range(c.n_layer):
             if i in to_stream:  # no scales yet: converted per use, or kept if trained
-                w = {n: self._q_shell(g, f"blk.{i}.{n}.weight") for n in LAYER_WEIGHTS}
+                w = {n: self._q_shell(g, f"blk.{i}.{n}.weight") for n in c.layer_weights}
             else:
-                w = {n: self._q(g, f"blk.{i}.{n}.weight") for n in LAYER_WEIGHTS}
+                w = {n: self._q(g, f"blk.{i}.{n}.weight") for n in c.layer_weights}
             bias = {}
             if c.qkv_bias:
                 for n in ("attn_q", "attn_k", "attn_v"):
                     bias[n] = self._vec(g, f"blk.{i}.{n}.bias")
+            norms = {n: self._vec(g, f"blk.{i}.{n}.weight") for n in c.layer_vectors}
             self.layers.append(Layer(self._vec(g, f"blk.{i}.attn_norm.weight"),
-                                     self._vec(g, f"blk.{i}.ffn_norm.weight"), w, bias))
+                                     self._vec(g, f"blk.{i}.ffn_norm.weight"), w, bias, norms))
         if to_stream:
             self._setup_stream(g, to_stream, stream_reader)
         self.output_norm = self._vec(g, "output_norm.weight")
         self.output = self.embed if c.tied_embeddings else self._q(g, "output.weight")
         self._check_shapes()
         self._rope_cache = {}
-        freqs = None
-        if "rope_freqs.weight" in g.tensors:  # llama3-style per-dimension frequency factors
-            freqs = torch.from_numpy(np.array(g.qtensor("rope_freqs.weight").data, np.float32))
-        self._rope_freq_factors = freqs
+        # per-dimension frequency divisors: llama3's rope_freqs, phi3's short/long factors
+        self._rope_factors = {}
+        for key, name in (("all", "rope_freqs.weight"), ("short", "rope_factors_short.weight"),
+                          ("long", "rope_factors_long.weight")):
+            if name in g.tensors:
+                f = np.array(g.qtensor(name).data, np.float32).reshape(-1)
+                if f.size != c.rope_dim // 2:
+                    raise FormatError(self.path, f"tensor {name!r} has {f.size} values, expected "
+                                                 f"{c.rope_dim // 2} (rope dimension / 2)")
+                self._rope_factors[key] = torch.from_numpy(f)
 
     # -- loading -------------------------------------------------------------------------------
     def _q(self, g: GGUFFile, name: str) -> QTensor:
@@ -201,7 +258,7 @@ class Transformer:
                 raise FormatError(self.path, f"cannot stream layer {i}: the model has "
                                              f"{self.config.n_layer} layers")
             ts = []
-            for n in LAYER_WEIGHTS:
+            for n in self.config.layer_weights:
                 rt = g.tensors[f"blk.{i}.{n}.weight"]
                 ts.append((rt.name, rt.type_name, rt.shape, rt.offset, int(rt.data.size)))
             spec[i] = ts
@@ -214,15 +271,25 @@ class Transformer:
 
     def _check_shapes(self):
         c = self.config
-        kv = c.n_head_kv * c.head_dim
-        want = {"attn_q": (c.n_embd, c.n_embd), "attn_k": (kv, c.n_embd), "attn_v": (kv, c.n_embd),
-                "attn_output": (c.n_embd, c.n_embd), "ffn_gate": (c.n_ff, c.n_embd),
-                "ffn_up": (c.n_ff, c.n_embd), "ffn_down": (c.n_embd, c.n_ff)}
+        kv, qd, d = c.kv_dim, c.q_dim, c.n_embd
+        if c.spec.fused:
+            want = {"attn_qkv": (qd + 2 * kv, d), "attn_output": (d, qd),
+                    "ffn_up": (2 * c.n_ff, d), "ffn_down": (d, c.n_ff)}
+        else:
+            want = {"attn_q": (qd, d), "attn_k": (kv, d), "attn_v": (kv, d),
+                    "attn_output": (d, qd), "ffn_gate": (c.n_ff, d),
+                    "ffn_up": (c.n_ff, d), "ffn_down": (d, c.n_ff)}
+        vec = {"attn_q_norm": c.head_dim, "attn_k_norm": c.head_dim,
+               "post_attention_norm": d, "post_ffw_norm": d}
         for i, layer in enumerate(self.layers):
             for n, shape in want.items():
                 if tuple(layer.w[n].shape) != shape:
                     raise FormatError(self.path, f"tensor 'blk.{i}.{n}.weight' has shape "
                                                  f"{tuple(layer.w[n].shape)}, expected {shape}")
+            for n, t in layer.norms.items():
+                if t.numel() != vec[n]:
+                    raise FormatError(self.path, f"tensor 'blk.{i}.{n}.weight' has {t.numel()} "
+                                                 f"values, expected {vec[n]}")
         if tuple(self.embed.shape) != (c.n_vocab, c.n_embd):
             raise FormatError(self.path, f"token_embd.weight has shape {tuple(self.embed.shape)}, "
                                          f"expected {(c.n_vocab, c.n_embd)}")
@@ -255,18 +322,27 @@ class Transformer:
         var = x.pow(2).mean(-1, keepdim=True)
         return x * torch.rsqrt(var + self.config.rms_eps) * weight
 
-    def rope(self, T: int):
-        """cos/sin tables [T, rope_dim/2] for positions 0..T-1."""
-        if T not in self._rope_cache:
-            c = self.config
+    def rope(self, T: int, layer: int | None = None):
+        """cos/sin tables [T, rope_dim/2] for positions 0..T-1 (of `layer`: sliding-window layers
+        may have their own base, and their linear scaling does not apply, as in llama.cpp)."""
+        c = self.config
+        swa = layer is not None and layer in c.swa_layers
+        key = (T, swa)
+        if key not in self._rope_cache:
             d = c.rope_dim
-            inv = 1.0 / (c.rope_base ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
-            if self._rope_freq_factors is not None:
-                inv = inv / self._rope_freq_factors.double()
-            pos = torch.arange(T, dtype=torch.float64) / c.rope_scale
+            base = c.rope_base_swa if swa else c.rope_base
+            inv = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+            f = self._rope_factors.get("all")
+            if "short" in self._rope_factors:   # phi3: long factors past the original context
+                long = c.rope_orig_context and T > c.rope_orig_context and "long" in self._rope_factors
+                f = self._rope_factors["long" if long else "short"]
+            if f is not None:
+                inv = inv / f.double()
+            pos = torch.arange(T, dtype=torch.float64) / (1.0 if swa else c.rope_scale)
             ang = torch.outer(pos, inv)
-            self._rope_cache[T] = (ang.cos().float(), ang.sin().float())
-        return self._rope_cache[T]
+            m = c.rope_attn_factor
+            self._rope_cache[key] = ((ang.cos() * m).float(), (ang.sin() * m).float())
+        return self._rope_cache[key]
 
     def apply_rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x: [B, H, T, head_dim]; rotates the first rope_dim dims of each head."""
@@ -316,10 +392,14 @@ class Transformer:
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         ids = tokens.reshape(-1).numpy()
         rows = dequantize_rows(self.embed, ids)
+        if self.config.spec.embed_scale:    # gemma: embeddings * sqrt(n_embd), in float32
+            rows *= np.float32(math.sqrt(self.config.n_embd))
         return torch.from_numpy(rows).reshape(*tokens.shape, self.config.n_embd)
 
     def layer_forward(self, i: int, h: torch.Tensor, perturb=None) -> torch.Tensor:
         """One transformer block on hidden states h [B, T, n_embd] (causal attention)."""
+        if not self.config.plain_block:
+            return self._layer_forward_arch(i, h, perturb)
         if self._fast():
             return self._layer_forward_fast(i, h, perturb)
         c = self.config
@@ -361,7 +441,7 @@ class Transformer:
         extra term only their linear_extra can add), a matrix is not q4/q8 codes in memory, or
         q/k/v (gate/up) differ in kind or group.  Then the per-op path runs."""
         terms = getattr(self.hooks, "linear_terms", None)
-        if terms is None:
+        if terms is None or not self.config.plain_block:
             return None
         L, hk = self.layers[i], self.hooks
         mats = [L.w[n] for n in LAYER_WEIGHTS]
@@ -388,7 +468,7 @@ class Transformer:
     def layers_forward(self, i0: int, i1: int, h: torch.Tensor, perturb=None) -> torch.Tensor:
         """Layers i0..i1-1 on h [B, T, n_embd]: one C++ call for the whole range when every layer
         is resident and describable as data, else layer by layer."""
-        if self._fast() and i1 > i0 and not any(self.stream is not None and i in self.streamed
+        if self._fast() and self.config.plain_block and i1 > i0 and not any(self.stream is not None and i in self.streamed
                                                  for i in range(i0, i1)):
             layers = [self.block_layer(i, perturb) for i in range(i0, i1)]
             if all(lay is not None for lay in layers):
@@ -437,6 +517,66 @@ class Transformer:
         gate, up = self.linear_multi(x, [L.w["ffn_gate"], L.w["ffn_up"]], perturb)
         h2 = h2 + self.linear(kernels.silu_mul(gate, up), L.w["ffn_down"], perturb)
         return h2.reshape(B, T, D)
+
+    def _attn_mask(self, T: int, i: int):
+        """None (plain causal) or a bool [T, T] mask: causal and, on a sliding-window layer, only
+        the last swa_window positions (llama.cpp: key j is hidden from query p when p - j >= window)."""
+        c = self.config
+        if i not in c.swa_layers:
+            return None
+        key = ("mask", T)
+        if key not in self._rope_cache:
+            p = torch.arange(T)
+            d = p[:, None] - p[None, :]
+            self._rope_cache[key] = (d >= 0) & (d < c.swa_window)
+        return self._rope_cache[key]
+
+    def _layer_forward_arch(self, i: int, h: torch.Tensor, perturb=None) -> torch.Tensor:
+        """One block of any architecture in archs.py, op by op: fused or separate q/k/v, q/k head
+        norms, RoPE with the layer's own base, sliding-window or global causal attention, post
+        norms, SiLU or GELU(tanh) gated FFN.  The GEMMs are kernels.qgemm with the trainable set's
+        perturbation and extras (hooks) exactly as in the llama path."""
+        c, L, nw = self.config, self.layers[i], self.hooks.norm_weight
+        B, T, D = h.shape
+        x = self.norm(h, f"blk.{i}.attn_norm.weight", L.attn_norm, perturb)
+        if c.spec.fused:
+            q, k, v = self.linear(x, L.w["attn_qkv"], perturb).split([c.q_dim, c.kv_dim, c.kv_dim], -1)
+        else:
+            q, k, v = self.linear_multi(x, [L.w["attn_q"], L.w["attn_k"], L.w["attn_v"]], perturb)
+        if L.bias:
+            q = q + nw(f"blk.{i}.attn_q.bias", L.bias["attn_q"], perturb)
+            k = k + nw(f"blk.{i}.attn_k.bias", L.bias["attn_k"], perturb)
+            v = v + nw(f"blk.{i}.attn_v.bias", L.bias["attn_v"], perturb)
+        hd = c.head_dim
+        q = q.reshape(B, T, c.n_head, hd)
+        k = k.reshape(B, T, c.n_head_kv, hd)
+        v = v.reshape(B, T, c.n_head_kv, hd)
+        if c.spec.qk_norm:
+            q = self.norm(q, f"blk.{i}.attn_q_norm.weight", L.norms["attn_q_norm"], perturb)
+            k = self.norm(k, f"blk.{i}.attn_k_norm.weight", L.norms["attn_k_norm"], perturb)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        cos, sin = self.rope(T, i)
+        q, k = self.apply_rope(q, cos, sin), self.apply_rope(k, cos, sin)
+        mask = self._attn_mask(T, i)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           scale=c.attn_scale or 1.0 / math.sqrt(hd),
+                                           enable_gqa=c.n_head != c.n_head_kv)
+        a = a.transpose(1, 2).reshape(B, T, c.q_dim)
+        o = self.linear(a, L.w["attn_output"], perturb)
+        if c.spec.post_norms:
+            o = self.norm(o, f"blk.{i}.post_attention_norm.weight", L.norms["post_attention_norm"],
+                          perturb)
+        h = h + o
+        x = self.norm(h, f"blk.{i}.ffn_norm.weight", L.ffn_norm, perturb)
+        if c.spec.fused:
+            gate, up = self.linear(x, L.w["ffn_up"], perturb).split([c.n_ff, c.n_ff], -1)
+        else:
+            gate, up = self.linear_multi(x, [L.w["ffn_gate"], L.w["ffn_up"]], perturb)
+        act = F.gelu(gate, approximate="tanh") if c.spec.act == "gelu_tanh" else F.silu(gate)
+        y = self.linear(act * up, L.w["ffn_down"], perturb)
+        if c.spec.post_norms:
+            y = self.norm(y, f"blk.{i}.post_ffw_norm.weight", L.norms["post_ffw_norm"], perturb)
+        return h + y
 
     def final_norm(self, h: torch.Tensor, perturb=None) -> torch.Tensor:
         return self.norm(h, "output_norm.weight", self.output_norm, perturb)

@@ -14,7 +14,8 @@ the fly (fused into the int4 kernel for `scales`; explicit small temporaries for
           index + value deltas (SensZOQ / Sparse-MeZO).  Sensitivity is Wanda's score
           |W_ij| * ||x_j||_2 over a few calibration batches: it needs forward passes only, where
           SensZOQ's gradient-based mask needs backpropagation, which a device cannot afford.
-  norms   RMSNorm weights (and attention biases where the model has them, e.g. qwen2).
+  norms   RMSNorm weights (and attention biases where the model has them, e.g. qwen2; the q/k head
+          norms of qwen3/gemma3 and gemma3's post-attention/FFN norms).
   head    deltas to the output-matrix rows of a classifier's label words (C x d): a linear
           probe on the last hidden state, tiny (1,728 values for SmolLM2 with 3 labels), so ZO's
           dimension-dependent variance is small and it learns in few steps.
@@ -51,6 +52,8 @@ METHODS = ("scales", "lora", "sparse", "norms", "head", "bias")
 HEAD_METHODS = ("head", "bias")   # above every block: trained on the final hidden state
 LORA_TARGETS = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output",
                 "gate": "ffn_gate", "up": "ffn_up", "down": "ffn_down"}
+FUSED_TARGETS = {"attn_q": "attn_qkv", "attn_k": "attn_qkv", "attn_v": "attn_qkv",
+                 "ffn_gate": "ffn_up"}
 
 
 FINAL_NORM = "output_norm.weight"    # the final RMSNorm's weight, as named in the norms set
@@ -356,6 +359,7 @@ def build_trainable(net, methods, *, lora_rank: int = 8, lora_alpha: float = 16.
             named += [(i, f"blk.{i}.attn_norm.weight", layer.attn_norm),
                       (i, f"blk.{i}.ffn_norm.weight", layer.ffn_norm)]
             named += [(i, f"blk.{i}.{b}.bias", t) for b, t in layer.bias.items()]
+            named += [(i, f"blk.{i}.{n}.weight", t) for n, t in layer.norms.items()]  # q/k/post
         named.append((n_layer, "output_norm.weight", net.output_norm))
         for k, (i, name, t) in enumerate(named):
             if i < n_layer and i not in chosen:
@@ -371,6 +375,9 @@ def build_trainable(net, methods, *, lora_rank: int = 8, lora_alpha: float = 16.
             if t not in LORA_TARGETS:
                 raise EdgetuneError(f"unknown LoRA target {t!r}; choose from {', '.join(LORA_TARGETS)}")
             targets.append(LORA_TARGETS[t])
+        have = set(net.config.layer_weights)
+        # fused layouts (phi3): q/k/v adapt the fused attn_qkv, gate/up the fused ffn_up
+        targets = {n if n in have else FUSED_TARGETS.get(n, n) for n in targets}
         if lora_rank < 1:
             raise EdgetuneError("--lora-rank must be >= 1")
         k = 0
