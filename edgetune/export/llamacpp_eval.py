@@ -58,34 +58,12 @@ def _check_adapter(lora_path: str):
                                      f"--format gguf-lora`")
 
 
-def _has_kquants(model_path) -> bool:
-    try:
-        return any(t.type_name in ("Q4_K", "Q5_K", "Q6_K") for t in GGUFFile(model_path).tensors.values())
-    except EdgetuneError:
-        return False
-
-
 def new_llama(model_path, **kw):
-    """llama_cpp.Llama(model_path, **kw); for a file with K-quant tensors, llama.cpp's extra weight
-    buffers (AMX / repacked) are switched off: this machine's CPU reports AMX, its kernel does not
-    grant the tile state, and the llama-cpp-python build repacks K-quants for AMX and dies with
-    SIGILL on the first matmul (measured: tilezero in ggml_backend_amx_mul_mat).  Q4_0/Q4_1/Q8_0
-    files keep the default, so llama.cpp's speed baselines are unchanged."""
+    """llama_cpp.Llama(model_path, **kw): the one place edgetune (and its tests) open llama.cpp.
+    `make install` builds llama-cpp-python without AMX on x86-64 (see the Makefile: its AMX
+    matmul died with SIGILL on `tilezero` in this VM), so every file keeps llama.cpp's defaults."""
     import llama_cpp
-    import llama_cpp.llama_cpp as api          # the module llama_cpp.Llama reads its defaults from
-    if not _has_kquants(model_path):
-        return llama_cpp.Llama(model_path, **kw)
-    orig = api.llama_model_default_params
-
-    def params():
-        p = orig()
-        p.use_extra_bufts = False
-        return p
-    api.llama_model_default_params = params
-    try:
-        return llama_cpp.Llama(model_path, **kw)
-    finally:
-        api.llama_model_default_params = orig
+    return llama_cpp.Llama(model_path, **kw)
 
 
 def open_llama(model_path, n_ctx: int = 512, lora_path=None, threads: int = 0,
