@@ -305,7 +305,7 @@ def _mean_abs(a) -> float:
 def _sample_rows(net, qt, n: int = 64) -> np.ndarray:
     """The first n rows of a layer matrix in float (read from the file for a streamed layer)."""
     from ..quant import dequantize_rows
-    if qt.codes is None or qt.scales is None:
+    if qt.kind != "f32" and (qt.codes is None or qt.scales is None):   # streamed: not resident
         qt = net.stream.read_tensor(qt.name, qt.tensor_id)
     return dequantize_rows(qt, np.arange(min(qt.shape[0], n)))
 
