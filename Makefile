@@ -74,6 +74,7 @@ bench: install
 	$(PYTHON) benchmarks/fo_baseline.py --check
 	$(PYTHON) benchmarks/memory.py
 	$(PYTHON) benchmarks/learning.py
+	$(PYTHON) benchmarks/federated.py
 
 clean:
 	rm -rf build $(VENV) .pytest_cache

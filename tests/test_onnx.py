@@ -153,27 +153,44 @@ def _cfg(tiny, out, backend, method="scales,norms", steps=6):
 
 
 def test_backend_onnxruntime_runs_the_same_loop(tiny, tmp_path):
-    """Same seeds, same batches, same updates: the two backends differ only by the kernels'
-    int8 activation rounding, so their per-step losses agree closely."""
-    rn = edgetune.finetune(_cfg(tiny, tmp_path / "native", "native"))
-    ro = edgetune.finetune(_cfg(tiny, tmp_path / "ort", "onnxruntime"))
+    """Same seeds, same batches, same updates: the two backends differ only in arithmetic (the
+    native kernels round activations to int8 per 32-group; the graph runs MatMulNBits in fp32), so
+    the onnxruntime run's losses, projected gradients and final state stay within a stated bound
+    of the native run's.  Measured 2026-12-01 (eps 0.1, default normalized estimator, q=8): losses
+    within 2.3e-4, g within 4.6% of the RMS of g, the final state within 1.4% of the native
+    update (max abs).  Bounds: 1e-3, 10%, 4%.  (At eps 1e-2 the int8 rounding flips, divided by
+    the smaller eps, move g by ~35% of its RMS: a larger eps is what makes the comparison sharp.)"""
+    cn, co = _cfg(tiny, tmp_path / "native", "native"), _cfg(tiny, tmp_path / "ort", "onnxruntime")
+    for c in (cn, co):   # no dev evaluation: finetune then ends on the last state, not the best
+        c.update(eps=0.1, eval_every=0)
+    rn = edgetune.finetune(cn)
+    ro = edgetune.finetune(co)
     assert (tmp_path / "ort" / "model.onnx").exists()
     assert ro.steps_done == rn.steps_done == 6
-    assert np.allclose(ro.losses, rn.losses, rtol=0.02, atol=1e-3)
+    np.testing.assert_allclose(ro.losses, rn.losses, rtol=0, atol=1e-3)
 
     def recs(d):
         return [json.loads(line) for line in open(d / "seedlog.jsonl")][1:]
     a, b = recs(tmp_path / "native"), recs(tmp_path / "ort")
-    assert [r["seeds"] for r in a] == [r["seeds"] for r in b]
-    # the run's state is backend-independent: the native model replays the onnxruntime run
+    ga, gb = np.array([r["g"] for r in a]), np.array([r["g"] for r in b])
+    assert ga.shape == gb.shape == (6, 8)
+    rms = np.sqrt((ga ** 2).mean())
+    assert rms > 0.1 and np.abs(ga - gb).max() <= 0.10 * rms, (np.abs(ga - gb).max(), rms)
+    init = build_trainable(edgetune.load(tiny[0]).net, "scales,norms").state()
+    sn, so = rn.trainable.state(), ro.trainable.state()
+    update = max(np.abs(sn[k] - init[k]).max() for k in sn)
+    gap = max(np.abs(sn[k] - so[k]).max() for k in sn)
+    assert update > 0 and gap <= 0.04 * update, (gap, update)
+    # the run's state is backend-independent: the native model replays the onnxruntime run's log
+    # bit for bit (the update uses only the logged seeds and g)
     from edgetune.train.runstate import apply_run
     m = edgetune.load(tiny[0])
-    ts = apply_run(m, str(tmp_path / "ort"))
-    assert any(np.any(p.value != p2) for p, p2 in zip(ts.params, build_trainable(
-        edgetune.load(tiny[0]).net, "scales,norms").state().values()))
+    ts = apply_run(m, str(tmp_path / "ort"), step="last")
+    for k, v in ts.state().items():
+        np.testing.assert_array_equal(v, so[k], err_msg=k)
     # resume continues on onnxruntime
     cfg = _cfg(tiny, tmp_path / "ort", "onnxruntime", steps=8)
-    cfg["resume"] = True
+    cfg.update(resume=True, eps=0.1, eval_every=0)
     assert edgetune.finetune(cfg).steps_done == 8
 
 

@@ -31,21 +31,31 @@ def cfg_for(tiny, out, **kw):
 
 
 def test_fused_scale_perturbation_equals_explicit(tiny):
+    """A perturbed pass (scales in the int4 kernel, norms and LoRA handed to the C++ block) gives
+    exactly the logits of an unperturbed pass over values written from the RNG's definition:
+    theta + float32(eps * sign * pscale) * z, z from zo/rng.py's numpy twin (not Perturb.apply).
+    Both sides build the same float32 values, so equality is exact, not approximate."""
+    from edgetune.zo import rng
     m = edgetune.load(tiny[0])
     ts = build_trainable(m.net, "scales,norms,lora")
+    r = np.random.default_rng(0)
+    for p in ts.params:   # LoRA B away from 0, so its perturbation reaches the logits through A
+        if p.kind == "lora_b":
+            p.value[...] = (0.05 * r.standard_normal(p.value.shape)).astype(np.float32)
     ids = [m.tokenize("ab cd ef gh"), m.tokenize("ab ab")]
-    pert = Perturb(seed=77, eps=1e-2, sign=-1)
-    fused = m.logits(ids, perturb=pert)
+    eps, sign, seed = 1e-2, -1, 77
+    fused = m.logits(ids, perturb=Perturb(seed=seed, eps=eps, sign=sign))
     base = m.logits(ids)
-    # explicit: write theta + eps*sign*pscale*z into every trainable tensor, run unperturbed
     saved = {p.name: p.value.copy() for p in ts.params}
     for p in ts.params:
-        p.value[...] = pert.apply(p)
+        z = rng.perturbation(seed, p.tensor_id, p.value.shape)
+        p.value[...] = saved[p.name] + np.float32(eps * sign * p.pscale) * z
     explicit = m.logits(ids)
     for p in ts.params:
         p.value[...] = saved[p.name]
     assert np.abs(fused - base).max() > 1e-3          # the perturbation does something
-    np.testing.assert_allclose(fused, explicit, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(fused, explicit)
+    assert {p.kind for p in ts.params} == {"scales", "norm", "lora_a", "lora_b"}
     np.testing.assert_array_equal(m.logits(ids), base)  # nothing was written by the fused pass
 
 

@@ -85,17 +85,18 @@ class FedServer:
             if header is None or header.get("federated") != key:
                 raise EdgetuneError(f"{path}: the logged run has other settings; resume with the "
                                     f"same flags (only --rounds may grow)")
-            if header.get("trainable") != json.loads(json.dumps(self.ts.describe())):
-                raise EdgetuneError(f"{path}: the trainable set differs from the logged run")
+            from ..runlog import check_header
+            check_header(header, self.ts, path)   # set, tensor ids, RNG and log version
         records = [r for r in (read_log(path)[1] if os.path.exists(path) else [])
                    if r.get("type") == "step"]
         for i, r in enumerate(records):
             if r["step"] != i:
                 raise EdgetuneError(f"{path}: seed log jumps from round {i} to {r['step']}")
+        from ..runlog import header_fields
         self.seedlog = SeedLog(path, header={"config": train_config(self.cfg).to_dict(),
-                                             "trainable": self.ts.describe(),
                                              "model": os.path.basename(self.model.path),
-                                             "federated": key}, fsync_every=1)
+                                             "federated": key, **header_fields(self.ts, None)},
+                               fsync_every=1)
         return records
 
     def _read_summary(self) -> dict:

@@ -15,7 +15,8 @@ loads the last snapshot and replays the seed log's tail.  Nothing is ever select
 
 Run directory:
   config.json      the resolved configuration
-  seedlog.jsonl    the step records (zo/seedlog.py)
+  seedlog.jsonl    the step records (zo/seedlog.py); its header identifies the set (runlog.py)
+  mask.npz         sparse runs: the chosen weights' indices (checksum in the log header)
   state.npz        the last snapshot (trainable + optimizer state, its step) — atomic rename
   best.npz         the state at the best dev evaluation (what eval/export use by default)
   metrics.csv      step, loss, lr, dev_acc, rss_mb, elapsed_s, tokens_per_s
@@ -26,7 +27,6 @@ Run directory:
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -47,6 +47,7 @@ from ..zo.seedlog import SeedLog, read_log
 from ..zo.trainable import build_trainable
 from ..runlog import (StepBatches, apply_record, build_set, load_snapshot, open_dataset,  # noqa: F401
                       replay, save_snapshot, step_seed)
+from .. import runlog
 from . import objectives, rundir
 from .metrics import peak_rss_mb, rss_mb
 
@@ -173,7 +174,8 @@ def setup(config) -> Session:
                             "objective) or, on text data, the final output norm (lm objective); "
                             f"not the {objective!r} objective on {task} data")
     batches = StepBatches(ds, cfg.batch, cfg.seed, cfg.train_limit)
-    ts = build_set(model, cfg, ds, batches)
+    # a resumed sparse run continues on its stored mask, never on a recomputed one
+    ts = build_set(model, cfg, ds, batches, mask=runlog.stored_mask(cfg.out) if resuming else None)
     opt = ZOOptimizer(ts.zo_params(), cfg.optimizer, weight_decay=cfg.weight_decay,
                       momentum=cfg.momentum, dist=cfg.dist)
     hopt = HeadAdam(ts.head_params()) if cfg.head_grad == "exact" else None
@@ -223,9 +225,10 @@ def start_or_resume(s: Session) -> int:
         header, records, _ = read_log(os.path.join(cfg.out, "seedlog.jsonl"))
         if header is None:
             raise EdgetuneError(f"{cfg.out}: seed log has no valid header; cannot resume")
-        if header.get("trainable") != json.loads(json.dumps(s.ts.describe())):
-            raise EdgetuneError(f"{cfg.out}: the trainable set differs from the logged run; resume "
-                                f"with the same --model/--method/--layers/--lora-* flags")
+        runlog.check_header(header, s.ts, cfg.out)   # set, tensor ids, RNG/log version, rows
+        # before SeedLog truncates a damaged tail: refuse when that would lose logged steps
+        runlog.check_log_intact(os.path.join(cfg.out, "seedlog.jsonl"), records,
+                                runlog.snapshot_step(cfg.out))
         changed = trajectory_changes(header.get("config", {}), cfg)
         if changed and not cfg.accept_config_change:
             raise EdgetuneError(
@@ -239,9 +242,11 @@ def start_or_resume(s: Session) -> int:
     else:
         rundir.atomic_write_json(os.path.join(cfg.out, "config.json"), rundir.run_config(cfg))
         faults.reached("after-config")
+    mask = None if s.resuming else runlog.save_mask(cfg.out, s.ts)   # sparse: mask.npz
     s.log = SeedLog(os.path.join(cfg.out, "seedlog.jsonl"),
-                    header={"config": rundir.run_config(cfg), "trainable": s.ts.describe(),
-                            "model": os.path.basename(s.model_path)})
+                    header={"config": rundir.run_config(cfg),
+                            "model": os.path.basename(s.model_path),
+                            **runlog.header_fields(s.ts, mask)})
     # zero-shot is measured on the untuned state: before a resume loads the snapshot, and again by
     # a resume when the first process was killed before saving it
     zero_shot(s, first=not s.resuming or rundir.needs_zero_shot(cfg, s.task, s.prev))

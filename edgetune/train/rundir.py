@@ -31,7 +31,7 @@ METRICS_COLUMNS = ("step", "loss", "lr", "dev_acc", "rss_mb", "elapsed_s", "toke
                    "dev_nll")
 # files a run writes; a directory holding only these (and temporaries) is one this run may reuse
 RUN_FILES = ("config.json", "seedlog.jsonl", "state.npz", "best.npz", "metrics.csv",
-             "metrics.png", "summary.json", "model.onnx", "model.onnx.data")
+             "metrics.png", "summary.json", "model.onnx", "model.onnx.data", "mask.npz")
 TMP_SUFFIX = ".tmp"
 
 

@@ -24,6 +24,8 @@ def read_run_log(run_dir: str):
     header, records, _ = read_log(log_path)
     if header is None:
         raise EdgetuneError(f"{log_path}: no valid header")
+    from ..runlog import check_log_intact
+    check_log_intact(log_path, records)   # a damaged record mid-log is refused, not skipped
     return header, records
 
 
@@ -56,7 +58,8 @@ def apply_run(model, run_dir: str, log=None, step="best"):
     """Attach the run's trainable set to `model` and restore its state at `step` (best: the best
     dev step; last; or a step number) by replaying the seed log; returns the set.
     log: (header, records) already read with read_run_log, to avoid reading the log twice."""
-    from ..runlog import StepBatches, build_set, load_snapshot, open_dataset, replay
+    from ..runlog import (StepBatches, build_set, check_header, check_log_intact, load_mask,
+                          load_snapshot, open_dataset, replay, snapshot_step)
     from ..zo.head_grad import HeadAdam
     header, records = log if log is not None else read_run_log(run_dir)
     cfg = make_config(flag_values={k: v for k, v in header["config"].items()
@@ -64,15 +67,16 @@ def apply_run(model, run_dir: str, log=None, step="best"):
     from . import data as datamod
     enc = datamod.encode(open_dataset(cfg), model, max_length=cfg.max_length, chat=cfg.chat)
     cfg = cfg.resolved(enc.dataset.kind)
-    ts = build_set(model, cfg, enc, StepBatches(enc, cfg.batch, cfg.seed, cfg.train_limit))
-    if json.loads(json.dumps(ts.describe())) != header.get("trainable"):
-        raise EdgetuneError(f"{run_dir}: this model does not match the run's trainable set "
-                            f"(was the run made with another model file?)")
+    ts = build_set(model, cfg, enc, StepBatches(enc, cfg.batch, cfg.seed, cfg.train_limit),
+                   mask=load_mask(run_dir, header))   # the stored mask, never a recomputed one
+    check_header(header, ts, run_dir)   # set, tensor ids, RNG and log version, label rows
     opt = ZOOptimizer(ts.zo_params(), cfg.optimizer, weight_decay=cfg.weight_decay,
                       momentum=cfg.momentum, dist=cfg.dist)
     hopt = HeadAdam(ts.head_params()) if cfg.head_grad == "exact" else None
     target = resolve_step(run_dir, step, records)
     if target is None:
+        check_log_intact(os.path.join(str(run_dir), "seedlog.jsonl"), records,
+                         snapshot_step(str(run_dir)))
         replay(records, ts, opt, load_snapshot(run_dir, ts, opt, hopt), hopt)
     else:   # from the initial state (the log is the truth), or from best.npz when it matches
         start = 0

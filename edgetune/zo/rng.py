@@ -22,6 +22,9 @@ from __future__ import annotations
 
 import numpy as np
 
+# bumped whenever the definition above changes: a seed log's header records it, and replaying a
+# log made under another version would draw different z (edgetune/runlog.py refuses it)
+RNG_VERSION = 1
 GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)

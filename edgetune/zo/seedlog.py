@@ -1,17 +1,28 @@
 """The seed log: an append-only, checksummed record of every ZO step — the run's source of truth.
 
-File format (`seedlog.jsonl`, UTF-8, one JSON object per line):
+File format (`seedlog.jsonl`, UTF-8, one JSON object per line; keys sorted, no spaces):
 
-    {"type": "header", "version": 1, "config": {...}, "trainable": {name: size, ...}, "crc": C}
-    {"type": "step", "step": 12, "seed": 8123..., "g": [0.0123], "lr": 5e-05,
-     "loss": 0.93, "lp": 0.95, "lm": 0.91, "crc": C}
-    {"type": "skip", "step": 13, "seed": ..., "reason": "loss is nan", "crc": C}
+    {"config":{...},"crc":C,"head_rows":[3524,9174,2731]|null,
+     "mask":{"file":"mask.npz","sha256":"..."}|null,"model":"x.gguf","rng_version":1,
+     "tensor_ids":{name:id,...},"trainable":{name:[size,pscale],...},"type":"header","version":2}
+    {"crc":C,"g":[0.0123,...],"l0":0.92,"loss":0.93,"lp":[0.95,...],"lr":5e-05,
+     "seeds":["8123...",...],"step":12,"type":"step"}
+    {"crc":C,"hg":"<base64 float32>","hlr":0.001,"loss":0.9,"lr":1.0,"step":14,"type":"step"}
+    {"crc":C,"reason":"non-finite loss or gradient (...)","seeds":["..."],"step":13,"type":"skip"}
+    {"at_step":20,"changed":{"lr":[0.001,0.002]},"crc":C,"type":"config"}
 
-`g` holds the clipped projected gradient of each query (q-query averaging keeps q values), `lp`/`lm`
-the losses of the +eps and -eps passes.  Replaying the step records in order (regenerate z from
-`seed`, apply the optimizer with `g` and `lr`) reproduces the trainable state bit for bit.
+`seeds` are the per-query seeds as decimal strings (64-bit), `g` the clipped projected gradient of
+each query, `lp` the losses of the +eps passes and `lm` (two-point) or `l0` (one-sided kinds:
+L(theta), once) the others; `hg`/`hlr` an exact head gradient and its learning rate; a `config`
+record marks settings changed on `--resume --accept-config-change`.  The header's `tensor_ids`,
+`rng_version`, `head_rows` and `mask` are what edgetune/runlog.py checks before it resumes,
+replays or exports a run (version 1 headers, written before they existed, lack them).
+Replaying the step records in order (regenerate z from each of `seeds`, apply the optimizer with
+`g` and `lr`) reproduces the trainable state bit for bit.
 `crc` is the CRC32 of the record's canonical JSON without the crc field: a torn or corrupted line
 (a kill mid-write, a bad sector) fails the check and it and everything after it are dropped.
+A damaged record followed by valid ones is not a torn tail: edgetune/runlog.py refuses to resume
+or replay such a log (naming the steps lost) rather than silently drop the steps after it.
 Records are flushed to the OS after every write (a killed process loses at most the step in
 flight) and fsync'd every `fsync_every` records and on close (power loss loses at most that many).
 """
@@ -24,7 +35,7 @@ import zlib
 from .. import faults
 from ..errors import FormatError
 
-VERSION = 1
+VERSION = 2   # 2: the header records tensor_ids, rng_version, head_rows and the stored mask
 
 
 def _canonical(rec: dict) -> bytes:
@@ -79,6 +90,16 @@ def read_log(path) -> tuple[dict | None, list[dict], int]:
     if records and header is None:
         raise FormatError(path, "seed log has no header")
     return header, records, valid
+
+
+def records_after(path, valid: int) -> list[dict]:
+    """Valid records found after the first torn/corrupt line (at byte `valid`): empty for a torn
+    tail (a kill mid-write), not empty when a record in the middle of the log was damaged."""
+    with open(path, "rb") as f:
+        f.seek(valid)
+        lines = f.read().split(b"\n")[1:]     # skip the damaged line itself
+    found = (decode_line(line + b"\n") for line in lines if line)
+    return [r for r in found if r is not None and r.get("type") != "header"]
 
 
 class SeedLog:

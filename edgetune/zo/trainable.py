@@ -305,7 +305,7 @@ def _mean_abs(a) -> float:
 def _sample_rows(net, qt, n: int = 64) -> np.ndarray:
     """The first n rows of a layer matrix in float (read from the file for a streamed layer)."""
     from ..quant import dequantize_rows
-    if qt.codes is None or qt.scales is None:
+    if qt.kind != "f32" and (qt.codes is None or qt.scales is None):   # streamed: not resident
         qt = net.stream.read_tensor(qt.name, qt.tensor_id)
     return dequantize_rows(qt, np.arange(min(qt.shape[0], n)))
 
@@ -313,11 +313,13 @@ def _sample_rows(net, qt, n: int = 64) -> np.ndarray:
 def build_trainable(net, methods, *, lora_rank: int = 8, lora_alpha: float = 16.0,
                     lora_targets=("q", "v"), sparse_fraction: float = 1e-3,
                     calibration=None, init_seed: int = 0, dist: str = "rademacher",
-                    head_rows=None, layers="all", exact_head: bool = False) -> TrainableSet:
+                    head_rows=None, layers="all", exact_head: bool = False,
+                    sparse_mask=None) -> TrainableSet:
     """Attach a trainable set to `net` (a model.Transformer) and return it.
 
     calibration: a list of token batches (torch [B, T] long) for the sparse mask; required for
-    "sparse".  head_rows: the label words' vocabulary ids; required for "head" and "bias".
+    "sparse" unless sparse_mask ({matrix name: (rows, cols)}, a run's stored mask, runlog.py) is
+    given: a run is replayed on the weights it chose, never on a recomputed choice.  head_rows: the label words' vocabulary ids; required for "head" and "bias".
     layers: the blocks that scales/lora/sparse/norms train (see parse_layers).
     """
     if isinstance(methods, str):
@@ -341,8 +343,15 @@ def build_trainable(net, methods, *, lora_rank: int = 8, lora_alpha: float = 16.
                       n_layer=n_layer, exact_head=exact_head)
 
     if "scales" in methods:
+        dense = [qt.name for i, _, qt in _layer_matrices(net) if i in chosen and qt.kind == "f32"]
+        if dense:   # F32/F16/BF16 matrices have no group scales: the set would silently skip them
+            raise EdgetuneError(
+                f"--method scales trains the int4/int8 group scales of the layer matrices, but "
+                f"{len(dense)} of them are stored unquantized (F32/F16/BF16), e.g. {dense[0]}: "
+                f"they have no scales to train.  Quantize the model first (`edgetune convert DIR "
+                f"--out model.gguf`, or a Q4/Q8 GGUF) or train --method lora, norms or sparse")
         for i, n, qt in _layer_matrices(net):
-            if qt.kind == "f32" or i not in chosen:
+            if i not in chosen:
                 continue
             if qt.scales is None:  # a streamed layer: its scales become resident state
                 net.keep_scales(qt)
@@ -401,21 +410,34 @@ def build_trainable(net, methods, *, lora_rank: int = 8, lora_alpha: float = 16.
             k += 1
 
     if "sparse" in methods:
-        if calibration is None:
+        if calibration is None and sparse_mask is None:
             raise EdgetuneError("the sparse method needs calibration batches for its mask")
         if not 0 < sparse_fraction < 1:
             raise EdgetuneError("--sparse-fraction must be in (0, 1)")
-        norms = _input_norms(net, calibration)
+        norms = _input_norms(net, calibration) if sparse_mask is None else None
         from ..quant import dequantize
         k = 0
         for i, n, qt in _layer_matrices(net):
             if i in chosen:
                 wd = dequantize(qt)
-                w = np.abs(wd) * norms[qt.name][None, :]
-                count = max(1, int(round(w.size * sparse_fraction)))
-                flat = np.argpartition(w.reshape(-1), w.size - count)[w.size - count:]
-                flat.sort()
-                rows, cols = np.divmod(flat, qt.shape[1])
+                if sparse_mask is not None:   # the run's stored choice, on any machine
+                    if qt.name not in sparse_mask:
+                        raise EdgetuneError(f"the run's stored sparse mask has no entry for "
+                                            f"{qt.name}")
+                    rows, cols = (np.asarray(a, dtype=np.int64) for a in sparse_mask[qt.name])
+                    if (rows.ndim != 1 or rows.shape != cols.shape or rows.size == 0
+                            or rows.min() < 0 or cols.min() < 0 or rows.max() >= qt.shape[0]
+                            or cols.max() >= qt.shape[1]):
+                        raise EdgetuneError(f"the run's stored sparse mask of {qt.name} does not "
+                                            f"fit its shape {tuple(qt.shape)}")
+                    flat = rows * qt.shape[1] + cols
+                else:
+                    w = np.abs(wd) * norms[qt.name][None, :]
+                    count = max(1, int(round(w.size * sparse_fraction)))
+                    flat = np.argpartition(w.reshape(-1), w.size - count)[w.size - count:]
+                    flat.sort()
+                    rows, cols = np.divmod(flat, qt.shape[1])
+                count = int(flat.size)
                 p = Param(f"sparse:{qt.name}", "sparse", np.zeros(count, np.float32), 300000 + k,
                           pscale=_mean_abs(wd.reshape(-1)[flat]))
                 ts.sparse[qt.name] = _Sparse(torch.from_numpy(rows.astype(np.int64)),

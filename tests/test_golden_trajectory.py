@@ -6,13 +6,15 @@ optimizer code.  It reads the GGUF with the `gguf` package, decodes Q4_1 blocks 
 llama forward in float64 (RMSNorm, RoPE on (2i, 2i+1) pairs, GQA causal attention, SwiGLU) and the
 label-word cross-entropy, and does a ZO step from the documented definitions:
 
-  step seed     stream_key(run_seed, 0x5EED_0000_0000 + step)                   (train/loop.py)
+  step seed     stream_key(run_seed, 0x5EED_0000_0000 + step)                   (runlog.py)
   tensor ids    a matrix's index in load order (token_embd, then blk.i's attn_q, attn_k, attn_v,
                 attn_output, ffn_gate, ffn_up, ffn_down, then output); norms 100000 + k
                 (blk.i attn_norm, ffn_norm, ..., output_norm); LoRA A/B 200000 + 2k (+1)
   z             zo/rng.py's perturbation (the numpy twin of the C++ RNG; its own test is test_rng)
-  scales        theta = the Q4_1 block scales d; perturbed d + eps * mean|d| * sign * z[n*G + g]
-  two-point g   (L(theta + eps c z) - L(theta - eps c z)) / (2 eps),  c = mean|d| (1 for norms)
+  pscale c      a tensor's mean |value| (float32 of the float64 mean of its float32 values)
+  scales        theta = the Q4_1 block scales d; perturbed d + eps * c * sign * z[n*G + g]
+  norms         theta = the RMSNorm weights w; perturbed w + eps * c * sign * z
+  two-point g   (L(theta + eps c z) - L(theta - eps c z)) / (2 eps)
   sgd           theta -= lr * g * c * z
 
 Only the batches (token ids, answer positions, labels) come from edgetune's data pipeline: the
@@ -24,7 +26,8 @@ import pytest
 import edgetune
 from edgetune.config import make_config
 from edgetune.quant import QTensor
-from edgetune.train.loop import StepBatches, finetune, open_dataset
+from edgetune.runlog import StepBatches, open_dataset
+from edgetune.train.loop import finetune
 from edgetune.train import data as datamod
 from edgetune.zo import rng
 from edgetune.zo.seedlog import read_log
@@ -71,6 +74,10 @@ class RefModel:
         self.raw = {t.name: t for t in r.tensors}
         self.dense = {}       # name -> float64 matrix replacing the Q4_1 one (the dense model)
         self.act_int8 = True  # round the inputs of quantized matmuls as the kernels document
+        # the label-word logits of training and scoring come from the dequantized label rows in
+        # float32 (Transformer.output_rows_f32: C rows, no int8 activations); a full-vocabulary
+        # forward (Model.logits) rounds the head's input like any other matmul
+        self.head_int8 = False
         self.q4 = {}          # name -> (codes uint8 [N, K] 0..15, d [N, G], m [N, G]) float64
         self.vec = {}
         for name, t in self.raw.items():
@@ -167,7 +174,7 @@ class RefModel:
                 h = h + lin(gt / (1 + np.exp(-gt)) * up, f"blk.{i}.ffn_down.weight")
             x = rms(h[-1:], "output_norm.weight")
             head = "output.weight" if "output.weight" in self.raw else "token_embd.weight"
-            if self.act_int8 and head not in self.dense:
+            if self.act_int8 and self.head_int8 and head not in self.dense:
                 x = int8_round(x)
             out.append((x @ self.weight(head)[list(label_tokens)].T)[0])
         return np.array(out)
@@ -177,6 +184,11 @@ class RefModel:
         z = logits - logits.max(-1, keepdims=True)
         logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
         return float(-logp[np.arange(len(labels)), labels].mean())
+
+
+def mean_abs(a) -> float:
+    """The documented pscale: float32 of the float64 mean of |a| taken in float32."""
+    return float(np.float32(np.mean(np.abs(np.asarray(a, np.float32)), dtype=np.float64)))
 
 
 def ref_step_seed(run_seed, step):
@@ -196,8 +208,9 @@ class RefZO:
                     name = f"blk.{i}.{n}.weight"
                     d = ref.q4[name][1].copy()
                     self.scales[name] = d
-                    self.cs[name] = float(np.float32(np.abs(d).mean()))
+                    self.cs[name] = mean_abs(d)
         self.norms = {n: ref.vec[n].copy() for n in ref.norm_id}
+        self.cs.update({n: mean_abs(w) for n, w in self.norms.items()})
 
     def directions(self, seed):
         zs = {n: rng.perturbation(seed, self.ref.tensor_id[n], d.shape).astype(np.float64)
@@ -212,7 +225,7 @@ class RefZO:
         if seed is not None and t:
             zs, zn = self.directions(seed)
             sc = {n: d + t * self.cs[n] * zs[n] for n, d in sc.items()}
-            nm = {n: w + t * zn[n] for n, w in nm.items()}
+            nm = {n: w + t * self.cs[n] * zn[n] for n, w in nm.items()}
         lg = self.ref.forward(batch.input_ids, batch.answer_pos, label_tokens, sc, nm)
         return RefModel.ce(lg, np.asarray(batch.labels))
 
@@ -228,7 +241,7 @@ class RefZO:
         for n in self.scales:
             self.scales[n] -= lr * g * self.cs[n] * zs[n]
         for n in self.norms:
-            self.norms[n] -= lr * g * zn[n]
+            self.norms[n] -= lr * g * self.cs[n] * zn[n]
 
 
 # --- the tests -----------------------------------------------------------------------------------
@@ -252,14 +265,15 @@ def test_golden_trajectory_scales_and_norms(tiny, tmp_path):
     cfg = make_config(flag_values=dict(
         model=model, data=data, verbalizer="a=a,b=b", out=str(tmp_path / "run"), steps=STEPS,
         batch=BATCH, lr=LR, eps=EPS, eval_every=0, test_limit=8, zero_shot=False,
-        progress=False, method="scales,norms", clip=0, snapshot_every=0, seed=7))
+        progress=False, method="scales,norms", clip=0, snapshot_every=0, seed=7,
+        estimator="two_point", q=1, schedule="constant", warmup=0, optimizer="sgd"))
     run = finetune(cfg)
     _, recs, _ = read_log(tmp_path / "run" / "seedlog.jsonl")
     assert [r["type"] for r in recs] == ["step"] * STEPS
 
     m = edgetune.load(model)
     enc = datamod.encode(open_dataset(cfg), m, max_length=cfg.max_length)
-    batches = StepBatches(enc, BATCH, cfg.seed)
+    batches = StepBatches(enc, BATCH, cfg.seed, cfg.resolved("classification").train_limit)
     ref = RefZO(RefModel(model))
     rows = []
     for k in range(STEPS):
@@ -275,8 +289,8 @@ def test_golden_trajectory_scales_and_norms(tiny, tmp_path):
           f"g |ref - edgetune|: max {dg.max():.2e} (RMS of g {np.sqrt((r[:, 4] ** 2).mean()):.3f})")
     # the reference rounds matmul inputs to int8 as the kernels do; what is left is fp32 vs fp64
     # (~1e-7) and activations that land on the other side of a rounding boundary because of it:
-    # a flip moves a loss by up to ~1.5e-4 (measured here: max 1.4e-4, median 3e-8; 5 of the 20
-    # passes had one).  So: most losses agree to 1e-6, every one to 5e-4, and each g to
+    # a flip moves a loss by up to ~1.5e-4 (measured 2026-12-01: loss max 4.9e-5, median 8e-9;
+    # g max 2.5e-4 for an RMS g of 0.185; final state 2.6e-7 of max|theta|).  So: most losses agree to 1e-6, every one to 5e-4, and each g to
     # 2 * 5e-4 / (2 eps); at least a third of the steps had no flip at all (g within 1e-5).
     assert np.mean(dl <= 1e-6) >= 0.6 and dl.max() <= 5e-4
     assert dg.max() <= 5e-4 / EPS and np.sum(dg <= 1e-5) >= STEPS // 3
@@ -318,7 +332,8 @@ def test_projected_gradient_equals_finite_difference_on_dense_model(tiny):
     m, ref = _dense_model(model)
     with pytest.raises(Exception, match="unquantized"):
         build_trainable(m.net, "scales")
-    ts = build_trainable(m.net, "norms,lora", lora_rank=2, lora_targets=("q", "v"), init_seed=1)
+    ts = build_trainable(m.net, "norms,lora", lora_rank=2, lora_alpha=16.0, lora_targets=("q", "v"),
+                         init_seed=1)
     r = np.random.default_rng(0)
     for p in ts.params:        # a state away from B = 0, so every tensor's direction matters
         if p.kind == "lora_b":
@@ -326,19 +341,33 @@ def test_projected_gradient_equals_finite_difference_on_dense_model(tiny):
     cfg = make_config(flag_values=dict(model=model, data=data, verbalizer="a=a,b=b", out="x"))
     enc = datamod.encode(open_dataset(cfg), m, max_length=cfg.max_length)
     batch = StepBatches(enc, BATCH, 0).get(0)
-    lora_ids = {}
+    lora_ids, rank, alpha = {}, 2, 16.0
     for k, (i, n) in enumerate((i, n) for i in range(ref.n_layer) for n in ("attn_q", "attn_v")):
         lora_ids[f"blk.{i}.{n}.weight"] = (200000 + 2 * k, 200000 + 2 * k + 1)
+    # the documented per-tensor perturbation scales, computed here: mean |value| (norms, LoRA A);
+    # LoRA B (which starts at 0) moves (alpha/r) B A by ~ the adapted matrix's mean |W| (over its
+    # first 64 rows): c_B = mean|W| / ((alpha/r) * rms(A) * sqrt(r))
+    c = {n: mean_abs(ref.vec[n]) for n in ref.norm_id}
+    for name in lora_ids:
+        A = ts.lora[name].a.value
+        c["a:" + name] = mean_abs(A)
+        c["b:" + name] = float(np.float32(mean_abs(ref.dense[name][:64]) / (
+            alpha / rank * float(np.sqrt(np.mean(A * A))) * np.sqrt(rank))))
+        for key, prm in (("a:", ts.lora[name].a), ("b:", ts.lora[name].b)):
+            assert abs(prm.pscale - c[key + name]) <= 1e-6 * c[key + name], key + name
+    for n in ref.norm_id:
+        assert abs(ts.norms[n][0].pscale - c[n]) <= 1e-6 * c[n], n
 
     def ref_loss(t, seed):
-        norms = {n: ref.vec[n] + t * rng.perturbation(seed, ref.norm_id[n], ref.vec[n].shape)
+        norms = {n: ref.vec[n] + t * c[n] * rng.perturbation(seed, ref.norm_id[n], ref.vec[n].shape)
                  for n in ref.norm_id}
         lora = {}
         for name, (ia, ib) in lora_ids.items():
             A = ts.lora[name].a.value.astype(np.float64)
             B = ts.lora[name].b.value.astype(np.float64)
-            lora[name] = (A + t * rng.perturbation(seed, ia, A.shape),
-                          B + t * rng.perturbation(seed, ib, B.shape), 16.0 / 2)
+            lora[name] = (A + t * c["a:" + name] * rng.perturbation(seed, ia, A.shape),
+                          B + t * c["b:" + name] * rng.perturbation(seed, ib, B.shape),
+                          alpha / rank)
         lg = ref.forward(batch.input_ids, batch.answer_pos, enc.label_tokens, norms=norms, lora=lora)
         return RefModel.ce(lg, np.asarray(batch.labels))
 
