@@ -62,8 +62,20 @@ struct Reader {
         if (n > max_len) fail(what + " at byte " + std::to_string(at) + " is " + std::to_string(n) + " bytes long");
         need(n, what);
         std::string s(reinterpret_cast<const char*>(b + pos), n);
+        if (!valid_utf8(s)) fail(what + " at byte " + std::to_string(at) + " is not valid UTF-8");
         pos += n;
         return s;
+    }
+    static bool valid_utf8(const std::string& s) {
+        for (size_t i = 0; i < s.size();) {
+            const unsigned char c = static_cast<unsigned char>(s[i]);
+            size_t n = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
+            if (n == 0 || i + n > s.size()) return false;
+            for (size_t k = 1; k < n; ++k)
+                if ((static_cast<unsigned char>(s[i + k]) & 0xC0) != 0x80) return false;
+            i += n;
+        }
+        return true;
     }
 };
 
