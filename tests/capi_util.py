@@ -13,7 +13,17 @@ import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CPP_EXT = ROOT / "cpp_ext"
-JAVA_HOME = "/usr/lib/jvm/java-17-openjdk-amd64"
+
+
+def _java_home() -> str:
+    """$JAVA_HOME, else the JDK the `javac` on PATH belongs to ("" if there is none)."""
+    if os.environ.get("JAVA_HOME"):
+        return os.environ["JAVA_HOME"]
+    javac = shutil.which("javac")
+    return str(pathlib.Path(os.path.realpath(javac)).parents[1]) if javac else ""
+
+
+JAVA_HOME = _java_home()
 
 
 def cmake_build(build_dir: pathlib.Path, *extra: str, env=None) -> pathlib.Path:
@@ -31,10 +41,10 @@ def cmake_build(build_dir: pathlib.Path, *extra: str, env=None) -> pathlib.Path:
 
 def host_build() -> pathlib.Path:
     extra = []
-    if os.path.isdir(JAVA_HOME):
+    if JAVA_HOME and os.path.isdir(JAVA_HOME):
         extra.append(f"-DJAVA_HOME={JAVA_HOME}")
     return cmake_build(ROOT / "build" / "capi-host", *extra,
-                       env={"JAVA_HOME": JAVA_HOME} if os.path.isdir(JAVA_HOME) else None)
+                       env={"JAVA_HOME": JAVA_HOME} if JAVA_HOME and os.path.isdir(JAVA_HOME) else None)
 
 
 def encoded(model, max_length: int = 96):

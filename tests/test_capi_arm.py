@@ -65,6 +65,7 @@ def test_capi_on_arm64_under_qemu(smollm2_path, smollm2, tmp_path):
     ids_file.write_text("".join(" ".join(map(str, s)) + "\n" for s in seqs))
     r, t_logits = qemu(build, "logits", smollm2_path, ids_file, tmp_path / "lg.bin")
     assert r.returncode == 0, r.stdout + r.stderr
+    assert "kernels neon" in r.stdout, r.stdout        # the NEON dotprod path, not the scalar one
     got = np.fromfile(tmp_path / "lg.bin", np.float32)
     o, cos, agree = 0, [], []
     for s in seqs:

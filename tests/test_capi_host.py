@@ -181,6 +181,7 @@ def test_five_steps_match_python_and_replay(build, smollm2_path, enc, tmp_path, 
     r, secs = run_driver(build, smollm2_path, bf, log, state, method=method, layers=layers, q=q, lr=lr,
                          estimator=estimator)
     assert r.returncode == 0, r.stdout + r.stderr
+    assert "kernels avx512" in r.stdout or "kernels avx2" in r.stdout, r.stdout
     print(r.stdout.strip().splitlines()[-1], f"({secs:.1f} s for 5 steps + load)")
     header, c_recs, _ = read_log(log)
     assert header["version"] == 1 and header["model"] == os.path.basename(smollm2_path)
@@ -274,18 +275,14 @@ def test_cancel_from_another_thread(lib, smollm2_path, enc, tmp_path):
         full = time.perf_counter() - t0
         assert calls[-1] == (9, 9) and len(calls) == 9   # q + 1 passes, one callback each
         print(f"cancelled after {cancelled_after:.2f} s; a full step takes {full:.2f} s")
-        # the retried step is the step an uninterrupted run logs
-        st, t2, keep3 = make_trainer(lib, model, tmp_path / "ref.jsonl", enc, q=8)
-        assert st == 0
-        # (the first trainer changed the model's scales in place: undo by a fresh open)
         lib.et_trainer_free(t)
-        lib.et_trainer_free(t2)
     finally:
         lib.et_model_close(model)
+    # the retried step is the step an uninterrupted run logs (a fresh open: the trainer above
+    # changed the model's scales in place)
     m2 = C.c_void_p()
     assert lib.et_model_open(smollm2_path.encode(), None, C.byref(m2)) == 0
     try:
-        os.remove(tmp_path / "ref.jsonl")
         st, t2, keep3 = make_trainer(lib, m2, tmp_path / "ref.jsonl", enc, q=8)
         assert lib.et_trainer_step(t2, C.byref(batch), C.byref(res)) == 0
         lib.et_trainer_free(t2)

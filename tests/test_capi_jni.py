@@ -21,8 +21,8 @@ import capi_util as U
 
 
 def tools():
-    javac = os.path.join(U.JAVA_HOME, "bin", "javac")
-    java = os.path.join(U.JAVA_HOME, "bin", "java")
+    javac = os.path.join(U.JAVA_HOME, "bin", "javac") if U.JAVA_HOME else ""
+    java = os.path.join(U.JAVA_HOME, "bin", "java") if U.JAVA_HOME else ""
     if not (os.path.exists(javac) and os.path.exists(java)):
         javac, java = shutil.which("javac"), shutil.which("java")
     if not javac or not java:

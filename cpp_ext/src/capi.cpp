@@ -62,6 +62,8 @@ ET_API const char* et_status_name(et_status s) {
 
 ET_API int et_api_version(void) { return ET_API_VERSION; }
 
+ET_API const char* et_kernel_path(void) { return path_name(best_path()); }
+
 ET_API et_status et_set_threads(int n) {
     ET_GUARD_BEGIN
     set_num_threads(n);

@@ -104,8 +104,16 @@ void read_value(Reader& r, uint32_t t, const std::string& key, GGUFValue& v, boo
                 r.fail("metadata " + key + ": array of " + std::to_string(n) + " elements cannot fit in the " +
                        std::to_string(r.size - r.pos) + " bytes left");
             v.kind = GGUFValue::ARRAY;
-            v.arr.resize(n);
-            for (uint64_t i = 0; i < n; ++i) read_value(r, et, key, v.arr[i], true);
+            v.count = n;
+            if (et == 8) {  // strings: 32 bytes of RAM per >= 8 bytes of file
+                v.strs.reserve(n);
+                for (uint64_t i = 0; i < n; ++i) v.strs.push_back(r.str("element of " + key));
+            } else if (n <= 4096) {
+                v.arr.resize(n);
+                for (uint64_t i = 0; i < n; ++i) read_value(r, et, key, v.arr[i], true);
+            } else {        // a long numeric array (token types, scores): skipped, never needed here
+                r.pos += n * sz[et];
+            }
             break;
         }
         default: r.fail("metadata " + key + " has unknown value type " + std::to_string(t));

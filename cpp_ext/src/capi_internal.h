@@ -31,7 +31,9 @@ struct GGUFValue {
     uint64_t u = 0;
     double f = 0;
     std::string s;
-    std::vector<GGUFValue> arr;
+    std::vector<GGUFValue> arr;       // numeric arrays up to kMaxNumericArray elements
+    std::vector<std::string> strs;    // string arrays (the vocabulary, merges)
+    uint64_t count = 0;               // elements of an array (also of a longer numeric one, not kept)
     bool as_int(int64_t& out) const;
 };
 

@@ -262,16 +262,15 @@ void load_tokenizer(const GGUFFile& g, Tokenizer& tk, int64_t n_vocab) {
         tk.why_not = "the file has no byte-level BPE (gpt2) vocabulary with merges";
         return;
     }
-    for (size_t i = 0; i < toks->arr.size(); ++i) {
-        if (toks->arr[i].kind != GGUFValue::STRING) {
-            tk.why_not = "tokenizer.ggml.tokens holds a non-string";
-            return;
-        }
-        tk.tokens.push_back(toks->arr[i].s);
-        tk.ids.emplace(toks->arr[i].s, static_cast<int32_t>(i));
+    if (toks->strs.size() != toks->count || toks->count == 0 || merges->strs.size() != merges->count) {
+        tk.why_not = "tokenizer.ggml.tokens / merges are not arrays of strings";
+        return;
     }
-    for (size_t i = 0; i < merges->arr.size(); ++i)
-        if (merges->arr[i].kind == GGUFValue::STRING) tk.merge_rank.emplace(merges->arr[i].s, static_cast<int32_t>(i));
+    for (size_t i = 0; i < toks->strs.size(); ++i) {
+        tk.tokens.push_back(toks->strs[i]);
+        tk.ids.emplace(toks->strs[i], static_cast<int32_t>(i));
+    }
+    for (size_t i = 0; i < merges->strs.size(); ++i) tk.merge_rank.emplace(merges->strs[i], static_cast<int32_t>(i));
     tk.bos = static_cast<int32_t>(meta_int(g, "tokenizer.ggml.bos_token_id", -1, false));
     tk.eos = static_cast<int32_t>(meta_int(g, "tokenizer.ggml.eos_token_id", -1, false));
     if (tk.bos >= n_vocab) tk.bos = -1;

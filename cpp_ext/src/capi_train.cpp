@@ -415,7 +415,7 @@ std::vector<std::vector<float>> et_trainer::label_logits(const et_batch& b, cons
         x.resize(rows.size());
         rms_norm(rows.data(), B, d, d, M.output_norm.data(), M.cfg.rms_eps, x.data());
         xs.assign(passes.size(), x);
-        if (progress && progress(progress_user, total, total)) cancel = true;
+        if (allow_cancel && progress && progress(progress_user, total, total)) cancel = true;
     } else {
         std::vector<LayerPass> lp(static_cast<size_t>(n));
         std::vector<std::vector<float>> norm_bufs;
@@ -464,7 +464,7 @@ std::vector<std::vector<float>> et_trainer::label_logits(const et_batch& b, cons
             rms_norm(rows.data(), B, d, d, out_norm, M.cfg.rms_eps, x.data());
             xs.push_back(x);
             ++done;
-            if (progress && progress(progress_user, done, total)) cancel = true;
+            if (allow_cancel && progress && progress(progress_user, done, total)) cancel = true;
         }
     }
     if (cancel && allow_cancel) throw Error(ET_ERR_CANCELLED, "the step was cancelled");

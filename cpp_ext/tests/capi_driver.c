@@ -167,8 +167,8 @@ int main(int argc, char** argv) {
     if (s != ET_OK) return fail(s, "et_model_open");
     et_model_info info;
     et_model_info_get(m, &info);
-    printf("model: %d layers, d=%d, vocab %d, plan %.1f MiB (opened in %.2f s)\n", info.n_layer, info.n_embd,
-           info.n_vocab, info.planned_bytes / 1048576.0, now() - t0);
+    printf("model: %d layers, d=%d, vocab %d, plan %.1f MiB (opened in %.2f s); kernels %s\n", info.n_layer,
+           info.n_embd, info.n_vocab, info.planned_bytes / 1048576.0, now() - t0, et_kernel_path());
     int rc = 0;
     if (strcmp(argv[1], "open") == 0) {
         rc = 0;

@@ -53,6 +53,9 @@ ET_API const char* et_last_error(void);
 ET_API const char* et_status_name(et_status s);
 ET_API int et_api_version(void);
 
+/* The GEMM kernels this CPU runs: "neon" (arm64 dotprod), "avx512", "avx2" or "scalar". */
+ET_API const char* et_kernel_path(void);
+
 /* 0 or less: one thread per core.  Results do not depend on the thread count. */
 ET_API et_status et_set_threads(int n);
 
