@@ -148,6 +148,13 @@ def test_tokenizer_matches_llamacpp_on_ascii(lib, model, smollm2, enc):
             bad.append((t, got, want))
     print(f"tokenizer: {len(texts) - len(bad)}/{len(texts)} ASCII texts identical to llama.cpp")
     assert not bad, bad[:3]
+    # token text decodes GPT-2's byte mapping back to the bytes
+    lib.et_token_text.argtypes = [C.c_void_p, C.c_int32, C.c_char_p, C.c_int32, C.POINTER(C.c_int32)]
+    tb = C.create_string_buffer(64)
+    for tid, word in zip(enc.label_tokens, (b" negative", b" neutral", b" positive")):
+        assert lib.et_token_text(model, tid, tb, 64, C.byref(n)) == 0
+        assert tb.raw[:n.value] == word
+    assert lib.et_token_text(model, 10**6, tb, 64, C.byref(n)) == ET["ARG"]
     # non-ASCII is approximate (bytes >= 0x80 count as letters) but must never fail or crash
     assert lib.et_tokenize(model, "café ☕ naïve 日本".encode(), 0, buf, 4096, C.byref(n)) == 0
     assert n.value > 0
