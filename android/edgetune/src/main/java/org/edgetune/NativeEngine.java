@@ -28,7 +28,7 @@ public final class NativeEngine implements Engine {
     public long newTrainer(long m, TrainerConfig c, boolean resume) {
         if (c.logPath == null) throw new EdgeTuneException(EdgeTuneException.ARG, "trainer: logPath is required");
         return nNewTrainer(m, c.method, c.layers, c.estimator, c.schedule, c.dist, c.logPath, c.lr, c.eps,
-                c.clip, c.q, c.steps, c.warmup, c.seed, c.labelTokens, resume);
+                c.clip, c.q, c.steps, c.warmup, c.seed, c.labelTokens, c.data, resume);
     }
 
     @Override public void freeTrainer(long t) { nFreeTrainer(t); }
@@ -58,7 +58,8 @@ public final class NativeEngine implements Engine {
     private static native float[] nLogits(long m, int[] ids, int[] positions, int[] rows, int nVocab);
     private static native long nNewTrainer(long m, String method, String layers, String estimator, String schedule,
                                           String dist, String logPath, double lr, double eps, double clip, int q,
-                                          int steps, int warmup, long seed, int[] labels, boolean resume);
+                                          int steps, int warmup, long seed, int[] labels, String data,
+                                          boolean resume);
     private static native void nFreeTrainer(long t);
     private static native int nNextStep(long t);
     private static native int[] nStep(long t, int[] ids, int[] lengths, int[] ans, int[] labels,

