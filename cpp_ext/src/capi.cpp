@@ -99,6 +99,7 @@ ET_API et_status et_model_info_get(const et_model* m, et_model_info* out) {
     out->eos_id = M.tok.eos;
     out->add_bos = M.tok.add_bos ? 1 : 0;
     out->planned_bytes = M.planned_bytes;
+    out->streamed_layers = static_cast<int32_t>(M.n_streamed);
     return ET_OK;
 }
 

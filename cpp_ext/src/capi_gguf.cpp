@@ -235,6 +235,12 @@ const GGUFValue* GGUFFile::get(const std::string& key) const {
     return it == kv.end() ? nullptr : &it->second;
 }
 
+void GGUFFile::advise(uint64_t offset, uint64_t len, bool need) const {
+    if (!base_ || offset >= size_) return;
+    len = std::min(len, size_ - offset);
+    ::madvise(const_cast<uint8_t*>(base_) + offset, len, need ? MADV_WILLNEED : MADV_DONTNEED);
+}
+
 const GGUFTensor* GGUFFile::tensor(const std::string& name) const {
     auto it = index_.find(name);
     return it == index_.end() ? nullptr : &tensors[it->second];

@@ -53,6 +53,7 @@ class GGUFFile {
     GGUFFile(const GGUFFile&) = delete;
     GGUFFile& operator=(const GGUFFile&) = delete;
     const GGUFValue* get(const std::string& key) const;
+    void advise(uint64_t offset, uint64_t len, bool need) const;  // madvise WILLNEED / DONTNEED
     const GGUFTensor* tensor(const std::string& name) const;
     const std::string& path() const { return path_; }
     uint64_t size() const { return size_; }
@@ -103,6 +104,10 @@ struct Model {
     std::vector<float> output_norm;
     Tokenizer tok;
     uint64_t planned_bytes = 0;
+    std::vector<bool> streamed;                                       // per layer
+    int64_t n_streamed = 0;
+    std::vector<std::vector<std::pair<uint64_t, uint64_t>>> layer_ranges;  // (file offset, bytes)
+    void advise(int64_t layer, bool need) const;                      // no-op unless streamed
 
     // forward helpers
     void rope_tables(int64_t T, std::vector<float>& cos, std::vector<float>& sin) const;

@@ -6,6 +6,8 @@
 #include <cmath>
 #include <cstring>
 
+#include <unistd.h>
+
 #include "capi_internal.h"
 
 namespace edgetune {
@@ -367,8 +369,17 @@ Model* load_model(const std::string& path, const et_model_options* opt) {
         fail(g, ET_ERR_FORMAT, "token_embd.weight has " + std::to_string(emb.ne[1]) + " rows, expected the vocabulary size");
     // tensor ids in edgetune's order (model/transformer.py): the embedding, then each layer's
     // seven matrices in LAYER_WEIGHTS order, then output.weight
+    // reading a matrix's block scales touches every page of it: give the pages back right away
+    // (a layer is faulted in again when it runs), so opening never holds the whole file
+    const uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
+    auto drop = [&](const std::string& name) {
+        const GGUFTensor* t = g.tensor(name);
+        const uint64_t lo = (t->offset + page - 1) / page * page, hi = (t->offset + t->nbytes) / page * page;
+        if (hi > lo) g.advise(lo, hi - lo, false);
+    };
     uint64_t tid = 0;
     read_qweight(g, "token_embd.weight", m.n_vocab, c.n_embd, tid++, m.embed);
+    drop("token_embd.weight");
     static const char* names[BM_COUNT] = {"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"};
     const int64_t kv = c.n_head_kv * c.head_dim;
     const int64_t shape[BM_COUNT][2] = {{c.n_embd, c.n_embd}, {kv, c.n_embd},   {kv, c.n_embd}, {c.n_embd, c.n_embd},
@@ -378,8 +389,10 @@ Model* load_model(const std::string& path, const et_model_options* opt) {
     for (int64_t i = 0; i < m.n_layer; ++i) {
         LayerW& L = m.layers[i];
         const std::string p = "blk." + std::to_string(i) + ".";
-        for (int j = 0; j < BM_COUNT; ++j)
+        for (int j = 0; j < BM_COUNT; ++j) {
             read_qweight(g, p + names[j] + ".weight", shape[j][0], shape[j][1], tid++, L.w[j]);
+            drop(p + names[j] + ".weight");
+        }
         L.attn_norm = read_vector(g, p + "attn_norm.weight", c.n_embd);
         L.ffn_norm = read_vector(g, p + "ffn_norm.weight", c.n_embd);
         if (bias)
@@ -387,14 +400,25 @@ Model* load_model(const std::string& path, const et_model_options* opt) {
     }
     m.output_norm = read_vector(g, "output_norm.weight", c.n_embd);
     m.tied = g.tensor("output.weight") == nullptr;
-    if (!m.tied) read_qweight(g, "output.weight", m.n_vocab, c.n_embd, tid++, m.output);
+    if (!m.tied) {
+        read_qweight(g, "output.weight", m.n_vocab, c.n_embd, tid++, m.output);
+        drop("output.weight");
+    }
     if (const GGUFTensor* rf = g.tensor("rope_freqs.weight")) {
         (void)rf;
         m.rope_freq_factors = read_vector(g, "rope_freqs.weight", c.rope_dim / 2);
     }
     load_tokenizer(g, m.tok, m.n_vocab);
+    for (const char* k : {"tokenizer.ggml.tokens", "tokenizer.ggml.merges"}) {  // copied into m.tok
+        auto it = m.file->kv.find(k);
+        if (it != m.file->kv.end()) std::vector<std::string>().swap(it->second.strs);
+    }
 
-    // the memory plan: the mapped tensors + fp32 scales/mins + activations of the largest batch
+    // the memory plan (as memory/budget.py, simplified): fixed costs (fp32 scales/mins, the
+    // embedding/output and every non-layer tensor mapped, activations of the largest batch) plus
+    // the layer matrices' codes.  Over the budget, layers are streamed from the map bottom-up
+    // (the frozen prefix runs once per step): their pages are prefetched before use and dropped
+    // after (madvise), so two streamed layers are resident at a time.
     const int64_t S = opt && opt->max_seq > 0 ? opt->max_seq : 256;
     const int64_t Bm = opt && opt->max_batch > 0 ? opt->max_batch : 16;
     uint64_t mapped = 0, scales = 0;
@@ -404,18 +428,44 @@ Model* load_model(const std::string& path, const et_model_options* opt) {
     if (!m.tied) add(m.output);
     for (const LayerW& L : m.layers)
         for (const QWeight& q : L.w) add(q);
+    m.layer_ranges.assign(static_cast<size_t>(m.n_layer), {});
+    std::vector<uint64_t> layer_bytes(static_cast<size_t>(m.n_layer), 0);
+    for (int64_t i = 0; i < m.n_layer; ++i)
+        for (int j = 0; j < BM_COUNT; ++j) {
+            const GGUFTensor* t = g.tensor(m.layers[i].w[j].name);
+            m.layer_ranges[i].push_back({t->offset, t->nbytes});
+            layer_bytes[i] += t->nbytes;
+        }
+    uint64_t all_layers = 0, max_layer = 0;
+    for (uint64_t b : layer_bytes) {
+        all_layers += b;
+        max_layer = std::max(max_layer, b);
+    }
     const uint64_t M = static_cast<uint64_t>(Bm * S);
     const uint64_t act = 4 * M * static_cast<uint64_t>(6 * c.n_embd + 2 * kv + 3 * c.n_ff) +  // block arena
                          4 * M * static_cast<uint64_t>(c.n_embd) * 3;                            // passes' states
-    m.planned_bytes = mapped + scales + act;
+    const uint64_t fixed = (mapped - all_layers) + scales + act;
+    m.streamed.assign(static_cast<size_t>(m.n_layer), false);
+    m.planned_bytes = fixed + all_layers;
     const uint64_t budget = opt ? opt->memory_budget : 0;
-    if (budget && m.planned_bytes > budget)
-        throw Error(ET_ERR_BUDGET, path + ": the model needs at least " + std::to_string((m.planned_bytes + (1 << 20) - 1) >> 20) +
-                                       " MiB (" + std::to_string(mapped >> 20) + " MiB mapped weights, " +
-                                       std::to_string(scales >> 20) + " MiB fp32 scales, " + std::to_string(act >> 20) +
-                                       " MiB activations for batch " + std::to_string(Bm) + " x " + std::to_string(S) +
-                                       " tokens) but the budget is " + std::to_string(budget >> 20) +
-                                       " MiB; the C API does not stream layers yet");
+    if (budget && m.planned_bytes > budget) {
+        const uint64_t minimum = fixed + 2 * max_layer;
+        if (minimum > budget)
+            throw Error(ET_ERR_BUDGET,
+                        path + ": the model needs at least " + std::to_string((minimum + (1 << 20) - 1) >> 20) +
+                            " MiB with every layer streamed (" + std::to_string((mapped - all_layers) >> 20) +
+                            " MiB embedding/output/norms, " + std::to_string(scales >> 20) + " MiB fp32 scales, " +
+                            std::to_string(act >> 20) + " MiB activations for batch " + std::to_string(Bm) + " x " +
+                            std::to_string(S) + " tokens, 2 layers of " + std::to_string(max_layer >> 20) +
+                            " MiB in flight) but the budget is " + std::to_string(budget >> 20) + " MiB");
+        uint64_t resident = all_layers;
+        for (int64_t i = 0; i < m.n_layer && fixed + resident + 2 * max_layer > budget; ++i) {
+            m.streamed[i] = true;
+            resident -= layer_bytes[i];
+            ++m.n_streamed;
+        }
+        m.planned_bytes = fixed + resident + 2 * max_layer;
+    }
     return mp.release();
 }
 
@@ -505,10 +555,23 @@ void pad_batch(const Model& m, const et_batch& b, std::vector<int32_t>& tokens, 
     }
 }
 
+void Model::advise(int64_t layer, bool need) const {
+    if (layer < 0 || layer >= n_layer || !streamed[layer]) return;
+    const uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
+    for (const auto& r : layer_ranges[layer]) {
+        // whole pages inside the tensor only: a page shared with a resident neighbour stays
+        const uint64_t lo = need ? r.first / page * page : (r.first + page - 1) / page * page;
+        const uint64_t hi = need ? r.first + r.second : (r.first + r.second) / page * page;
+        if (hi > lo) file->advise(lo, hi - lo, need);
+    }
+}
+
 void run_layers(const Model& m, int64_t i0, int64_t i1, const LayerPass* passes, float* h, int64_t B, int64_t T,
                 const float* cos, const float* sin, const std::atomic<bool>* cancel) {
+    if (i0 < i1) m.advise(i0, true);
     for (int64_t i = i0; i < i1; ++i) {
         if (cancel && cancel->load()) throw Error(ET_ERR_CANCELLED, "the step was cancelled");
+        m.advise(i + 1, true);   // a streamed layer's pages are read ahead while this one computes
         const LayerW& L = m.layers[i];
         BlockWeights w;
         for (int j = 0; j < BM_COUNT; ++j) {
@@ -520,6 +583,7 @@ void run_layers(const Model& m, int64_t i0, int64_t i1, const LayerPass* passes,
         for (int j = 0; j < 3; ++j)
             w.bias[j] = passes && passes[i].bias[j] ? passes[i].bias[j] : (L.bias[j].empty() ? nullptr : L.bias[j].data());
         block_forward(m.cfg, w, h, h, B, T, cos, sin);
+        m.advise(i, false);      // and given back after use
     }
 }
 

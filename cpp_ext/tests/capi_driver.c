@@ -2,6 +2,7 @@
  * for aarch64, where tests/test_capi_arm.py runs it under qemu on the real SmolLM2 GGUF).
  *
  *   capi_driver open MODEL [BUDGET_BYTES]        open (and plan) a model; print its shape
+ *   (every command also takes budget=BYTES max_batch=B max_seq=T: the memory plan's options)
  *   capi_driver tokenize MODEL TEXT              print the token ids
  *   capi_driver logits MODEL IDS_FILE OUT_FILE   full-vocabulary logits at every position of each
  *                                                line of ids -> raw float32, sequence after sequence
@@ -162,14 +163,18 @@ int main(int argc, char** argv) {
     const double t0 = now();
     et_model_options opt;
     memset(&opt, 0, sizeof opt);
-    if (strcmp(argv[1], "open") == 0 && argc > 3) opt.memory_budget = strtoull(argv[3], NULL, 10);
+    if (strcmp(argv[1], "open") == 0 && argc > 3 && !strchr(argv[3], '=')) opt.memory_budget = strtoull(argv[3], NULL, 10);
+    opt.memory_budget = strtoull(kv(argc, argv, 3, "budget", "0"), NULL, 10) ?: opt.memory_budget;
+    opt.max_batch = atoi(kv(argc, argv, 3, "max_batch", "0"));
+    opt.max_seq = atoi(kv(argc, argv, 3, "max_seq", "0"));
     et_model* m = NULL;
     et_status s = et_model_open(argv[2], &opt, &m);
     if (s != ET_OK) return fail(s, "et_model_open");
     et_model_info info;
     et_model_info_get(m, &info);
-    printf("model: %d layers, d=%d, vocab %d, plan %.1f MiB (opened in %.2f s); kernels %s\n", info.n_layer,
-           info.n_embd, info.n_vocab, info.planned_bytes / 1048576.0, now() - t0, et_kernel_path());
+    printf("model: %d layers, d=%d, vocab %d, plan %.1f MiB, %d layers streamed (opened in %.2f s); kernels %s\n",
+           info.n_layer, info.n_embd, info.n_vocab, info.planned_bytes / 1048576.0, info.streamed_layers, now() - t0,
+           et_kernel_path());
     int rc = 0;
     if (strcmp(argv[1], "open") == 0) {
         rc = 0;
@@ -188,5 +193,12 @@ int main(int argc, char** argv) {
         rc = 2;
     }
     et_model_close(m);
+    FILE* st = fopen("/proc/self/status", "r");   /* the peak RSS, for the streaming test */
+    if (st) {
+        char l[256];
+        while (fgets(l, sizeof l, st))
+            if (strncmp(l, "VmHWM:", 6) == 0) printf("peak RSS %s", l + 6);
+        fclose(st);
+    }
     return rc;
 }

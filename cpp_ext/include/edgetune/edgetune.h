@@ -66,8 +66,10 @@ typedef struct et_model_options {
 } et_model_options;
 
 /* mmap a llama-family GGUF (llama/mistral/qwen2 layout; F32/F16/Q4_0/Q4_1/Q8_0 tensors) and plan
- * its memory: the mapped file + fp32 scales + activations for max_batch x max_seq.  A budget below
- * that fails with ET_ERR_BUDGET and the minimum in the message.  options may be NULL. */
+ * its memory: the mapped embedding/output + fp32 scales + activations for max_batch x max_seq +
+ * the layers' codes.  Under a smaller budget the lowest layers are streamed: their pages are read
+ * ahead before use and dropped after (madvise), two at a time; a budget below even that fails
+ * with ET_ERR_BUDGET and the minimum in the message.  options may be NULL. */
 ET_API et_status et_model_open(const char* path, const et_model_options* options, et_model** out);
 ET_API void et_model_close(et_model* m);
 
@@ -76,6 +78,7 @@ typedef struct et_model_info {
     int32_t bos_id, eos_id;   /* -1 if the file has none */
     int32_t add_bos;          /* 1 if the tokenizer prepends BOS */
     uint64_t planned_bytes;   /* the memory plan's total */
+    int32_t streamed_layers;  /* layers read from the file per use (the budget is below the whole model) */
 } et_model_info;
 ET_API et_status et_model_info_get(const et_model* m, et_model_info* out);
 
