@@ -132,7 +132,10 @@ def main(argv=None):
         raise SystemExit(f"{log_path}: exists; choose another --log")
     data = load_examples(a.examples)
     order = np.random.default_rng(a.seed)
-    header = {"type": "header", "version": 1, "model": os.path.basename(a.model),
+    methods = meta.get("methods", "").split(",")
+    header = {"type": "header", "version": 2, "model": os.path.basename(a.model),
+              "tensor_ids": {k: int(ids_pscale[k][0]) for k in theta}, "rng_version": 1,
+              "head_rows": labels if ("head" in methods or "bias" in methods) else None, "mask": None,
               "config": {"method": meta.get("methods", ""), "estimator": "two_point", "q": 1,
                          "optimizer": "sgd", "lr": a.lr, "eps": a.eps, "clip": a.clip,
                          "schedule": "constant", "steps": a.steps, "seed": a.seed, "dist": dist,

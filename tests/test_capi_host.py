@@ -170,6 +170,12 @@ def run_driver(build, model_path, batches_file, log, state, *, method, layers, q
     return r, time.perf_counter() - t0
 
 
+def ts_ref(model_path, enc, method, layers):
+    import edgetune
+    from edgetune.zo.trainable import build_trainable
+    return build_trainable(edgetune.load(model_path).net, method, head_rows=enc.label_tokens, layers=layers)
+
+
 RECIPES = [("scales", "top:2", 2, 0.01, "normalized"),
            ("norms", "top:3", 4, 0.01, "two_point"),
            ("head", "all", 16, 1.0, "normalized"),
@@ -191,11 +197,14 @@ def test_five_steps_match_python_and_replay(build, smollm2_path, enc, tmp_path, 
     assert "kernels avx512" in r.stdout or "kernels avx2" in r.stdout, r.stdout
     print([ln for ln in r.stdout.splitlines() if ln.startswith("step")][-1], f"({secs:.1f} s for 5 steps + load)")
     header, c_recs, _ = read_log(log)
-    assert header["version"] == 1 and header["model"] == os.path.basename(smollm2_path)
+    assert header["version"] == 2 and header["model"] == os.path.basename(smollm2_path)
+    from edgetune import runlog
+    assert header["tensor_ids"] == runlog.tensor_ids(ts_ref(smollm2_path, enc, method, layers))
     # Python, each step estimated from the state the C log reached before it
     py_recs, ts, _ = U.python_run(smollm2_path, U.encoded, method=method, layers=layers, q=q, lr=lr,
                                   estimator=estimator, follow=c_recs, **MODEL_ARGS)
     assert header["trainable"] == json.loads(json.dumps(ts.describe()))
+    runlog.check_header(header, ts, str(log))      # what every Python replay checks first
     d, ratio = U.compare_records(c_recs, py_recs, loss_atol=1e-5, eps=1e-3)
     print(f"{method}: worst loss difference {d:.3g}, worst |dg| at {100 * ratio:.0f}% of its bound")
     # Python replays the C log into exactly the state the C trainer saved

@@ -248,6 +248,8 @@ def test_export_onnx_run_and_app_example(tiny, tmp_path):
     from edgetune.zo.seedlog import read_log
     header, records, _ = read_log(str(out) + ".seedlog.jsonl")
     assert header["trainable"] == json.loads(json.dumps(ts.describe()))
+    from edgetune.runlog import check_header
+    check_header(header, ts, "the app's seed log")   # version 2: tensor ids, RNG version, rows
     assert [rec["step"] for rec in records] == [0, 1, 2]
     assert replay(records, ts, ZOOptimizer(ts.zo_params(), "sgd", dist=ts.dist), 0) == 3
     for p in ts.params:

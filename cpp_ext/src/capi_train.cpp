@@ -303,9 +303,15 @@ Json et_trainer::header() const {
     h.obj["engine"] = Json::str("edgetune-capi");   // (config holds TrainConfig keys only)
     h.obj["label_tokens"] = lt;
     h.obj["type"] = Json::str("header");
-    h.obj["version"] = Json::integer(1);
+    h.obj["version"] = Json::integer(2);             // zo/seedlog.py VERSION, runlog.header_fields
     h.obj["config"] = cfg;
     h.obj["trainable"] = describe();
+    Json ids = Json::object();
+    for (const Param& p : params) ids.obj[p.name] = Json::uinteger(p.tensor_id);
+    h.obj["tensor_ids"] = ids;
+    h.obj["rng_version"] = Json::integer(1);         // zo/rng.py RNG_VERSION
+    h.obj["head_rows"] = head >= 0 ? lt : Json();    // null unless the head trains (as Python)
+    h.obj["mask"] = Json();
     const std::string& path = m->file->path();
     h.obj["model"] = Json::str(path.substr(path.find_last_of('/') == std::string::npos ? 0 : path.find_last_of('/') + 1));
     return h;
@@ -324,6 +330,12 @@ void et_trainer::resume() {
     LogContents c = read_log(log_path);
     if (!c.exists) throw Error(ET_ERR_IO, log_path + ": no seed log to resume");
     if (!c.has_header) throw Error(ET_ERR_FORMAT, log_path + ": seed log has no valid header; cannot resume");
+    const Json* ver = c.header.get("version");
+    const Json* rv = c.header.get("rng_version");
+    if (!ver || (ver->num != "1" && ver->num != "2"))
+        throw Error(ET_ERR_FORMAT, log_path + ": seed log version " + (ver ? ver->num : "?") + "; this build reads 1..2");
+    if (rv && rv->num != "1")
+        throw Error(ET_ERR_FORMAT, log_path + ": the run's perturbation RNG is version " + rv->num + ", this build's is 1");
     const Json* tr = c.header.get("trainable");
     if (!tr || tr->dump() != describe().dump())
         throw Error(ET_ERR_ARG, log_path + ": the trainable set differs from the logged run; resume with the same "
