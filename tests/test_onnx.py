@@ -242,6 +242,18 @@ def test_export_onnx_run_and_app_example(tiny, tmp_path):
     assert r.stdout.count("step ") == 3 and "updated" in r.stdout
     after = load_file(side)
     assert any(np.any(after[k] != vals[k]) for k in vals)
+    # the app's seed log is edgetune's: replayed on the exported run, it gives the app's values
+    from edgetune.runlog import replay
+    from edgetune.zo.optim import ZOOptimizer
+    from edgetune.zo.seedlog import read_log
+    header, records, _ = read_log(str(out) + ".seedlog.jsonl")
+    assert header["trainable"] == json.loads(json.dumps(ts.describe()))
+    from edgetune.runlog import check_header
+    check_header(header, ts, "the app's seed log")   # version 2: tensor ids, RNG version, rows
+    assert [rec["step"] for rec in records] == [0, 1, 2]
+    assert replay(records, ts, ZOOptimizer(ts.zo_params(), "sgd", dist=ts.dist), 0) == 3
+    for p in ts.params:
+        np.testing.assert_array_equal(after[p.name], p.value)
 
 
 def test_cli_export_onnx(tiny, tmp_path, capsys):

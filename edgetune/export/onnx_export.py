@@ -43,6 +43,7 @@ Weights
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -430,7 +431,10 @@ def export_onnx(run_dir, out, model=None, overwrite: bool = False, *,
                doc=f"edgetune export of run {Path(str(run_dir)).name} on {os.path.basename(path)}")
     side = out.with_name(out.name + ".trainable.safetensors")
     tmp = side.with_name(f".{side.name}.tmp-{os.getpid()}")
-    save_file({p.name: np.ascontiguousarray(p.value) for p in ts.params}, str(tmp),
-              metadata={"methods": ",".join(ts.methods)})
+    # tensor ids, pscales and the distribution: what an app needs to draw edgetune's z and write
+    # a seed log that edgetune replays (examples/ort_app_zo.py)
+    meta = {"methods": ",".join(ts.methods), "edgetune.dist": ts.dist,
+            "edgetune.trainable": json.dumps({p.name: [p.tensor_id, p.pscale] for p in ts.params})}
+    save_file({p.name: np.ascontiguousarray(p.value) for p in ts.params}, str(tmp), metadata=meta)
     os.replace(tmp, side)
     return out

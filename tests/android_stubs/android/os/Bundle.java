@@ -1,0 +1,4 @@
+package android.os;
+
+/** Type-checking stub. */
+public final class Bundle {}
