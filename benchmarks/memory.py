@@ -3,8 +3,9 @@
     python benchmarks/memory.py [--steps 2] [--batch 4] [--seq 64] [--cache DIR] [--cold]
 
 Builds llama2-7b and llama2-13b shaped Q4_0 GGUFs with `edgetune synth` (cached in --cache between
-runs), warms the page cache, then runs ZO steps (both perturbed passes per layer, the update, the
-seed-log-free core loop) in a separate process per configuration and reports each one's peak RSS
+runs), warms the page cache, then runs ZO steps (train.loop.train_step, the step `finetune` runs:
+both perturbed passes per layer and the update) in a separate process per configuration, on texts
+of --seq tokens, and reports each one's peak RSS
 (VmHWM) and seconds per step:
   7B resident (scales), 7B streamed (scales), 7B streamed (lora), 13B streamed (scales), 13B streamed (lora)
 The last line is
@@ -25,38 +26,30 @@ sys.path.insert(0, ROOT)
 
 STEP_SCRIPT = r"""
 import json, sys, time
-import edgetune
-import numpy as np
+from edgetune.config import make_config
 from edgetune.formats.gguf_reader import GGUFFile
 from edgetune.memory.budget import make_plan
-from edgetune.train import objectives
+from edgetune.train.loop import setup, train_step
 from edgetune.train.metrics import peak_rss_mb
-from edgetune.zo.estimator import estimate
-from edgetune.zo.optim import ZOOptimizer
-from edgetune.zo.trainable import build_trainable
-path, stream, method, steps, batch, seq, cold = sys.argv[1:8]
+path, stream, method, steps, batch, seq, cold, data, out = sys.argv[1:10]
 stream, steps, batch, seq, cold = stream == "1", int(steps), int(batch), int(seq), cold == "1"
 g = GGUFFile(path)
 plan = make_plan(g, None, batch=batch, seq=seq, method=method)
-n = len(plan.layer_bytes)
 t0 = time.perf_counter()
-m = edgetune.load(path, streamed_layers=range(n) if stream else ())
+# the real training step (train.loop.train_step, as `finetune` runs it): the MeZO pair, lr 1e-6
+s = setup(make_config(flag_values=dict(
+    model=path, data=data, verbalizer="a=a,b=b", out=out, overwrite=True, method=method,
+    batch=batch, max_length=seq, estimator="two_point", q=1, lr=1e-6, eps=1e-3, progress=False,
+    stream_layers="all" if stream else "", zero_shot=False, train_limit=2 * batch)))
 if stream and cold:
-    m.net.stream.drop_cache = True
-ts = build_trainable(m.net, method)
-opt = ZOOptimizer(ts.params)
+    s.model.net.stream.drop_cache = True
 load_s = time.perf_counter() - t0
-rng = np.random.default_rng(0)
-ids = [list(int(t) for t in rng.integers(3, m.config.n_vocab, seq)) for _ in range(batch)]
-labels = [i % 2 for i in range(batch)]
-pair = lambda ps: objectives.classification_losses(m, ids, [-1] * batch, labels, [10, 11], ps)
 times = []
-for s in range(steps + 1):          # step 0 warms up (first touch of every page / buffer)
+for step in range(steps + 1):       # step 0 warms up (first touch of every page / buffer)
     t = time.perf_counter()
-    e = estimate(None, 1000 + s, 1e-3, pair_fn=pair)
-    opt.step(e.seeds, e.g, 1e-6)
+    train_step(s, step, s.cfg.lr)
     times.append(time.perf_counter() - t)
-m.net.close()
+s.model.net.close()
 pm = make_plan(g, plan.minimum if stream else None, batch=batch, seq=seq, method=method)
 print(json.dumps({"peak_mb": peak_rss_mb(), "step_s": min(times[1:]) if steps else times[0],
                   "first_step_s": times[0], "load_s": load_s, "predicted_mb": pm.peak / 2**20}))
@@ -82,9 +75,14 @@ def run(path, stream, method, a, cold=False):
     script = os.path.join(a.cache, "step.py")
     with open(script, "w") as f:
         f.write(STEP_SCRIPT)
+    data = os.path.join(a.cache, "data.jsonl")   # texts of at least --seq tokens, labels a/b
+    with open(data, "w") as f:
+        for i in range(4 * a.batch):
+            words = " ".join(["ab", "cd", "ef", "gh"][(i * 7 + k) % 4] for k in range(a.seq + 16))
+            f.write(json.dumps({"text": words, "label": "ab"[i % 2]}) + "\n")
     r = subprocess.run([sys.executable, script, path, "1" if stream else "0", method,
                         str(a.steps if not cold else 1), str(a.batch), str(a.seq),
-                        "1" if cold else "0"],
+                        "1" if cold else "0", data, os.path.join(a.cache, "run")],
                        capture_output=True, text=True, cwd=ROOT)
     if r.returncode != 0:
         raise SystemExit(f"step run failed ({path}, stream={stream}, {method}):\n{r.stderr[-3000:]}")

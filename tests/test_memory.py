@@ -80,28 +80,22 @@ def test_budget_between_minimum_and_full_streams_some_layers(tmp_path):
 
 PEAK_SCRIPT = r"""
 import json, sys
-import edgetune
-import numpy as np, torch
+from edgetune.config import make_config
 from edgetune.formats.gguf_reader import GGUFFile
 from edgetune.memory.budget import make_plan
-from edgetune.train import objectives
+from edgetune.train.loop import setup, train_step
 from edgetune.train.metrics import peak_rss_mb
-from edgetune.zo.estimator import estimate
-from edgetune.zo.optim import ZOOptimizer
-from edgetune.zo.trainable import build_trainable
-path, stream, method = sys.argv[1], sys.argv[2] == "1", sys.argv[3]
+path, stream, method, data, out = sys.argv[1], sys.argv[2] == "1", sys.argv[3], sys.argv[4], sys.argv[5]
 plan = make_plan(GGUFFile(path), None, batch=4, seq=64, method=method)
-n = len(plan.layer_bytes)
-m = edgetune.load(path, streamed_layers=range(n) if stream else ())
-ts = build_trainable(m.net, method)
-opt = ZOOptimizer(ts.params)
-rng = np.random.default_rng(0)
-ids = [list(rng.integers(3, m.config.n_vocab, 64)) for _ in range(4)]
-pair = lambda ps: objectives.classification_losses(m, ids, [-1] * 4, [0, 1, 0, 1], [10, 11], ps)
-for s in range(2):
-    e = estimate(None, s, 1e-3, pair_fn=pair)
-    opt.step(e.seeds, e.g, 1e-6)
-m.net.close()
+# the real training step (train.loop.train_step, as `finetune` runs it) on a 4 x 64-token batch,
+# every layer streamed or none: the MeZO pair, lr 1e-6
+s = setup(make_config(flag_values=dict(
+    model=path, data=data, verbalizer="a=a,b=b", out=out, overwrite=True, method=method,
+    batch=4, max_length=64, estimator="two_point", q=1, lr=1e-6, eps=1e-3, progress=False,
+    stream_layers="all" if stream else "", zero_shot=False, train_limit=8)))
+for step in range(2):
+    train_step(s, step, s.cfg.lr)
+s.model.net.close()
 stream_plan = make_plan(GGUFFile(path), plan.minimum, batch=4, seq=64, method=method)
 print(json.dumps({"peak": peak_rss_mb(), "plan_full": plan.peak / 2**20,
                   "plan_stream": stream_plan.peak / 2**20}))
@@ -117,7 +111,12 @@ def test_plan_predicts_measured_peak_within_15_percent(tmp_path_factory, stream,
         write_synthetic("llama-1b", "q4_0", path, progress=False)
     script = d / "peak.py"
     script.write_text(PEAK_SCRIPT)
-    r = subprocess.run([sys.executable, str(script), str(path), "1" if stream else "0", method],
+    data = d / "data.jsonl"      # 64-token texts (the plan's seq), labels a/b
+    data.write_text("".join(json.dumps({"text": " ".join(["ab", "cd", "ef", "gh"][(i * 7 + k) % 4]
+                                                         for k in range(80)), "label": "ab"[i % 2]})
+                            + "\n" for i in range(40)))
+    r = subprocess.run([sys.executable, str(script), str(path), "1" if stream else "0", method,
+                        str(data), str(d / f"run-{int(stream)}-{method}")],
                        capture_output=True, text=True, timeout=600,
                        cwd=os.path.dirname(os.path.dirname(__file__)))
     assert r.returncode == 0, r.stderr[-2000:]
