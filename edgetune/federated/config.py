@@ -26,9 +26,10 @@ class FedConfig:
     out: str = "runs/fed"
     seed: int = 0
     method: str = "head"            # trainable set: head (cached features) or any other set
-    k: int = 64                     # candidate seeds per round
+    k: int = 64                     # candidate seeds per sampled client (its slot of the round)
     q: int = 64                     # candidates queried per local step (<= k)
     lr: float = 3e-3
+    schedule: str = "cosine"        # lr over rounds: constant, linear or cosine
     eps: float = 1e-2
     batch: int = 16
     server_lr: float = 1.0          # scale of the averaged client move (1 = FedAvg)
@@ -59,6 +60,9 @@ class FedConfig:
             raise EdgetuneError("need --k >= 1 and --q >= 1")
         if not self.eps > 0 or not self.lr >= 0 or self.batch < 1:
             raise EdgetuneError("need --eps > 0, --lr >= 0, --batch >= 1")
+        from ..zo.optim import SCHEDULES
+        if self.schedule not in SCHEDULES:
+            raise EdgetuneError(f"--schedule {self.schedule!r}: choose from {', '.join(SCHEDULES)}")
         if self.client_examples < 2:
             raise EdgetuneError("--client-examples must be >= 2")
         return self
@@ -86,7 +90,10 @@ class FedConfig:
 
     def learning_key(self) -> dict:
         """What must match for a resumed run to continue the same seed log."""
-        skip = {"rounds", "out", "resume", "overwrite", "progress", "timeout", "eval_every",
+        # a decaying schedule spans --rounds, so there rounds are part of the trajectory too
+        skip = {"out", "resume", "overwrite", "progress", "timeout", "eval_every",
                 "eval_limit", "test_limit", "features_dir", "client_dir", "faults", "dump_dir",
                 "personal_steps", "max_reply_bytes"}
+        if self.schedule == "constant":
+            skip.add("rounds")
         return {k: v for k, v in self.to_dict().items() if k not in skip}

@@ -2,13 +2,14 @@
 
 Server -> client (message type "train"; "evaluate" at the end for personalization), one
 ConfigRecord "round":
-    round, round_seed, k                   this round: K candidates derive from round_seed
-    steps, q, lr, eps, batch               the local recipe
+    round, round_seed, k, slots, slot      this round: slots*K candidates derive from round_seed;
+                                           this client's are slot*K..slot*K+K-1 (rounds.py)
+    steps, q, lr, eps, batch               the local recipe (lr: this round's, from the schedule)
     tail_from, tail_seeds, tail_lr, tail_g the global seed log's records tail_from..round-1
-                                           (their round seeds, lrs, and K scalars each, flat)
+                                           (their round seeds, lrs, and slots*K scalars each, flat)
     personal_steps                         "evaluate" only
 Client -> server ("train" reply), one ConfigRecord "fedkseed":
-    idx  list[int]    candidate indices the client used, ascending, each in [0, K)
+    idx  list[int]    candidate indices the client used, ascending, each in [0, K) (its slot)
     g    list[float]  the accumulated normalised projected gradient of each
     n    int          its training example count (the aggregation weight)
 Client -> server ("evaluate" reply), one ConfigRecord "personal": n (int, held-out examples),
@@ -47,10 +48,11 @@ def reply_bound(k: int) -> int:
     return 512 + 12 * k
 
 
-def train_content(rnd: int, rseed: int, k: int, recipe: dict, tail: list, tail_from: int,
-                  personal_steps: int | None = None) -> RecordDict:
+def train_content(rnd: int, rseed: int, k: int, slots: int, slot: int, recipe: dict, tail: list,
+                  tail_from: int, personal_steps: int | None = None) -> RecordDict:
     """The server's message to a sampled client (see the module docstring)."""
-    c = {"round": int(rnd), "round_seed": int(rseed), "k": int(k),
+    c = {"round": int(rnd), "round_seed": int(rseed), "k": int(k), "slots": int(slots),
+         "slot": int(slot),
          "steps": int(recipe["steps"]), "q": int(recipe["q"]), "lr": float(recipe["lr"]),
          "eps": float(recipe["eps"]), "batch": int(recipe["batch"]),
          "tail_from": int(tail_from),
@@ -64,7 +66,8 @@ def train_content(rnd: int, rseed: int, k: int, recipe: dict, tail: list, tail_f
 
 def read_tail(c) -> list[dict]:
     """The tail records of a server message, as seed-log step records."""
-    seeds, lrs, flat, k = list(c["tail_seeds"]), list(c["tail_lr"]), list(c["tail_g"]), int(c["k"])
+    seeds, lrs, flat = list(c["tail_seeds"]), list(c["tail_lr"]), list(c["tail_g"])
+    k = int(c["k"]) * int(c["slots"])          # scalars per record: every slot's candidates
     if len(lrs) != len(seeds) or len(flat) != k * len(seeds):
         raise ValueError("malformed tail: lengths do not match")
     first = int(c["tail_from"])

@@ -4,10 +4,11 @@
 `grid.send_and_receive` (Flower's FedAvg strategy expects weight arrays; FedKSeed exchanges
 seeds and scalars).  Round r:
   1. sample `per_round` partitions (seeded by the run seed and r: a resumed run samples the same),
-  2. send each its round (round seed, K, recipe) and the seed-log records since it last synced,
+  2. send each its round (round seed, its slot of K candidates, recipe with the round's lr from
+     the schedule) and the seed-log records since it last synced,
   3. receive; a missing or error reply is a dropped client, ignored this round; every other reply
      goes through protocol.check_reply — a malformed one is rejected with a logged reason,
-  4. aggregate the accepted replies into K scalars (rounds.aggregate), apply them, append the
+  4. aggregate the accepted replies into per_round*K scalars (rounds.aggregate), apply them, append the
      round to the seed log (fsync'd): that record is the next clients' tail.
 The seed log is the truth: a killed server restarted with --resume replays it and continues at
 the next round with identical samples and seeds.  Every received message is written to
@@ -15,7 +16,8 @@ OUT/messages.jsonl (its serialized size and every value it carried) for audit.
 
 Run directory (OUT):
   seedlog.jsonl     header (TrainConfig-compatible, so `edgetune eval --run OUT` works) + one
-                    step record per round: seeds (the K candidates), g, lr, round_seed, clients
+                    step record per round: seeds (per_round*K candidates), g, lr, round_seed,
+                    sampled (slot j is sampled[j]'s), clients (accepted), dropped, rejected
   metrics.csv       round, accepted, dropped, rejected, bytes up/down per client, dev accuracy
   messages.jsonl    the audit of received messages;  server.log  dropped/rejected reasons
   metrics.png       dev accuracy and bytes per round;  summary.json
@@ -39,7 +41,8 @@ from ..zo.trainable import build_trainable
 from . import protocol
 from .client import cached_features, load_model, train_config
 from .config import FedConfig
-from .rounds import absolute_units, aggregate, apply_record, candidate_seeds, round_seed
+from .rounds import (absolute_units, aggregate, apply_record, candidate_seeds, round_lr,
+                     round_seed)
 from .tasks import HeadTask, ModelTask
 
 log = logging.getLogger("edgetune.federated")
@@ -203,9 +206,12 @@ class FedServer:
             rseed = round_seed(cfg.seed, rnd)
             chosen = self.sample(rnd)
             msgs, down = [], []
+            recipe = dict(self.recipe, lr=round_lr(self.lr, rnd, cfg.rounds, cfg.schedule))
+            slot_of = {pid: j for j, pid in enumerate(chosen)}     # disjoint candidates
             for pid in chosen:
                 tail, start = self.tail_for(pid)
-                m = Message(protocol.train_content(rnd, rseed, cfg.k, self.recipe, tail, start),
+                m = Message(protocol.train_content(rnd, rseed, cfg.k, cfg.per_round,
+                                                   slot_of[pid], recipe, tail, start),
                             dst_node_id=node_of[pid], message_type="train")
                 msgs.append(m)
                 down.append(protocol.message_bytes(m))
@@ -233,7 +239,7 @@ class FedServer:
                     self._audit(audit, rnd, "train", pid, m, nbytes, f"rejected: {e}")
                     continue
                 self._audit(audit, rnd, "train", pid, m, nbytes, "accepted")
-                accepted.append((idx, g, n))
+                accepted.append((slot_of[pid], idx, g, n))
                 ok_pids.append(pid)
                 self.synced[pid] = rnd
             for pid in chosen:
@@ -245,10 +251,12 @@ class FedServer:
             order = sorted(range(len(ok_pids)), key=lambda i: ok_pids[i])
             accepted = [accepted[i] for i in order]
             ok_pids = [ok_pids[i] for i in order]
-            g = aggregate(accepted, cfg.k, self.recipe["q"], cfg.server_lr) if accepted \
-                else [0.0] * cfg.k
-            rec = {"type": "step", "step": rnd, "seeds": [str(s) for s in candidate_seeds(rseed, cfg.k)],
-                   "g": g, "lr": self.lr, "round_seed": rseed, "clients": ok_pids,
+            K = cfg.k * cfg.per_round
+            g = aggregate(accepted, cfg.k, cfg.per_round, recipe["q"], cfg.server_lr) \
+                if accepted else [0.0] * K
+            rec = {"type": "step", "step": rnd, "seeds": [str(s) for s in candidate_seeds(rseed, K)],
+                   "g": g, "lr": recipe["lr"], "round_seed": rseed, "sampled": chosen,
+                   "clients": ok_pids,
                    "dropped": sorted(set(chosen) - set(ok_pids) - {int(p) for p in rejected}),
                    "rejected": rejected}
             self.seedlog.append(rec)
@@ -288,7 +296,8 @@ class FedServer:
         msgs = []
         for pid in range(cfg.clients):
             tail, start = self.tail_for(pid)
-            msgs.append(Message(protocol.train_content(rnd, 0, cfg.k, self.recipe, tail, start,
+            msgs.append(Message(protocol.train_content(rnd, 0, cfg.k, cfg.per_round, 0,
+                                                       self.recipe, tail, start,
                                                        cfg.personal_steps),
                                 dst_node_id=node_of[pid], message_type="evaluate"))
         res = []
