@@ -24,7 +24,8 @@ by the server learning rate (FedOpt's server step; 1 = plain FedAvg):
     global step: ZOOptimizer.step(candidates, g, lr)   (theta -= lr/MK sum_i g_i z_i)
 The server applies that step and appends {"step": r, "seeds": candidates, "g": g, "lr": lr} to
 the global seed log — the next tail.  A dropped or rejected client's slot stays 0.  lr follows a
-schedule over rounds (cosine by default): round r's clients step with lr_r, its record carries lr_r.  Nothing about a client's data other than its example count leaves it.
+schedule over rounds (cosine by default): round r's clients step with lr_r, its record carries
+lr_r.  Nothing about a client's data other than its example count leaves it.
 """
 from __future__ import annotations
 

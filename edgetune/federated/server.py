@@ -87,7 +87,8 @@ class FedServer:
             header, records, _ = read_log(path)
             if header is None or header.get("federated") != key:
                 raise EdgetuneError(f"{path}: the logged run has other settings; resume with the "
-                                    f"same flags (only --rounds may grow)")
+                                    f"same flags (only --rounds may grow, and only with "
+                                    f"--schedule constant)")
             from ..runlog import check_header
             check_header(header, self.ts, path)   # set, tensor ids, RNG and log version
         records = [r for r in (read_log(path)[1] if os.path.exists(path) else [])
