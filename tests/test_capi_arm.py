@@ -3,7 +3,7 @@ kernels, a static capi_driver) and run under qemu-aarch64-static on the embedded
 
   * logits at every position of two tweet prompts vs the Python engine on x86: cosine >= 0.999
     per position, top-1 agreement >= 0.95 (different kernels: NEON vs AVX-512 round differently);
-  * a 5-step ZO run (scales of the top 2 blocks, q=2, normalized) writes a seed log whose seeds
+  * a 5-step ZO run (scales and LoRA of the top 2 blocks, q=2, normalized) writes a seed log whose seeds
     and lr equal the Python run's exactly; each step's losses agree within 1e-3 and its projected
     gradients within the bound those loss differences allow (U.compare_records: for the
     normalized estimator |dg| <= 2 d (1 + |g|) / s, s the spread of the step's losses), Python
@@ -82,7 +82,7 @@ def test_capi_on_arm64_under_qemu(smollm2_path, smollm2, tmp_path):
     # a 5-step run, compared with Python and replayed by it
     bf, log, state = tmp_path / "batches.txt", tmp_path / "seedlog.jsonl", tmp_path / "state.npz"
     U.write_batch_file(bf, enc.label_tokens, U.step_batches(enc, BATCH, SEED, LIMIT), STEPS)
-    r, t_train = qemu(build, "train", smollm2_path, bf, log, state, "method=scales", "layers=top:2",
+    r, t_train = qemu(build, "train", smollm2_path, bf, log, state, "method=scales,lora", "layers=top:2",
                       f"q={Q}", f"lr={LR}", "eps=0.001", "estimator=normalized", f"seed={SEED}",
                       f"steps={STEPS}")
     assert r.returncode == 0, r.stdout + r.stderr
@@ -90,7 +90,7 @@ def test_capi_on_arm64_under_qemu(smollm2_path, smollm2, tmp_path):
     from edgetune.zo.seedlog import read_log
     header, c_recs, _ = read_log(log)
     assert header is not None and len(c_recs) == STEPS
-    py_recs, ts, _ = U.python_run(smollm2_path, lambda m: U.encoded(m, MAXLEN), method="scales", layers="top:2", steps=STEPS,
+    py_recs, ts, _ = U.python_run(smollm2_path, lambda m: U.encoded(m, MAXLEN), method="scales,lora", layers="top:2", steps=STEPS,
                                   batch=BATCH, q=Q, lr=LR, eps=1e-3, estimator="normalized", seed=SEED,
                                   limit=LIMIT, follow=c_recs)
     import json

@@ -1,6 +1,6 @@
 """The C API (cpp_ext/include/edgetune/edgetune.h) on x86-64, through ctypes and capi_driver, on
 the real SmolLM2 GGUF: logits and tokens against the Python engine and llama.cpp, 5-step ZO runs
-(scales / norms / head / all three) against edgetune's own train_step with identical seeds and
+(scales / norms / head / all three / lora) against edgetune's own train_step with identical seeds and
 losses and projected gradients within the bound their loss differences allow, Python replaying
 the C log into the C state bit for bit, resume (also after a torn tail), cancellation from
 another thread, and hostile input (truncated / mutated GGUFs, bad batches) returning an error
@@ -179,7 +179,9 @@ def ts_ref(model_path, enc, method, layers):
 RECIPES = [("scales", "top:2", 2, 0.01, "normalized"),
            ("norms", "top:3", 4, 0.01, "two_point"),
            ("head", "all", 16, 1.0, "normalized"),
-           ("scales,norms,head", "top:1", 4, 0.01, "one_sided")]
+           ("scales,norms,head", "top:1", 4, 0.01, "one_sided"),
+           ("lora", "top:2", 4, 0.01, "normalized"),
+           ("lora,norms", "all", 2, 0.01, "two_point")]
 
 
 @pytest.mark.parametrize("method,layers,q,lr,estimator", RECIPES)
@@ -214,6 +216,10 @@ def test_five_steps_match_python_and_replay(build, smollm2_path, enc, tmp_path, 
     assert step == 5 and set(saved) == set(ts2.state())
     for k, v in ts2.state().items():
         assert np.array_equal(saved[k], v), k
+    if "lora" in method:   # every adapter's B left zero: the passes read the trained adapters
+        bs = [k for k in saved if k.startswith("lora_b:")]
+        assert len(bs) == 2 * (2 if layers == "top:2" else 30)
+        assert all(np.abs(saved[k]).max() > 0 for k in bs)
     # ... and the saved state is a snapshot edgetune's own loader reads
     ts2_opt = ZOOptimizer(ts2.zo_params(), "sgd")
     assert load_snapshot(str(tmp_path), ts2, ts2_opt, name="state.npz") == 5 and ts2_opt.t == 5
@@ -345,7 +351,7 @@ def test_bad_batches_and_configs_are_errors(lib, model, enc, tmp_path):
     assert lib.et_trainer_step(t, C.byref(Batch(None, None, None, None, 0)), C.byref(res)) == ET["ARG"]
     assert lib.et_trainer_next_step(t) == 0 and read_log(tmp_path / "log.jsonl")[1] == []
     lib.et_trainer_free(t)
-    for method, want in (("lora", "UNSUPPORTED"), ("nonsense", "UNSUPPORTED")):
+    for method, want in (("sparse", "UNSUPPORTED"), ("nonsense", "UNSUPPORTED")):
         st, t, keep = make_trainer(lib, model, tmp_path / f"{method}.jsonl", enc, method=method)
         assert st == ET[want] and method in lib.et_last_error().decode()
     st, t, keep = make_trainer(lib, model, tmp_path / "x.jsonl", enc, layers="top:0")

@@ -119,9 +119,11 @@ Model* load_model(const std::string& path, const et_model_options* opt);
 std::vector<int32_t> tokenize(const Model& m, const std::string& text, bool add_bos);
 std::string token_text(const Model& m, int32_t id);
 
-// The per-pass description of what a layer reads (scale perturbations, perturbed norms).
+// The per-pass description of what a layer reads (scale perturbations, perturbed norms, LoRA
+// adapters as this pass sees them).
 struct LayerPass {
     Perturbation p[BM_COUNT];
+    LoraTerm lora[BM_COUNT];
     const float* attn_norm = nullptr;
     const float* ffn_norm = nullptr;
     const float* bias[3] = {nullptr, nullptr, nullptr};

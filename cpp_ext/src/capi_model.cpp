@@ -576,7 +576,10 @@ void run_layers(const Model& m, int64_t i0, int64_t i1, const LayerPass* passes,
         BlockWeights w;
         for (int j = 0; j < BM_COUNT; ++j) {
             w.w[j] = L.w[j].m;
-            if (passes) w.p[j] = passes[i].p[j];
+            if (passes) {
+                w.p[j] = passes[i].p[j];
+                w.lora[j] = passes[i].lora[j];
+            }
         }
         w.attn_norm = passes && passes[i].attn_norm ? passes[i].attn_norm : L.attn_norm.data();
         w.ffn_norm = passes && passes[i].ffn_norm ? passes[i].ffn_norm : L.ffn_norm.data();

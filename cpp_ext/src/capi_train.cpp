@@ -3,7 +3,9 @@
 // query seeds, every pass of the batch (blocks below the first trainable one once, unperturbed;
 // a frozen body's final states once for all passes), the estimator (zo/estimator.py), the SGD
 // update regenerating z (zo/optim.py), and one seed-log record.  Tensor ids and per-tensor
-// factors (pscale) follow zo/trainable.py, so Python replays the log (runlog.replay).
+// factors (pscale) follow zo/trainable.py, so Python replays the log (runlog.replay).  LoRA uses
+// TrainConfig's defaults (rank 8, alpha 16, targets q,v, A seeded from the run seed), recorded in
+// the header's config.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -30,6 +32,50 @@ double lr_at(int64_t step, double base, int64_t total, const std::string& schedu
     const double t = std::min(1.0, std::max(0.0, static_cast<double>(step - warmup) / static_cast<double>(span)));
     const double f = schedule == "linear" ? 1.0 - t : 0.5 * (1.0 + std::cos(M_PI * t));
     return base * f;
+}
+
+// numpy's pairwise float32 sum (np.add.reduce of a contiguous float32 array), so that np.mean of
+// a float32 array is reproduced to the bit
+float pairwise_sum(const float* a, int64_t n) {
+    if (n < 8) {
+        float r = 0.0f;
+        for (int64_t i = 0; i < n; ++i) r += a[i];
+        return r;
+    }
+    if (n <= 128) {
+        float r[8];
+        for (int j = 0; j < 8; ++j) r[j] = a[j];
+        int64_t i = 8;
+        for (; i < n - n % 8; i += 8)
+            for (int j = 0; j < 8; ++j) r[j] += a[i + j];
+        float res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
+        for (; i < n; ++i) res += a[i];
+        return res;
+    }
+    int64_t n2 = n / 2;
+    n2 -= n2 % 8;
+    return pairwise_sum(a, n2) + pairwise_sum(a + n2, n - n2);
+}
+
+// the first n rows of a layer matrix in float32 (quant.dequantize_rows)
+std::vector<float> dequant_rows(const QMatrix& w, int64_t n) {
+    const int64_t G = w.K / 32;
+    std::vector<float> out(static_cast<size_t>(n * w.K));
+    for (int64_t r = 0; r < n; ++r)
+        for (int64_t b = 0; b < G; ++b) {
+            const uint8_t* blk = w.block(r, b);
+            const float s = w.scales[r * G + b];
+            const float mn = w.mins ? w.mins[r * G + b] : 0.0f;
+            for (int j = 0; j < 32; ++j) {
+                float q;
+                if (w.bits == 4) q = static_cast<float>(j < 16 ? (blk[j] & 0x0F) : (blk[j - 16] >> 4)) - static_cast<float>(w.offset);
+                else q = static_cast<float>(static_cast<int8_t>(blk[j]));
+                float v = q * s;
+                if (w.mins) v = v + mn;
+                out[r * w.K + b * 32 + j] = v;
+            }
+        }
+    return out;
 }
 
 float mean_abs(const float* v, int64_t n) {
@@ -88,7 +134,7 @@ std::vector<int64_t> parse_layers(const std::string& spec, int64_t n) {
 }  // namespace
 
 struct Param {
-    std::string name, kind;   // scales | norm | bias | head
+    std::string name, kind;   // scales | norm | bias | lora_a | lora_b | head
     float* value = nullptr;
     std::vector<int64_t> shape;
     int64_t size = 0;
@@ -127,6 +173,15 @@ struct et_trainer {
     std::vector<Param> params;
     std::map<std::string, size_t> scale_param;  // tensor name -> index in params
     std::map<std::string, size_t> norm_param;   // norm name -> index
+    struct Lora {
+        size_t a, b;          // indices in params
+        int64_t layer;
+        int mat;              // BlockMatrix
+    };
+    std::vector<Lora> loras;
+    int lora_rank = 8;
+    double lora_alpha = 16.0;
+    std::string lora_targets = "q,v";
     int head = -1;
     std::vector<float> head_rows;                // [C, d] f32 label-word rows of the output matrix
     std::unique_ptr<SeedLogWriter> log;
@@ -189,8 +244,8 @@ void et_trainer::build(const et_trainer_config& c) {
     methods = split(method_s, ',');
     bool any_body = false;
     for (const std::string& x : methods) {
-        if (x != "scales" && x != "norms" && x != "head")
-            throw Error(ET_ERR_UNSUPPORTED, "method '" + x + "': the C API trains scales, norms and head (lora, sparse "
+        if (x != "scales" && x != "norms" && x != "lora" && x != "head")
+            throw Error(ET_ERR_UNSUPPORTED, "method '" + x + "': the C API trains scales, norms, lora and head (sparse "
                                                              "and bias run in the Python trainer)");
         any_body = any_body || x != "head";
     }
@@ -248,6 +303,48 @@ void et_trainer::build(const et_trainer_config& c) {
         add(M.n_layer, "output_norm.weight", M.output_norm, "norm");
         norm_out = norm_param.count("output_norm.weight") > 0;
     }
+    if (has("lora")) {   // zo/trainable.build_trainable: ids 200000 + 2k (A), +1 (B), k over every target
+        const int targets[] = {BM_Q, BM_V};   // lora_targets "q,v"
+        const float scale = static_cast<float>(lora_alpha / lora_rank);
+        int64_t k = 0;
+        for (int64_t i = 0; i < M.n_layer; ++i)
+            for (int j : targets) {
+                const int64_t id = k++;
+                if (!chosen(i)) continue;
+                const QWeight& w = M.layers[i].w[j];
+                const int64_t N = w.m.N, K = w.m.K, R = lora_rank;
+                Param pa, pb;
+                pa.name = "lora_a:" + w.name;
+                pa.kind = "lora_a";
+                pa.own.resize(static_cast<size_t>(R * K));
+                rng_fill(pa.own.data(), R * K, seed, 200000 + 2 * static_cast<uint64_t>(id), rng::GAUSSIAN);
+                const float root_k = static_cast<float>(std::sqrt(static_cast<double>(K)));
+                for (float& v : pa.own) v = v / root_k;
+                pa.shape = {R, K};
+                pa.size = R * K;
+                pa.tensor_id = 200000 + 2 * static_cast<uint64_t>(id);
+                pa.pscale = mean_abs(pa.own.data(), pa.size);
+                // B starts at 0: perturb it so that scale * dB @ A moves W by ~ eps * mean|W|
+                const std::vector<float> rows = dequant_rows(w.m, std::min<int64_t>(N, 64));
+                const double w_abs = mean_abs(rows.data(), static_cast<int64_t>(rows.size()));
+                std::vector<float> sq(pa.own.size());
+                for (size_t t = 0; t < sq.size(); ++t) sq[t] = pa.own[t] * pa.own[t];
+                const float ms = pairwise_sum(sq.data(), pa.size) / static_cast<float>(pa.size);
+                const double rms = static_cast<double>(std::sqrt(ms));
+                pb.name = "lora_b:" + w.name;
+                pb.kind = "lora_b";
+                pb.own.assign(static_cast<size_t>(N * R), 0.0f);
+                pb.shape = {N, R};
+                pb.size = N * R;
+                pb.tensor_id = pa.tensor_id + 1;
+                pb.pscale = static_cast<float>(w_abs / (static_cast<double>(scale) * rms * std::sqrt(static_cast<double>(R))));
+                loras.push_back({params.size(), params.size() + 1, i, j});
+                params.push_back(std::move(pa));
+                params.push_back(std::move(pb));
+            }
+        for (Param& p : params)
+            if (!p.own.empty()) p.value = p.own.data();   // moved vectors keep their buffers; be explicit
+    }
     M.output_rows_f32(labels.data(), static_cast<int64_t>(labels.size()), head_rows);
     if (has("head")) {
         Param p;
@@ -295,6 +392,11 @@ Json et_trainer::header() const {
     cfg.obj["optimizer"] = Json::str("sgd");
     cfg.obj["weight_decay"] = Json::real(0.0);
     cfg.obj["objective"] = Json::str("classification");
+    if (!loras.empty()) {
+        cfg.obj["lora_rank"] = Json::integer(lora_rank);
+        cfg.obj["lora_alpha"] = Json::real(lora_alpha);
+        cfg.obj["lora_targets"] = Json::str(lora_targets);
+    }
     cfg.obj["data"] = Json::str(data);
     cfg.obj["model"] = Json::str(m->file->path());
     Json lt = Json::array();
@@ -444,8 +546,7 @@ std::vector<std::vector<float>> et_trainer::label_logits(const et_batch& b, cons
             if (!ps.base) {
                 for (size_t k = 0; k < params.size(); ++k) {
                     const Param& p = params[k];
-                    if (p.kind == "scales") continue;
-                    if (p.kind == "head") continue;
+                    if (p.kind != "norm" && p.kind != "bias") continue;
                     const float* v = perturbed(p, ps, norm_bufs[k]);
                     const std::string nm = p.name.substr(5);  // after "norm:"
                     if (nm == "output_norm.weight") {
@@ -471,6 +572,15 @@ std::vector<std::vector<float>> et_trainer::label_logits(const et_batch& b, cons
                         pt.eps_sign = static_cast<float>(eps * p.pscale * ps.sign);
                         pt.dist = dist;
                     }
+            }
+            for (const Lora& l : loras) {   // every pass, the base one too: B moves once trained
+                const Param& pa = params[l.a];
+                const Param& pb = params[l.b];
+                LoraTerm& t = lp[l.layer].lora[l.mat];
+                t.a = ps.base ? pa.value : perturbed(pa, ps, norm_bufs[l.a]);
+                t.b = ps.base ? pb.value : perturbed(pb, ps, norm_bufs[l.b]);
+                t.rank = lora_rank;
+                t.scale = static_cast<float>(lora_alpha / lora_rank);
             }
             h = h0;
             run_layers(M, first_layer, n, lp.data(), h.data(), B, T, cos.data(), sin.data(), cf);

@@ -96,8 +96,10 @@ ET_API et_status et_logits(et_model* m, const int32_t* ids, int32_t n_ids, const
                            int32_t n_pos, const int32_t* rows, int32_t n_rows, float* out);
 
 typedef struct et_trainer_config {
-    const char* method;       /* "scales", "norms", "head" or a comma list (default "head") */
-    const char* layers;       /* blocks scales/norms train: "all", "top:K", "A-B", "none" (default "all") */
+    const char* method;       /* "scales", "norms", "lora", "head" or a comma list (default "head");
+                                 lora: edgetune's defaults, rank 8, alpha 16, on q and v, A seeded
+                                 from seed, B = 0 */
+    const char* layers;       /* blocks scales/norms/lora train: "all", "top:K", "A-B", "none" (default "all") */
     const char* estimator;    /* "normalized" (default), "two_point", "one_sided" */
     const char* schedule;     /* "cosine" (default), "linear", "constant" */
     const char* dist;         /* "rademacher" (default), "gaussian" */

@@ -94,8 +94,8 @@ public final class CapiJniTest {
             expectError(() -> Model.open(out + "/missing.gguf", 0), EdgeTuneException.IO, "missing.gguf");
             expectError(() -> Model.open(modelPath, 10L << 20), EdgeTuneException.BUDGET, "needs at least");
             expectError(() -> m.trainer(cfg, false), EdgeTuneException.ARG, "already exists");
-            expectError(() -> m.trainer(new TrainerConfig().method("lora").labelTokens(labels)
-                    .logPath(out + "/x.jsonl"), false), EdgeTuneException.UNSUPPORTED, "lora");
+            expectError(() -> m.trainer(new TrainerConfig().method("sparse").labelTokens(labels)
+                    .logPath(out + "/x.jsonl"), false), EdgeTuneException.UNSUPPORTED, "sparse");
 
             // resume continues the logged run
             try (Trainer t = m.trainer(cfg, true)) {

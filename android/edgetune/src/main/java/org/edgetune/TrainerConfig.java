@@ -2,7 +2,7 @@ package org.edgetune;
 
 /** A fine-tune's settings (the C API's et_trainer_config; the same names as `edgetune finetune`). */
 public final class TrainerConfig {
-    public String method = "head";          // scales, norms, head, or a comma list
+    public String method = "head";          // scales, norms, lora, head, or a comma list
     public String layers = "all";           // all | none | top:K | A-B
     public String estimator = "normalized"; // normalized | two_point | one_sided
     public String schedule = "cosine";      // cosine | linear | constant
