@@ -47,7 +47,7 @@ arm:
 
 # EDGETUNE_REQUIRE_KERNELS=1: a missing or broken C++ extension fails the suite (no numpy fallback)
 test: install arm
-	EDGETUNE_REQUIRE_KERNELS=1 $(PYTHON) -m pytest -q tests
+	EDGETUNE_REQUIRE_KERNELS=1 $(PYTHON) -m pytest -q --durations=25 tests
 
 test-long: install arm
 	EDGETUNE_REQUIRE_KERNELS=1 EDGETUNE_LONG=1 $(PYTHON) -m pytest -q tests
