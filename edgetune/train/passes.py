@@ -27,6 +27,9 @@ import torch
 from ..errors import EdgetuneError
 
 
+LM_ROWS = 256   # next-token rows whose full-vocabulary logits are held at once (lm losses)
+
+
 def step_cost(n_layer: int, first_layer: int, passes: int) -> float:
     """Forwards per step for a set whose lowest trainable block is first_layer (see above)."""
     k = n_layer - first_layer
@@ -164,20 +167,23 @@ class BatchPasses:
         f = min(self.first_layer, net.config.n_layer)
         self.forwards += B
         out = []
+        # only the rows that carry a target, in chunks of LM_ROWS: the full-vocabulary logits of
+        # a whole evaluation batch (B x 96 x V floats, twice with the log-softmax) set the peak RSS
+        rows = [b * idx.shape[1] + j for b, tg in enumerate(targets) for j in range(len(tg))]
+        ridx = torch.tensor(rows, dtype=torch.long)
+        y = torch.tensor([t for tg in targets for t in tg], dtype=torch.long)
         with torch.inference_mode():
             h0 = net.hidden_upto(tokens, f)
             for c in range(0, len(perturbs), self.chunk):
                 part = perturbs[c:c + self.chunk]
                 for h, p in zip(net.hidden_from(h0, f, part), part):
-                    lg = net.head(h[torch.arange(B)[:, None], idx], p).float()
-                    logp = torch.log_softmax(lg, dim=-1)
-                    total, count = 0.0, 0
-                    for b, tg in enumerate(targets):
-                        if tg:
-                            total += float(-logp[b, torch.arange(len(tg)), torch.as_tensor(tg)]
-                                           .double().sum())
-                            count += len(tg)
-                    out.append(total / max(count, 1))
+                    hs = h[torch.arange(B)[:, None], idx].reshape(-1, h.shape[-1])[ridx]
+                    total = 0.0
+                    for r in range(0, len(rows), LM_ROWS):
+                        logp = torch.log_softmax(net.head(hs[r:r + LM_ROWS], p).float(), dim=-1)
+                        total += float(-logp[torch.arange(logp.shape[0]), y[r:r + LM_ROWS]]
+                                       .double().sum())
+                    out.append(total / max(len(rows), 1))
         return out
 
     def lm_exact(self, batch, param) -> tuple:
@@ -212,10 +218,13 @@ class BatchPasses:
             r = logp.exp()
             r[torch.arange(len(y)), y] -= 1.0
             r /= len(y)
-            if getattr(self, "_out_f32", None) is None:
-                from ..quant import dequantize
-                self._out_f32 = torch.from_numpy(np.ascontiguousarray(
-                    dequantize(net.output), dtype=np.float32))
+            if getattr(self, "_out_f32", None) is None:   # row blocks: no V x d temporaries
+                from ..quant import dequantize_rows
+                V = net.output.shape[0]
+                e = np.empty(net.output.shape, np.float32)
+                for i0 in range(0, V, 4096):
+                    e[i0:i0 + 4096] = dequantize_rows(net.output, np.arange(i0, min(i0 + 4096, V)))
+                self._out_f32 = torch.from_numpy(e)
             grad = (n.double() * (r.float() @ self._out_f32).double()).sum(0)
         return loss, {param.name: grad.numpy().astype(np.float32).reshape(param.value.shape)}
 
