@@ -74,6 +74,7 @@ class BatchPasses:
         self._prefix: dict = {} if prefix is None else prefix
         self.prefix_splits = tuple(prefix_splits)
         self.forwards = 0                  # examples that went through the network (for stats)
+        self._out_f32 = None               # lm_exact: the output matrix as float32 [V, d]
 
     @property
     def first_layer(self) -> int:
@@ -152,38 +153,47 @@ class BatchPasses:
         return lg[0].argmax(-1)
 
     # -- language modelling --------------------------------------------------------------------
+    def _lm_rows(self, batch):
+        """(tokens, first block to run, gather, targets [N]) for a batch's next-token rows, or
+        None when no token carries the loss; gather(h) -> the final states [N, d] of those rows."""
+        from .objectives import lm_targets
+        padded, targets = lm_targets(batch.input_ids, batch.loss_masks)
+        if padded is None:
+            return None
+        tokens, _ = self.model._pad(batch.input_ids)
+        B, W = tokens.shape[0], len(padded[0])
+        idx = torch.tensor(padded, dtype=torch.long)
+        ridx = torch.tensor([b * W + j for b, tg in enumerate(targets) for j in range(len(tg))],
+                            dtype=torch.long)
+        y = torch.tensor([t for tg in targets for t in tg], dtype=torch.long)
+        self.forwards += B
+
+        def gather(h):
+            return h[torch.arange(B)[:, None], idx].reshape(-1, h.shape[-1])[ridx]
+        return tokens, min(self.first_layer, self.model.net.config.n_layer), gather, y
+
     def lm_losses(self, batch, perturbs) -> list:
         """Mean next-token CE over loss-mask tokens under each perturbation (full vocabulary,
-        logits only where the loss needs them)."""
-        model, net = self.model, self.model.net
-        from .objectives import lm_targets
-        ids = batch.input_ids
-        padded, targets = lm_targets(ids, batch.loss_masks)
-        if padded is None:
+        logits only where the loss needs them: the target rows, LM_ROWS at a time, since the
+        full-vocabulary logits of a whole evaluation batch would set the peak RSS)."""
+        rows = self._lm_rows(batch)
+        if rows is None:
             return [0.0] * len(perturbs)
-        tokens, _ = model._pad(ids)
-        B = tokens.shape[0]
-        idx = torch.tensor(padded, dtype=torch.long)
-        f = min(self.first_layer, net.config.n_layer)
-        self.forwards += B
+        tokens, f, gather, y = rows
+        net = self.model.net
         out = []
-        # only the rows that carry a target, in chunks of LM_ROWS: the full-vocabulary logits of
-        # a whole evaluation batch (B x 96 x V floats, twice with the log-softmax) set the peak RSS
-        rows = [b * idx.shape[1] + j for b, tg in enumerate(targets) for j in range(len(tg))]
-        ridx = torch.tensor(rows, dtype=torch.long)
-        y = torch.tensor([t for tg in targets for t in tg], dtype=torch.long)
         with torch.inference_mode():
             h0 = net.hidden_upto(tokens, f)
             for c in range(0, len(perturbs), self.chunk):
                 part = perturbs[c:c + self.chunk]
                 for h, p in zip(net.hidden_from(h0, f, part), part):
-                    hs = h[torch.arange(B)[:, None], idx].reshape(-1, h.shape[-1])[ridx]
+                    hs = gather(h)
                     total = 0.0
-                    for r in range(0, len(rows), LM_ROWS):
+                    for r in range(0, len(y), LM_ROWS):
                         logp = torch.log_softmax(net.head(hs[r:r + LM_ROWS], p).float(), dim=-1)
                         total += float(-logp[torch.arange(logp.shape[0]), y[r:r + LM_ROWS]]
                                        .double().sum())
-                    out.append(total / max(len(rows), 1))
+                    out.append(total / len(y))
         return out
 
     def lm_exact(self, batch, param) -> tuple:
@@ -195,22 +205,13 @@ class BatchPasses:
 
         — the logits' own inputs, no backward through the network (forward-only).  E, the
         output matrix dequantized to float32, is kept after the first call (V x d floats)."""
-        model, net = self.model, self.model.net
-        from .objectives import lm_targets
-        padded, targets = lm_targets(batch.input_ids, batch.loss_masks)
-        if padded is None:
+        rows = self._lm_rows(batch)
+        if rows is None:
             return 0.0, {param.name: np.zeros_like(param.value)}
-        tokens, _ = model._pad(batch.input_ids)
-        B = tokens.shape[0]
-        idx = torch.tensor(padded, dtype=torch.long)
-        f = min(self.first_layer, net.config.n_layer)
-        self.forwards += B
+        tokens, f, gather, y = rows
+        net = self.model.net
         with torch.inference_mode():
-            h = net.hidden_from(net.hidden_upto(tokens, f), f, [None])[0]
-            hs = h[torch.arange(B)[:, None], idx]                       # [B, W, d]
-            rows = [(b, j) for b, tg in enumerate(targets) for j in range(len(tg))]
-            hsel = torch.stack([hs[b, j] for b, j in rows]).float()     # [N, d]
-            y = torch.tensor([targets[b][j] for b, j in rows], dtype=torch.long)
+            hsel = gather(net.hidden_from(net.hidden_upto(tokens, f), f, [None])[0]).float()
             n = net.rms_norm(hsel, torch.ones(hsel.shape[-1], dtype=torch.float32))
             lg = net.head(hsel).double()
             logp = torch.log_softmax(lg, dim=-1)
@@ -218,7 +219,7 @@ class BatchPasses:
             r = logp.exp()
             r[torch.arange(len(y)), y] -= 1.0
             r /= len(y)
-            if getattr(self, "_out_f32", None) is None:   # row blocks: no V x d temporaries
+            if self._out_f32 is None:   # dequantized in row blocks: no V x d temporaries
                 from ..quant import dequantize_rows
                 V = net.output.shape[0]
                 e = np.empty(net.output.shape, np.float32)
