@@ -75,8 +75,8 @@ class DenseLlama(torch.nn.Module):
         def w(qt):
             return torch.from_numpy(dequantize(qt)).to(dtype)
 
-        def vec(t):
-            return t.detach().clone().to(dtype)
+        def vec(t):   # the model's float32 numpy vectors
+            return torch.tensor(np.asarray(t, np.float32)).to(dtype)
 
         self.embed = w(net.embed)
         self.head_w = self.embed if c.tied_embeddings else w(net.output)

@@ -92,14 +92,14 @@ class DenseLM(nn.Module):
         self.layers = nn.ModuleList()
         for L in net.layers:
             m = nn.Module()
-            m.attn_norm = nn.Parameter(L.attn_norm.clone().float(), requires_grad=False)
-            m.ffn_norm = nn.Parameter(L.ffn_norm.clone().float(), requires_grad=False)
+            m.attn_norm = nn.Parameter(torch.tensor(L.attn_norm, dtype=torch.float32), requires_grad=False)
+            m.ffn_norm = nn.Parameter(torch.tensor(L.ffn_norm, dtype=torch.float32), requires_grad=False)
             for n, qt in L.w.items():
                 setattr(m, n, LoRALinear(_dense(qt, dtype), lora_rank if n in targets else 0,
                                          lora_alpha, gen))
-            m.bias = {k: v.clone().float() for k, v in L.bias.items()}
+            m.bias = {k: torch.tensor(v, dtype=torch.float32) for k, v in L.bias.items()}
             self.layers.append(m)
-        self.output_norm = nn.Parameter(net.output_norm.clone().float(), requires_grad=False)
+        self.output_norm = nn.Parameter(torch.tensor(net.output_norm, dtype=torch.float32), requires_grad=False)
         # output head: the label-word rows only (training), or the whole matrix (--check)
         if full_head or label_tokens is None:
             head = self.embed.to(dtype) if c.tied_embeddings else _dense(net.output, dtype)
@@ -304,6 +304,7 @@ def run_check(a) -> bool:
     ok = True
     batch = [model.tokenize(p) for p in CHECK_PROMPTS]
     tokens, lengths = model._pad(batch)
+    tokens = torch.from_numpy(tokens)
     ref_q = model.logits(batch)   # int4 kernels, [B, T, V]; padding rows are 0
     ref_d = dense.logits(batch)   # edgetune's dense bf16 path (fp32 embedding rows)
     # fp32 embedding = exactly edgetune's dense math; bf16 embedding = the training configuration

@@ -277,15 +277,23 @@ def _np2d(t):
 
 
 def rms_norm(x, w, eps: float):
-    """x * rsqrt(mean(x², -1) + eps) * w for a torch float32 tensor [..., D] (new contiguous tensor)."""
-    import torch
+    """x * rsqrt(mean(x², -1) + eps) * w over the last axis of a float32 array [..., D] (a new
+    contiguous array; torch in -> torch out)."""
     d = x.shape[-1]
-    x2 = x.reshape(-1, d)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    out = torch.empty(x2.shape, dtype=torch.float32)
-    wn = w.detach().to(torch.float32).contiguous().numpy() if _is_torch(w) else np.ascontiguousarray(w, np.float32)
-    _kernels.rms_norm(_np2d(x2), wn, float(eps), out.numpy())
+    wn = _vec32(w)
+    if _is_torch(x):
+        import torch
+        x2 = x.reshape(-1, d)
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        out = torch.empty(x2.shape, dtype=torch.float32)
+        _kernels.rms_norm(_np2d(x2), wn, float(eps), out.numpy())
+        return out.reshape(x.shape)
+    x2 = np.asarray(x, np.float32).reshape(-1, d)
+    if x2.strides[-1] != 4:
+        x2 = np.ascontiguousarray(x2)
+    out = np.empty(x2.shape, dtype=np.float32)
+    _kernels.rms_norm(x2, wn, float(eps), out)
     return out.reshape(x.shape)
 
 
@@ -306,9 +314,16 @@ def attention(q, k, v, B: int, T: int, H: int, Hkv: int, cos, sin, neox: bool, s
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     out = torch.empty((q.shape[0], q.shape[1]), dtype=torch.float32)
     _kernels.attention(_np2d(q), _np2d(k), _np2d(v), int(B), int(T), int(H), int(Hkv),
-                       cos.contiguous().numpy(), sin.contiguous().numpy(), bool(neox), float(scale),
+                       _vec2d(cos), _vec2d(sin), bool(neox), float(scale),
                        out.numpy())
     return out
+
+
+def _vec2d(t) -> np.ndarray:
+    """A contiguous float32 numpy copy-or-view of a numpy array or torch tensor."""
+    if _is_torch(t):
+        t = t.detach().contiguous().numpy()
+    return np.ascontiguousarray(t, dtype=np.float32)
 
 
 def _vec32(v) -> np.ndarray:

@@ -51,8 +51,8 @@ def sparse_selection(ts) -> dict:
     """The indices a sparse set chose (what mask.npz stores): {array name: int64 array}."""
     arrays = {}
     for name, sp in sorted(ts.sparse.items()):
-        arrays[f"rows:{name}"] = sp.rows.numpy().astype(np.int64)
-        arrays[f"cols:{name}"] = sp.cols.numpy().astype(np.int64)
+        arrays[f"rows:{name}"] = np.asarray(sp.rows).astype(np.int64)
+        arrays[f"cols:{name}"] = np.asarray(sp.cols).astype(np.int64)
     return arrays
 
 
@@ -310,8 +310,7 @@ def build_set(model, cfg: TrainConfig, ds, batches, mask=None):
     mask: a run's stored sparse mask (load_mask); without it a sparse set chooses its weights."""
     calib = None
     if "sparse" in cfg.method and mask is None:
-        import torch
-        calib = [torch.from_numpy(batches.get(i).padded().astype(np.int64)) for i in range(4)]
+        calib = [batches.get(i).padded().astype(np.int64) for i in range(4)]
     head_rows = ds.label_tokens if ds.dataset.kind == "classification" else None
     return build_trainable(model.net, cfg.method, lora_rank=cfg.lora_rank,
                            lora_alpha=cfg.lora_alpha,

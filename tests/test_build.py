@@ -130,3 +130,43 @@ def test_export_formats_share_no_private_helpers():
             if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
                 bad += [f"{f}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
     assert not bad, bad
+
+
+# --- the training path does not need torch ------------------------------------------------------
+
+_NO_TORCH = """
+import sys
+from edgetune import cli
+for argv in {runs!r}:
+    rc = cli.main(argv)
+    assert rc in (0, None), (argv, rc)
+bad = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))
+print("TORCH_MODULES", len(bad), bad[:3])
+"""
+
+
+def test_finetune_eval_and_export_never_import_torch(tmp_path):
+    """`import edgetune` + finetune (classification: default head recipe and a body recipe run by
+    the C++ block; a text run) + eval + export run without importing torch: the C++ core does
+    every forward, numpy the rest."""
+    from tests.conftest import make_tiny_task
+    model, data = make_tiny_task(tmp_path, 60)
+    text = tmp_path / "text.jsonl"
+    text.write_text("".join('{"text": "ab cd ef gh ab cd ef %d"}\n' % i for i in range(40)))
+    common = ["--model", model, "--steps", "3", "--batch", "4", "--eval-every", "2", "--eval-limit", "8",
+              "--test-limit", "8", "--no-progress", "--overwrite"]
+    cls = ["--verbalizer", "a=a,b=b"]
+    runs = [
+        ["finetune", "--data", data, "--out", str(tmp_path / "r1")] + cls + common,
+        ["finetune", "--data", data, "--method", "scales,norms,lora", "--layers", "top:1",
+         "--out", str(tmp_path / "r2")] + cls + common,
+        ["finetune", "--data", str(text), "--out", str(tmp_path / "r3")] + common,
+        ["eval", "--run", str(tmp_path / "r2"), "--model", model, "--data", data] + cls,
+        ["export", "--run", str(tmp_path / "r2"), "--model", model, "--format", "gguf",
+         "--out", str(tmp_path / "t.gguf")],
+    ]
+    env = dict(os.environ)
+    r = subprocess.run([sys.executable, "-c", _NO_TORCH.format(runs=runs)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "TORCH_MODULES 0 []" in r.stdout, r.stdout[-2000:]

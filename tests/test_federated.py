@@ -209,7 +209,7 @@ def test_head_task_equals_full_model_head(tiny):
     ids = [list(e.input_ids) for e in exs]
     pos = [e.answer_pos for e in exs]
     for p in (None, pert):
-        ref = objectives.class_logits(model, ids, pos, enc.label_tokens, p).numpy()
+        ref = objectives.class_logits(model, ids, pos, enc.label_tokens, p)
         np.testing.assert_allclose(task.logits(np.arange(24), p), ref, rtol=1e-4, atol=1e-4)
     ref = objectives.classification_loss(model, ids, pos, [e.label for e in exs],
                                          enc.label_tokens, pert)

@@ -77,7 +77,7 @@ def test_frozen_prefix_and_multipass_equal_separate_forwards(tiny):
     tokens, _ = m._pad(b.input_ids)
     full = m.net.hidden(tokens)
     pre = m.net.hidden_upto(tokens, n - 2)
-    np.testing.assert_array_equal(m.net.hidden_from(pre, n - 2, [None])[0].numpy(), full.numpy())
+    np.testing.assert_array_equal(m.net.hidden_from(pre, n - 2, [None])[0], full)
 
 
 def test_head_bias_vectorised_equals_explicit(tiny):
@@ -103,7 +103,7 @@ def test_head_bias_vectorised_equals_explicit(tiny):
             q.value[...] = saved[q.name]
         np.testing.assert_allclose(lg[i], ref, rtol=0, atol=2e-6)
     # the base logits are the model's label rows in fp32: equal to a float64 product
-    x = bp._compute_states(b.input_ids, b.answer_pos, [None])[0][0].double().numpy()
+    x = np.asarray(bp._compute_states(b.input_ids, b.answer_pos, [None])[0][0], np.float64)
     W = m.net.output_rows_f32(LABELS).astype(np.float64)
     full = x @ (W + ts.head[next(iter(ts.head))].value).T + ts.label_bias.value
     np.testing.assert_allclose(lg[0], full, rtol=0, atol=1e-4)
@@ -415,8 +415,7 @@ def test_lm_exact_final_norm_gradient_equals_autograd_and_run_replays(tmp_path, 
     # reference: autograd through the final norm and the (dequantized) output matrix only
     padded, targets = lm_targets(b.input_ids, b.loss_masks)
     tokens, _ = m._pad(b.input_ids)
-    with torch.inference_mode():
-        h = m.net.hidden(tokens).float()
+    h = torch.from_numpy(m.net.hidden(tokens))
     hs = torch.stack([h[i, padded[i][j]] for i, tg in enumerate(targets) for j in range(len(tg))])
     y = torch.tensor([t for tg in targets for t in tg])
     gt = torch.tensor(g.value, dtype=torch.float64, requires_grad=True)

@@ -65,7 +65,7 @@ def test_sparse_mask_is_stored_and_replay_export_and_resume_use_it(tiny, tmp_pat
     run = tmp_path / "sparse"
     # lr 30: deltas of about a weight's size, so that they survive int4 re-encoding in export
     live = finetune(cfg_for(tiny, run, method="sparse", steps=6, lr=30.0))
-    mask = {n: (sp.rows.numpy().copy(), sp.cols.numpy().copy()) for n, sp in live.trainable.sparse.items()}
+    mask = {n: (np.asarray(sp.rows).copy(), np.asarray(sp.cols).copy()) for n, sp in live.trainable.sparse.items()}
     final = state_of(live.trainable)
     assert (run / "mask.npz").exists()
     header, _, _ = read_log(run / "seedlog.jsonl")
@@ -87,13 +87,13 @@ def test_sparse_mask_is_stored_and_replay_export_and_resume_use_it(tiny, tmp_pat
     cfg = make_config(flag_values=read_run_log(str(run))[0]["config"])
     enc = datamod.encode(open_dataset(cfg), m, max_length=cfg.max_length)
     recomputed = build_set(m, cfg.resolved("classification"), enc, StepBatches(enc, 8, cfg.seed))
-    assert any(not np.array_equal(sp.rows.numpy(), mask[n][0]) for n, sp in recomputed.sparse.items())
+    assert any(not np.array_equal(np.asarray(sp.rows), mask[n][0]) for n, sp in recomputed.sparse.items())
     # ... but replay from scratch (no snapshot) uses the stored one: same weights, same state
     os.remove(run / "state.npz")
     ts = apply_run(edgetune.load(tiny[0]), str(run), step="last")
     for n, sp in ts.sparse.items():
-        np.testing.assert_array_equal(sp.rows.numpy(), mask[n][0], err_msg=n)
-        np.testing.assert_array_equal(sp.cols.numpy(), mask[n][1], err_msg=n)
+        np.testing.assert_array_equal(np.asarray(sp.rows), mask[n][0], err_msg=n)
+        np.testing.assert_array_equal(np.asarray(sp.cols), mask[n][1], err_msg=n)
     assert_same_state(state_of(ts), final)
     # export writes the deltas onto the stored weights
     from edgetune.export.gguf_export import export_gguf
@@ -111,7 +111,7 @@ def test_sparse_mask_is_stored_and_replay_export_and_resume_use_it(tiny, tmp_pat
     # --resume continues on the stored mask as well
     cont = finetune(cfg_for(tiny, run, method="sparse", steps=8, lr=30.0, resume=True))
     for n, sp in cont.trainable.sparse.items():
-        np.testing.assert_array_equal(sp.rows.numpy(), mask[n][0], err_msg=n)
+        np.testing.assert_array_equal(np.asarray(sp.rows), mask[n][0], err_msg=n)
     # a changed or missing mask file is refused, never recomputed
     with np.load(run / "mask.npz") as z:
         arrays = {k: z[k].copy() for k in z.files}

@@ -3,7 +3,7 @@
     edgetune finetune --backend onnxruntime ...
 
 `OrtModel` offers the forward interface the training loop and the evaluation use
-(logits / logits_tensor / logits_multi, tokenize, config) on top of the graph that
+(logits / logits_multi, tokenize, config) on top of the graph that
 export/onnx_export.py writes.  The trainable tensors are graph inputs: a perturbed pass feeds
 theta + eps*sign*z for each of them (the same z, from the same counter-based RNG, as the native
 kernels add on the fly), so the ZO loop, its seed log and its updates are unchanged — the native
@@ -16,7 +16,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..errors import EdgetuneError
 
@@ -104,14 +103,14 @@ class OrtModel:
         feed.update(self.feeds(perturb))
         return self.sess.run(["logits"], feed)[0]
 
-    def logits_tensor(self, batch, positions=None, perturb=None, vocab=None) -> torch.Tensor:
+    def logits(self, batch, positions=None, perturb=None, vocab=None) -> np.ndarray:
         tokens, lengths = self.model._pad(batch)
         B, T = tokens.shape
-        tok = tokens.numpy().astype(np.int64)
+        tok = np.asarray(tokens, np.int64)
         if positions is None:
             rows = np.concatenate([b * T + np.arange(n) for b, n in enumerate(lengths)])
-            lg = torch.from_numpy(self._run(tok, rows, vocab, perturb))
-            out = torch.zeros((B, T, lg.shape[-1]), dtype=torch.float32)
+            lg = self._run(tok, rows, vocab, perturb)
+            out = np.zeros((B, T, lg.shape[-1]), dtype=np.float32)
             o = 0
             for i, n in enumerate(lengths):
                 out[i, :n] = lg[o:o + n]
@@ -120,13 +119,10 @@ class OrtModel:
         pos = np.asarray(self.model._resolve_positions(positions, lengths), dtype=np.int64)
         rows = (np.arange(B)[:, None] * T + pos).reshape(-1)
         lg = self._run(tok, rows, vocab, perturb)
-        return torch.from_numpy(lg).reshape(B, pos.shape[1], -1)
-
-    def logits(self, batch, positions=None, perturb=None, vocab=None) -> np.ndarray:
-        return self.logits_tensor(batch, positions, perturb, vocab).numpy()
+        return lg.reshape(B, pos.shape[1], -1)
 
     def logits_multi(self, batch, positions, perturbs: list, vocab=None) -> list:
-        return [self.logits_tensor(batch, positions, p, vocab) for p in perturbs]
+        return [self.logits(batch, positions, p, vocab) for p in perturbs]
 
 
 def remove_graph(onnx_path):

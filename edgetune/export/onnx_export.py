@@ -309,7 +309,7 @@ class _Builder:
         pos = g.op("Range", [g.const(0), T0, g.const(1)])
         n_pos = min(c.context_length, MAX_ROPE_POSITIONS)
         cos_t, sin_t = net.rope(n_pos)
-        cos_t, sin_t = cos_t.numpy(), sin_t.numpy()
+        cos_t, sin_t = np.asarray(cos_t), np.asarray(sin_t)
         ax = [1, 3] if c.rope_mode == "normal" else [1]
         cos = g.op("Unsqueeze", [g.op("Gather", [g.init("rope.cos", cos_t), pos], axis=0), g.const(ax)])
         sin = g.op("Unsqueeze", [g.op("Gather", [g.init("rope.sin", sin_t), pos], axis=0), g.const(ax)])

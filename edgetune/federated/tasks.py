@@ -15,13 +15,11 @@ perturbs)` (cross-entropy of the rows under each Perturb) and `predict(rows)`.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from ..model.transformer import NoHooks
 from ..train import objectives
 
 
-@torch.inference_mode()
 def extract_features(model, examples, label_tokens, batch_size: int = 32, progress=None):
     """(x [n, d] float32, base [n, C] float32) of encoded classification examples, computed
     with the frozen model (no trainable set attached while it runs)."""
@@ -37,11 +35,11 @@ def extract_features(model, examples, label_tokens, batch_size: int = 32, progre
             idx = order[b:b + batch_size]
             tokens, _ = model._pad([list(examples[i].input_ids) for i in idx])
             h = net.hidden(tokens)
-            pos = torch.tensor([examples[i].answer_pos for i in idx], dtype=torch.long)
-            sel = h[torch.arange(len(idx)), pos]
-            xn = net.norm(sel, "output_norm.weight", net.output_norm)
-            x[idx] = xn.float().numpy()
-            base[idx] = xn.float().numpy() @ rows.T
+            pos = np.asarray([examples[i].answer_pos for i in idx], dtype=np.int64)
+            sel = h[np.arange(len(idx)), pos]
+            xn = np.asarray(net.norm(sel, "output_norm.weight", net.output_norm), np.float32)
+            x[idx] = xn
+            base[idx] = xn @ rows.T
             if progress is not None:
                 progress(len(idx))
     finally:

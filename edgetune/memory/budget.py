@@ -2,7 +2,8 @@
 
 Peak resident memory of a ZO step is predicted as
 
-  runtime      Python + torch + the tokenizer (measured constant, RUNTIME_BYTES)
+  runtime      Python + numpy + the C++ extension + the tokenizer (measured constant,
+               RUNTIME_BYTES; the training path never imports torch)
   embeddings   token_embd (lookups touch only used rows, but the tied head reads all of it)
   head         output.weight when untied
   scales       fp32 scales (+ mins) of resident layers' matrices and of every trained one
@@ -33,7 +34,7 @@ from ..errors import EdgetuneError
 
 MiB = 1 << 20
 GiB = 1 << 30
-RUNTIME_BYTES = 300 * MiB     # measured: import edgetune + torch + tokenizer ~ 250-300 MB
+RUNTIME_BYTES = 60 * MiB      # measured: python + numpy + edgetune + llama.cpp's vocabulary ~ 62 MB
 SLACK = 1.05                  # allocator fragmentation, small temporaries
 
 
@@ -136,7 +137,7 @@ def make_plan(gguf, budget: int | None, *, batch: int = 16, seq: int = 64,
             q += _qbytes(T[f"blk.{i}.{n}.weight"])
         layer_q.append(q)
         layer_s.append(s)
-    fixed = {"runtime (python, torch, tokenizer)": RUNTIME_BYTES,
+    fixed = {"runtime (python, numpy, tokenizer)": RUNTIME_BYTES,
              "embeddings": _qbytes(T["token_embd.weight"]) + _scale_bytes(T["token_embd.weight"])}
     if "output.weight" in T:
         fixed["output head"] = _qbytes(T["output.weight"]) + _scale_bytes(T["output.weight"])

@@ -5,7 +5,6 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
 
 from ..errors import EdgetuneError, FormatError
 from ..formats.gguf_reader import GGUFFile
@@ -56,7 +55,7 @@ class Model:
         return self.tokenizer.decode(ids)
 
     # -- forward -------------------------------------------------------------------------------
-    def _pad(self, batch) -> tuple[torch.Tensor, list[int]]:
+    def _pad(self, batch) -> tuple[np.ndarray, list[int]]:
         if len(batch) and isinstance(batch[0], (int, np.integer)):
             batch = [batch]
         if not len(batch) or any(len(s) == 0 for s in batch):
@@ -66,9 +65,9 @@ class Model:
         if T > self.config.context_length:
             raise EdgetuneError(f"logits: sequence of {T} tokens exceeds the model's context "
                                 f"length {self.config.context_length}")
-        tokens = torch.zeros((len(batch), T), dtype=torch.long)  # right padding: causal mask suffices
+        tokens = np.zeros((len(batch), T), dtype=np.int64)  # right padding: causal mask suffices
         for i, s in enumerate(batch):
-            ids = torch.as_tensor(list(s), dtype=torch.long)
+            ids = np.asarray(list(s), dtype=np.int64)
             if ids.min() < 0 or ids.max() >= self.config.n_vocab:
                 raise EdgetuneError(f"logits: token id out of range 0..{self.config.n_vocab - 1}")
             tokens[i, : len(s)] = ids
@@ -91,7 +90,6 @@ class Model:
             raise EdgetuneError("logits: every sequence needs the same number of positions")
         return out
 
-    @torch.inference_mode()
     def logits(self, batch: Sequence[Sequence[int]], positions=None, perturb=None,
                vocab=None) -> np.ndarray:
         """Logits for a batch of token lists.
@@ -101,41 +99,44 @@ class Model:
         counting from each sequence's end (-1 = its last token) -> [B, P, V].  Only the requested
         positions go through the output head.  vocab=[ids] computes only those logits (V=len).
         """
-        return self.logits_tensor(batch, positions, perturb, vocab).numpy()
+        return self.logits_array(batch, positions, perturb, vocab)
 
-    @torch.inference_mode()
     def logits_multi(self, batch, positions, perturbs: list, vocab=None) -> list:
-        """logits_tensor() of one batch under several perturbations, computed layer by layer so
+        """logits() of one batch under several perturbations, computed layer by layer so
         every layer's weights are read once for all of them (ZO2's dual forward)."""
         tokens, lengths = self._pad(batch)
         pos = self._resolve_positions(positions, lengths)
-        idx = torch.tensor(pos, dtype=torch.long)
+        idx = np.asarray(pos, dtype=np.int64)
         B = tokens.shape[0]
         out = []
         for h, p in zip(self.net.hidden_multi(tokens, perturbs), perturbs):
-            out.append(self.net.head(h[torch.arange(B)[:, None], idx], p, vocab))
+            out.append(self.net.head(h[np.arange(B)[:, None], idx], p, vocab))
         return out
 
-    @torch.inference_mode()
-    def logits_tensor(self, batch, positions=None, perturb=None, vocab=None) -> torch.Tensor:
-        """Same as logits() but returns a torch tensor (no copy)."""
+    def logits_array(self, batch, positions=None, perturb=None, vocab=None) -> np.ndarray:
+        """logits() itself (float32 numpy)."""
         tokens, lengths = self._pad(batch)
         h = self.net.hidden(tokens, perturb)
         B, T, _ = h.shape
         V = self.config.n_vocab if vocab is None else len(vocab)
         if positions is None:
-            rows = torch.cat([h[i, :n] for i, n in enumerate(lengths)])
+            rows = np.concatenate([h[i, :n] for i, n in enumerate(lengths)])
             lg = self.net.head(rows, perturb, vocab)
-            out = torch.zeros((B, T, V), dtype=torch.float32)
+            out = np.zeros((B, T, V), dtype=np.float32)
             o = 0
             for i, n in enumerate(lengths):
                 out[i, :n] = lg[o:o + n]
                 o += n
             return out
         pos = self._resolve_positions(positions, lengths)
-        idx = torch.tensor(pos, dtype=torch.long)                       # [B, P]
-        sel = h[torch.arange(B)[:, None], idx]                          # [B, P, d]
+        idx = np.asarray(pos, dtype=np.int64)                           # [B, P]
+        sel = h[np.arange(B)[:, None], idx]                             # [B, P, d]
         return self.net.head(sel, perturb, vocab)
+
+    def logits_tensor(self, batch, positions=None, perturb=None, vocab=None):
+        """logits() as a torch tensor (imports torch; for callers that compute in torch)."""
+        import torch
+        return torch.from_numpy(self.logits_array(batch, positions, perturb, vocab))
 
     # -- generation ----------------------------------------------------------------------------
     def generate(self, prompt, max_tokens: int = 32, stop_at_eos: bool = True) -> str:

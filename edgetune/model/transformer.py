@@ -1,10 +1,12 @@
 """Forward-only transformer (llama, mistral, qwen2, SmolLM, llama 3.x, qwen3, gemma3, phi3) on QTensors.
 
 What each architecture adds to the llama block is in model/archs.py; plain llama blocks run as
-one C++ call per block range, the others op by op (C++ GEMMs, torch attention).
+one C++ call per block range, the others op by op (C++ GEMMs, torch attention, imported only
+for them).
 
 No autograd: every matmul with a weight goes through kernels.qgemm, which can perturb a tensor's
-group scales on the fly (ZO training).  Activations are fp32 torch CPU tensors.  Sequences in a
+group scales on the fly (ZO training).  Activations are float32 numpy arrays (torch is not
+imported on the C++ path).  Sequences in a
 batch are right-padded, so the causal mask alone keeps padding out of every real position.
 """
 from __future__ import annotations
@@ -13,8 +15,6 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from .. import kernels
 from ..errors import FormatError, UnsupportedError
@@ -132,13 +132,24 @@ class ModelConfig:
         )
 
 
+def _torch():
+    """torch, for the op-by-op reference blocks and the dense baseline only."""
+    import torch
+    return torch
+
+
+def _t(v):
+    """numpy -> torch (zero-copy) for the op-by-op torch blocks; torch tensors pass through."""
+    return _torch().from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v
+
+
 @dataclass
 class Layer:
-    attn_norm: torch.Tensor
-    ffn_norm: torch.Tensor
+    attn_norm: np.ndarray                     # float32 vectors
+    ffn_norm: np.ndarray
     w: dict                                   # name in config.layer_weights -> QTensor
-    bias: dict = field(default_factory=dict)  # "attn_q"/"attn_k"/"attn_v" -> torch vector (qwen2)
-    norms: dict = field(default_factory=dict)  # config.layer_vectors -> torch vector (q/k/post norms)
+    bias: dict = field(default_factory=dict)  # "attn_q"/"attn_k"/"attn_v" -> vector (qwen2)
+    norms: dict = field(default_factory=dict)  # config.layer_vectors -> vector (q/k/post norms)
 
 
 def _drop_pages(g: GGUFFile, offset: int, nbytes: int) -> None:
@@ -216,7 +227,7 @@ class Transformer:
                 if f.size != c.rope_dim // 2:
                     raise FormatError(self.path, f"tensor {name!r} has {f.size} values, expected "
                                                  f"{c.rope_dim // 2} (rope dimension / 2)")
-                self._rope_factors[key] = torch.from_numpy(f)
+                self._rope_factors[key] = f
 
     # -- loading -------------------------------------------------------------------------------
     def _q(self, g: GGUFFile, name: str) -> QTensor:
@@ -265,9 +276,9 @@ class Transformer:
         self.stream = LayerStreamer(self.path, spec, reader=reader)
         self.streamed = set(layers)
 
-    def _vec(self, g: GGUFFile, name: str) -> torch.Tensor:
+    def _vec(self, g: GGUFFile, name: str) -> np.ndarray:
         qt = g.qtensor(name)
-        return torch.from_numpy(np.array(qt.data, dtype=np.float32).reshape(-1))
+        return np.array(qt.data, dtype=np.float32).reshape(-1)
 
     def _check_shapes(self):
         c = self.config
@@ -287,16 +298,19 @@ class Transformer:
                     raise FormatError(self.path, f"tensor 'blk.{i}.{n}.weight' has shape "
                                                  f"{tuple(layer.w[n].shape)}, expected {shape}")
             for n, t in layer.norms.items():
-                if t.numel() != vec[n]:
-                    raise FormatError(self.path, f"tensor 'blk.{i}.{n}.weight' has {t.numel()} "
+                if t.size != vec[n]:
+                    raise FormatError(self.path, f"tensor 'blk.{i}.{n}.weight' has {t.size} "
                                                  f"values, expected {vec[n]}")
         if tuple(self.embed.shape) != (c.n_vocab, c.n_embd):
             raise FormatError(self.path, f"token_embd.weight has shape {tuple(self.embed.shape)}, "
                                          f"expected {(c.n_vocab, c.n_embd)}")
 
-    def to_dense(self, dtype=torch.bfloat16):
-        """Dequantize every matrix into a dense torch weight (the baseline torch forward)."""
+    def to_dense(self, dtype=None):
+        """Dequantize every matrix into a dense torch weight (the baseline torch forward; bf16
+        unless dtype says otherwise)."""
         from ..quant import dequantize
+        torch = _torch()
+        dtype = torch.bfloat16 if dtype is None else dtype
         self.dense = {qt.name: torch.from_numpy(dequantize(qt)).to(dtype)
                       for qt in self.qtensors().values()}
         return self
@@ -316,11 +330,23 @@ class Transformer:
         """C++ block ops (norm, attention, SiLU*up, fused GEMMs) — not for the dense torch baseline."""
         return self.dense is None and kernels.HAVE_KERNELS
 
-    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def rms_norm(self, x, weight):
+        """x * rsqrt(mean(x^2) + eps) * weight over the last axis: numpy in -> numpy out (torch in,
+        from the torch reference blocks -> torch out)."""
+        eps = self.config.rms_eps
+        if isinstance(x, np.ndarray):
+            x = np.asarray(x, np.float32)
+            w = np.asarray(weight, np.float32)
+            if kernels.HAVE_KERNELS:
+                return kernels.rms_norm(x, w, eps)
+            var = np.mean(np.square(x), -1, keepdims=True, dtype=np.float32)
+            return x * (np.float32(1.0) / np.sqrt(var + np.float32(eps))) * w
+        torch = _torch()
+        weight = _t(weight)
         if self._fast() and x.dtype == torch.float32 and weight.dtype == torch.float32:
-            return kernels.rms_norm(x, weight, self.config.rms_eps)
+            return kernels.rms_norm(x, weight, eps)
         var = x.pow(2).mean(-1, keepdim=True)
-        return x * torch.rsqrt(var + self.config.rms_eps) * weight
+        return x * torch.rsqrt(var + eps) * weight
 
     def rope(self, T: int, layer: int | None = None):
         """cos/sin tables [T, rope_dim/2] for positions 0..T-1 (of `layer`: sliding-window layers
@@ -331,21 +357,24 @@ class Transformer:
         if key not in self._rope_cache:
             d = c.rope_dim
             base = c.rope_base_swa if swa else c.rope_base
-            inv = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+            inv = 1.0 / (base ** (np.arange(0, d, 2, dtype=np.float64) / d))
             f = self._rope_factors.get("all")
             if "short" in self._rope_factors:   # phi3: long factors past the original context
                 long = c.rope_orig_context and T > c.rope_orig_context and "long" in self._rope_factors
                 f = self._rope_factors["long" if long else "short"]
             if f is not None:
-                inv = inv / f.double()
-            pos = torch.arange(T, dtype=torch.float64) / (1.0 if swa else c.rope_scale)
-            ang = torch.outer(pos, inv)
+                inv = inv / f.astype(np.float64)
+            pos = np.arange(T, dtype=np.float64) / (1.0 if swa else c.rope_scale)
+            ang = np.outer(pos, inv)
             m = c.rope_attn_factor
-            self._rope_cache[key] = ((ang.cos() * m).float(), (ang.sin() * m).float())
+            self._rope_cache[key] = ((np.cos(ang) * m).astype(np.float32),
+                                     (np.sin(ang) * m).astype(np.float32))
         return self._rope_cache[key]
 
-    def apply_rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x: [B, H, T, head_dim]; rotates the first rope_dim dims of each head."""
+    def apply_rope(self, x, cos, sin):
+        """x: torch [B, H, T, head_dim]; rotates the first rope_dim dims of each head."""
+        torch = _torch()
+        cos, sin = _t(cos), _t(sin)
         d = self.config.rope_dim
         xr, xp = x[..., :d], x[..., d:]
         if self.config.rope_mode == "normal":
@@ -358,18 +387,23 @@ class Transformer:
             out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
         return out if xp.shape[-1] == 0 else torch.cat([out, xp], dim=-1)
 
-    def linear(self, x: torch.Tensor, qt: QTensor, perturb=None) -> torch.Tensor:
+    def linear(self, x, qt: QTensor, perturb=None):
+        """x [..., K] (numpy, or torch from the reference blocks) times qt^T, with the hooks'
+        scale perturbation and extra terms."""
         shp = x.shape
-        x2 = x.reshape(-1, shp[-1]).contiguous()
+        x2 = np.ascontiguousarray(x.reshape(-1, shp[-1])) if isinstance(x, np.ndarray) \
+            else x.reshape(-1, shp[-1]).contiguous()
         if self.dense is not None and qt.name in self.dense:
             w = self.dense[qt.name]
-            y = (x2.to(w.dtype) @ w.T).float()
+            y = (_t(x2).to(w.dtype) @ w.T).float()
+            if isinstance(x2, np.ndarray):
+                y = y.numpy()
         else:
             y = kernels.qgemm(x2, qt, perturb=self.hooks.scale_perturbation(qt, perturb))
         y = self.hooks.linear_extra(qt, x2, y, perturb)
         return y.reshape(*shp[:-1], qt.shape[0])
 
-    def linear_multi(self, x: torch.Tensor, qts, perturb=None) -> list:
+    def linear_multi(self, x, qts, perturb=None) -> list:
         """[self.linear(x, qt, perturb) for qt in qts], with one fused kernel call when possible
         (each QTensor still gets its own scale perturbation and linear_extra hook)."""
         if not self._fast():
@@ -386,22 +420,31 @@ class Transformer:
             o += n
         return outs
 
-    def norm(self, x: torch.Tensor, name: str, weight: torch.Tensor, perturb=None) -> torch.Tensor:
+    def norm(self, x, name: str, weight, perturb=None):
         return self.rms_norm(x, self.hooks.norm_weight(name, weight, perturb))
 
-    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        ids = tokens.reshape(-1).numpy()
-        rows = dequantize_rows(self.embed, ids)
+    def embed_tokens(self, tokens) -> np.ndarray:
+        """Token ids [B, T] (any integer array) -> embedding rows [B, T, n_embd] float32."""
+        tokens = np.asarray(tokens, dtype=np.int64)
+        rows = dequantize_rows(self.embed, tokens.reshape(-1))
         if self.config.spec.embed_scale:    # gemma: embeddings * sqrt(n_embd), in float32
             rows *= np.float32(math.sqrt(self.config.n_embd))
-        return torch.from_numpy(rows).reshape(*tokens.shape, self.config.n_embd)
+        return rows.reshape(*tokens.shape, self.config.n_embd)
 
-    def layer_forward(self, i: int, h: torch.Tensor, perturb=None) -> torch.Tensor:
-        """One transformer block on hidden states h [B, T, n_embd] (causal attention)."""
+    def layer_forward(self, i: int, h, perturb=None):
+        """One transformer block on hidden states h [B, T, n_embd] (causal attention); numpy in,
+        numpy out.  Plain llama blocks run in one C++ call; the rest run the torch blocks."""
+        if self.config.plain_block and self._fast():
+            return self._layer_forward_fast(i, h, perturb)
+        out = self._layer_forward_torch(i, _t(np.asarray(h, np.float32)), perturb)
+        return out.numpy() if isinstance(h, np.ndarray) else out
+
+    def _layer_forward_torch(self, i: int, h, perturb=None):
+        """The torch op-by-op block: other architectures, the dense baseline, no extension."""
+        torch = _torch()
+        F = torch.nn.functional
         if not self.config.plain_block:
             return self._layer_forward_arch(i, h, perturb)
-        if self._fast():
-            return self._layer_forward_fast(i, h, perturb)
         c = self.config
         L = self.layers[i]
         B, T, _ = h.shape
@@ -411,9 +454,9 @@ class Transformer:
         v = self.linear(x, L.w["attn_v"], perturb)
         if L.bias:
             nb = self.hooks.norm_weight
-            q = q + nb(f"blk.{i}.attn_q.bias", L.bias["attn_q"], perturb)
-            k = k + nb(f"blk.{i}.attn_k.bias", L.bias["attn_k"], perturb)
-            v = v + nb(f"blk.{i}.attn_v.bias", L.bias["attn_v"], perturb)
+            q = q + _t(nb(f"blk.{i}.attn_q.bias", L.bias["attn_q"], perturb))
+            k = k + _t(nb(f"blk.{i}.attn_k.bias", L.bias["attn_k"], perturb))
+            v = v + _t(nb(f"blk.{i}.attn_v.bias", L.bias["attn_v"], perturb))
         hd = c.head_dim
         q = q.view(B, T, c.n_head, hd).transpose(1, 2)
         k = k.view(B, T, c.n_head_kv, hd).transpose(1, 2)
@@ -465,7 +508,7 @@ class Transformer:
             hk.norm_weight(f"blk.{i}.attn_norm.weight", L.attn_norm, perturb),
             hk.norm_weight(f"blk.{i}.ffn_norm.weight", L.ffn_norm, perturb), biases, loras)
 
-    def layers_forward(self, i0: int, i1: int, h: torch.Tensor, perturb=None) -> torch.Tensor:
+    def layers_forward(self, i0: int, i1: int, h, perturb=None):
         """Layers i0..i1-1 on h [B, T, n_embd]: one C++ call for the whole range when every layer
         is resident and describable as data, else layer by layer."""
         if self._fast() and self.config.plain_block and i1 > i0 and not any(self.stream is not None and i in self.streamed
@@ -481,19 +524,20 @@ class Transformer:
             h = self._run_layer(i, [h], [perturb])[0]
         return h
 
-    def _layer_forward_fast(self, i: int, h: torch.Tensor, perturb=None) -> torch.Tensor:
+    def _layer_forward_fast(self, i: int, h, perturb=None):
         """layer_forward in one C++ call (kernels.block_forward; the layer and the trainable
         set's values for this pass handed over as data), or the per-op path when the hooks
         cannot describe the layer as data."""
         layer = self.block_layer(i, perturb)
         if layer is None:
-            return self._layer_forward_ops(i, h, perturb)
+            out = self._layer_forward_ops(i, _t(np.asarray(h, np.float32)), perturb)
+            return out.numpy() if isinstance(h, np.ndarray) else out
         B, T, D = h.shape
         cos, sin = self.rope(T)
         out = kernels.block_forward(h.reshape(B * T, D), self.block_config(), [layer], B, T, cos, sin)
         return out.reshape(B, T, D)
 
-    def _layer_forward_ops(self, i: int, h: torch.Tensor, perturb=None) -> torch.Tensor:
+    def _layer_forward_ops(self, i: int, h, perturb=None):
         """layer_forward with the C++ pieces driven op by op (fused q/k/v and gate/up GEMMs,
         attention with RoPE on token-major rows, SiLU*up in one pass) and the hooks called in
         between: the fallback for hooks that cannot describe themselves as data, and the
@@ -506,9 +550,9 @@ class Transformer:
         q, k, v = self.linear_multi(x, [L.w["attn_q"], L.w["attn_k"], L.w["attn_v"]], perturb)
         if L.bias:
             nb = self.hooks.norm_weight
-            q = q + nb(f"blk.{i}.attn_q.bias", L.bias["attn_q"], perturb)
-            k = k + nb(f"blk.{i}.attn_k.bias", L.bias["attn_k"], perturb)
-            v = v + nb(f"blk.{i}.attn_v.bias", L.bias["attn_v"], perturb)
+            q = q + _t(nb(f"blk.{i}.attn_q.bias", L.bias["attn_q"], perturb))
+            k = k + _t(nb(f"blk.{i}.attn_k.bias", L.bias["attn_k"], perturb))
+            v = v + _t(nb(f"blk.{i}.attn_v.bias", L.bias["attn_v"], perturb))
         cos, sin = self.rope(T)
         a = kernels.attention(q, k, v, B, T, c.n_head, c.n_head_kv, cos, sin, c.rope_mode == "neox",
                               1.0 / math.sqrt(c.head_dim))
@@ -526,17 +570,18 @@ class Transformer:
             return None
         key = ("mask", T)
         if key not in self._rope_cache:
-            p = torch.arange(T)
+            p = _torch().arange(T)
             d = p[:, None] - p[None, :]
             self._rope_cache[key] = (d >= 0) & (d < c.swa_window)
         return self._rope_cache[key]
 
-    def _layer_forward_arch(self, i: int, h: torch.Tensor, perturb=None) -> torch.Tensor:
+    def _layer_forward_arch(self, i: int, h, perturb=None):
         """One block of any architecture in archs.py, op by op: fused or separate q/k/v, q/k head
         norms, RoPE with the layer's own base, sliding-window or global causal attention, post
         norms, SiLU or GELU(tanh) gated FFN.  The GEMMs are kernels.qgemm with the trainable set's
         perturbation and extras (hooks) exactly as in the llama path."""
         c, L, nw = self.config, self.layers[i], self.hooks.norm_weight
+        F = _torch().nn.functional
         B, T, D = h.shape
         x = self.norm(h, f"blk.{i}.attn_norm.weight", L.attn_norm, perturb)
         if c.spec.fused:
@@ -544,9 +589,9 @@ class Transformer:
         else:
             q, k, v = self.linear_multi(x, [L.w["attn_q"], L.w["attn_k"], L.w["attn_v"]], perturb)
         if L.bias:
-            q = q + nw(f"blk.{i}.attn_q.bias", L.bias["attn_q"], perturb)
-            k = k + nw(f"blk.{i}.attn_k.bias", L.bias["attn_k"], perturb)
-            v = v + nw(f"blk.{i}.attn_v.bias", L.bias["attn_v"], perturb)
+            q = q + _t(nw(f"blk.{i}.attn_q.bias", L.bias["attn_q"], perturb))
+            k = k + _t(nw(f"blk.{i}.attn_k.bias", L.bias["attn_k"], perturb))
+            v = v + _t(nw(f"blk.{i}.attn_v.bias", L.bias["attn_v"], perturb))
         hd = c.head_dim
         q = q.reshape(B, T, c.n_head, hd)
         k = k.reshape(B, T, c.n_head_kv, hd)
@@ -578,10 +623,10 @@ class Transformer:
             y = self.norm(y, f"blk.{i}.post_ffw_norm.weight", L.norms["post_ffw_norm"], perturb)
         return h + y
 
-    def final_norm(self, h: torch.Tensor, perturb=None) -> torch.Tensor:
+    def final_norm(self, h, perturb=None) -> np.ndarray:
         return self.norm(h, "output_norm.weight", self.output_norm, perturb)
 
-    def head(self, h: torch.Tensor, perturb=None, rows=None) -> torch.Tensor:
+    def head(self, h, perturb=None, rows=None) -> np.ndarray:
         """Final norm + output projection for selected hidden states [..., n_embd] -> logits.
 
         rows: optional vocabulary ids; only those logits are computed (e.g. a classifier's
@@ -594,18 +639,18 @@ class Transformer:
             return lg if extra is None else extra(x, lg, perturb)
         return self.label_logits(x, rows, [perturb])[0]
 
-    def label_logits(self, x: torch.Tensor, rows, perturbs) -> torch.Tensor:
+    def label_logits(self, x, rows, perturbs) -> np.ndarray:
         """Logits of vocabulary `rows` from final normed states x [..., d], one [..., R] tensor
         per perturbation (a trainable head/bias on those rows is applied, vectorised)."""
         shp = x.shape
-        x2 = x.reshape(-1, shp[-1]).float().numpy()
+        x2 = np.asarray(x, np.float32).reshape(-1, shp[-1])
         base = x2 @ self.output_rows_f32(rows).T
         fn = getattr(self.hooks, "label_logits", None)
         if fn is None:
             out = np.repeat(base[None], len(perturbs), axis=0)
         else:
             out = fn(x2, base, perturbs, rows)
-        return torch.from_numpy(np.ascontiguousarray(out)).reshape(len(perturbs), *shp[:-1],
+        return np.ascontiguousarray(out, np.float32).reshape(len(perturbs), *shp[:-1],
                                                                    len(rows))
 
     def output_rows_f32(self, rows) -> np.ndarray:
@@ -637,20 +682,17 @@ class Transformer:
             if streamed:
                 self.stream.release(i, self._layer_qtensors(i))
 
-    @torch.inference_mode()
-    def hidden(self, tokens: torch.Tensor, perturb=None) -> torch.Tensor:
+    def hidden(self, tokens, perturb=None) -> np.ndarray:
         return self.hidden_multi(tokens, [perturb])[0]
 
-    @torch.inference_mode()
-    def hidden_upto(self, tokens: torch.Tensor, end: int) -> torch.Tensor:
+    def hidden_upto(self, tokens, end: int) -> np.ndarray:
         """Unperturbed hidden states after blocks 0..end-1 (the frozen prefix of a step)."""
         h = self.embed_tokens(tokens)
         for i in range(end):
             h = self._run_layer(i, [h], [None])[0]
         return h
 
-    @torch.inference_mode()
-    def hidden_from(self, h: torch.Tensor, start: int, perturbs: list) -> list:
+    def hidden_from(self, h, start: int, perturbs: list) -> list:
         """Blocks start..n-1 on the same input h under several perturbations, layer by layer
         (ZO2 generalised to any number of passes): each block's weights are read once for all
         of them.  Before the first perturbation-dependent block the passes are identical and
@@ -660,8 +702,7 @@ class Transformer:
             hs = self._run_layer(i, hs, perturbs)
         return hs
 
-    @torch.inference_mode()
-    def hidden_multi(self, tokens: torch.Tensor, perturbs: list, frozen_below: int = 0) -> list:
+    def hidden_multi(self, tokens, perturbs: list, frozen_below: int = 0) -> list:
         """Hidden states of the same tokens under several perturbations: blocks below
         `frozen_below` once, unperturbed; the rest layer by layer for every perturbation."""
         return self.hidden_from(self.hidden_upto(tokens, frozen_below), frozen_below, perturbs)

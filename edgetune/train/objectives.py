@@ -6,33 +6,32 @@
                   logits only at the masked positions.
   accuracy        1 - accuracy of the classification argmax: a non-differentiable metric that
                   ZO can still optimize.
-All reductions run in fp32 and return a Python float.
+Losses are reduced in float64 (train/passes.py's ce_losses) and returned as Python floats.
 """
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 OBJECTIVES = ("classification", "lm", "accuracy")
 
 
-def class_logits(model, ids, answer_pos, label_tokens, perturb=None) -> torch.Tensor:
+def class_logits(model, ids, answer_pos, label_tokens, perturb=None) -> np.ndarray:
     """[B, C] logits of each class word at each sequence's answer position."""
-    lg = model.logits_tensor(ids, positions=[[p] for p in answer_pos], perturb=perturb,
-                             vocab=label_tokens)
-    return lg[:, 0, :].float()
+    lg = model.logits(ids, positions=[[p] for p in answer_pos], perturb=perturb,
+                      vocab=label_tokens)
+    return np.asarray(lg, np.float32)[:, 0, :]
 
 
 def classification_loss(model, ids, answer_pos, labels, label_tokens, perturb=None) -> float:
-    lg = class_logits(model, ids, answer_pos, label_tokens, perturb)
-    y = torch.as_tensor(labels, dtype=torch.long)
-    return float(torch.nn.functional.cross_entropy(lg, y))
+    from .passes import ce_losses
+    return float(ce_losses(class_logits(model, ids, answer_pos, label_tokens, perturb)[None],
+                           labels)[0])
 
 
 def accuracy_loss(model, ids, answer_pos, labels, label_tokens, perturb=None) -> float:
-    lg = class_logits(model, ids, answer_pos, label_tokens, perturb)
-    y = torch.as_tensor(labels, dtype=torch.long)
-    return 1.0 - float((lg.argmax(-1) == y).float().mean())
+    from .passes import error_rates
+    return float(error_rates(class_logits(model, ids, answer_pos, label_tokens, perturb)[None],
+                             labels)[0])
 
 
 def lm_targets(ids, loss_masks):
@@ -70,30 +69,26 @@ def lm_loss(model, ids, loss_masks, perturb=None) -> float:
     padded, targets = lm_targets(ids, loss_masks)
     if padded is None:
         return 0.0
-    lg = model.logits_tensor(ids, positions=padded, perturb=perturb).float()  # [B, W, V]
-    logp = torch.log_softmax(lg, dim=-1)
-    total, count = torch.zeros((), dtype=torch.float32), 0
+    lg = np.asarray(model.logits(ids, positions=padded, perturb=perturb), np.float64)  # [B, W, V]
+    m = lg.max(-1, keepdims=True)
+    logp = lg - (m + np.log(np.exp(lg - m).sum(-1, keepdims=True)))
+    total, count = 0.0, 0
     for b, tg in enumerate(targets):
         if tg:
-            total = total + (-logp[b, torch.arange(len(tg)), torch.as_tensor(tg)]).sum()
+            total += float(-logp[b, np.arange(len(tg)), np.asarray(tg, np.int64)].sum())
             count += len(tg)
-    return float(total / max(count, 1))
+    return total / max(count, 1)
 
 
 def classification_losses(model, ids, answer_pos, labels, label_tokens, perturbs,
                           metric: str = "ce") -> list:
     """Losses of one batch under several perturbations in one layer-by-layer pass (ZO2)."""
+    from .passes import ce_losses, error_rates
     outs = model.logits_multi(ids, [[p] for p in answer_pos], perturbs, vocab=label_tokens)
-    y = torch.as_tensor(labels, dtype=torch.long)
-    res = []
-    for lg in outs:
-        lg = lg[:, 0, :].float()
-        if metric == "ce":
-            res.append(float(torch.nn.functional.cross_entropy(lg, y)))
-        else:
-            res.append(1.0 - float((lg.argmax(-1) == y).float().mean()))
-    return res
+    lg = np.stack([np.asarray(o, np.float32)[:, 0, :] for o in outs])     # [P, B, C]
+    fn = ce_losses if metric == "ce" else error_rates
+    return [float(v) for v in fn(lg, labels)]
 
 
 def predict(model, ids, answer_pos, label_tokens) -> np.ndarray:
-    return class_logits(model, ids, answer_pos, label_tokens).argmax(-1).numpy()
+    return class_logits(model, ids, answer_pos, label_tokens).argmax(-1)

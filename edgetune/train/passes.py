@@ -22,7 +22,6 @@ after the first time.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from ..errors import EdgetuneError
 
@@ -44,6 +43,14 @@ def ce_losses(logits: np.ndarray, labels) -> np.ndarray:
     y = np.asarray(labels, np.int64)
     picked = np.take_along_axis(lg, np.broadcast_to(y[None, :, None], lg.shape[:2] + (1,)), -1)[..., 0]
     return (lse - picked).mean(-1)
+
+
+def log_softmax32(logits) -> np.ndarray:
+    """log_softmax over the last axis in float32 (max-subtracted), as torch.log_softmax."""
+    lg = np.asarray(logits, np.float32)
+    m = lg.max(-1, keepdims=True)
+    z = lg - m
+    return z - np.log(np.exp(z).sum(-1, keepdims=True, dtype=np.float32))
 
 
 def error_rates(logits: np.ndarray, labels) -> np.ndarray:
@@ -91,8 +98,8 @@ class BatchPasses:
                 pos = [batch.answer_pos[j] for j in missing]
                 x = self._compute_states(sub, pos, [None])[0][0]
                 for j, row in zip(missing, x):
-                    self._features[keys[j]] = row.clone()
-            x = torch.stack([self._features[k] for k in keys])
+                    self._features[keys[j]] = row.copy()
+            x = np.stack([self._features[k] for k in keys])
             return [x] * len(perturbs), True
         key = ((split, tuple(batch.indices), self.first_layer)
                if split in self.prefix_splits and self.first_layer > 0 else None)
@@ -104,26 +111,25 @@ class BatchPasses:
         model, net = self.model, self.model.net
         tokens, lengths = model._pad(ids)
         B = tokens.shape[0]
-        idx = torch.as_tensor(answer_pos, dtype=torch.long)
+        idx = np.asarray(answer_pos, dtype=np.int64)
         f = self.first_layer
-        with torch.inference_mode():
-            if key is not None and key in self._prefix:
-                h0 = self._prefix[key]
-            else:
-                self.forwards += B
-                h0 = net.hidden_upto(tokens, f)
-                if key is not None and 0 < f:
-                    self._prefix[key] = h0
-            frozen_norm = self.ts is None or "output_norm.weight" not in getattr(self.ts, "norms", {})
-            if f >= net.config.n_layer and frozen_norm:
-                x = net.final_norm(h0[torch.arange(B), idx])
-                return [x] * len(perturbs), True
-            out = []
-            for c in range(0, len(perturbs), self.chunk):
-                part = perturbs[c:c + self.chunk]
-                for h, p in zip(net.hidden_from(h0, f, part), part):
-                    out.append(net.final_norm(h[torch.arange(B), idx], p))
-            return out, False
+        if key is not None and key in self._prefix:
+            h0 = self._prefix[key]
+        else:
+            self.forwards += B
+            h0 = net.hidden_upto(tokens, f)
+            if key is not None and 0 < f:
+                self._prefix[key] = h0
+        frozen_norm = self.ts is None or "output_norm.weight" not in getattr(self.ts, "norms", {})
+        if f >= net.config.n_layer and frozen_norm:
+            x = net.final_norm(h0[np.arange(B), idx])
+            return [x] * len(perturbs), True
+        out = []
+        for c in range(0, len(perturbs), self.chunk):
+            part = perturbs[c:c + self.chunk]
+            for h, p in zip(net.hidden_from(h0, f, part), part):
+                out.append(net.final_norm(h[np.arange(B), idx], p))
+        return out, False
 
     def class_logits(self, batch, perturbs, split: str | None = None):
         """(logits [P, B, C] float32 numpy, x_base): x_base is the unperturbed final state [B, d]
@@ -135,12 +141,11 @@ class BatchPasses:
         rows = self.label_tokens
         x_base = None
         if None in perturbs:
-            x_base = states[perturbs.index(None)].numpy()
+            x_base = np.asarray(states[perturbs.index(None)], np.float32)
         if shared:  # one state for every pass: vectorise the head over all perturbations
-            lg = net.label_logits(states[0], rows, perturbs).numpy()
+            lg = net.label_logits(states[0], rows, perturbs)
         else:
-            lg = np.stack([net.label_logits(x, rows, [p])[0].numpy()
-                           for x, p in zip(states, perturbs)])
+            lg = np.stack([net.label_logits(x, rows, [p])[0] for x, p in zip(states, perturbs)])
         return lg, x_base
 
     def class_losses(self, batch, perturbs, split=None, metric: str = "ce"):
@@ -162,14 +167,14 @@ class BatchPasses:
             return None
         tokens, _ = self.model._pad(batch.input_ids)
         B, W = tokens.shape[0], len(padded[0])
-        idx = torch.tensor(padded, dtype=torch.long)
-        ridx = torch.tensor([b * W + j for b, tg in enumerate(targets) for j in range(len(tg))],
-                            dtype=torch.long)
-        y = torch.tensor([t for tg in targets for t in tg], dtype=torch.long)
+        idx = np.asarray(padded, dtype=np.int64)
+        ridx = np.asarray([b * W + j for b, tg in enumerate(targets) for j in range(len(tg))],
+                          dtype=np.int64)
+        y = np.asarray([t for tg in targets for t in tg], dtype=np.int64)
         self.forwards += B
 
         def gather(h):
-            return h[torch.arange(B)[:, None], idx].reshape(-1, h.shape[-1])[ridx]
+            return h[np.arange(B)[:, None], idx].reshape(-1, h.shape[-1])[ridx]
         return tokens, min(self.first_layer, self.model.net.config.n_layer), gather, y
 
     def lm_losses(self, batch, perturbs) -> list:
@@ -182,18 +187,17 @@ class BatchPasses:
         tokens, f, gather, y = rows
         net = self.model.net
         out = []
-        with torch.inference_mode():
-            h0 = net.hidden_upto(tokens, f)
-            for c in range(0, len(perturbs), self.chunk):
-                part = perturbs[c:c + self.chunk]
-                for h, p in zip(net.hidden_from(h0, f, part), part):
-                    hs = gather(h)
-                    total = 0.0
-                    for r in range(0, len(y), LM_ROWS):
-                        logp = torch.log_softmax(net.head(hs[r:r + LM_ROWS], p).float(), dim=-1)
-                        total += float(-logp[torch.arange(logp.shape[0]), y[r:r + LM_ROWS]]
-                                       .double().sum())
-                    out.append(total / len(y))
+        h0 = net.hidden_upto(tokens, f)
+        for c in range(0, len(perturbs), self.chunk):
+            part = perturbs[c:c + self.chunk]
+            for h, p in zip(net.hidden_from(h0, f, part), part):
+                hs = gather(h)
+                total = 0.0
+                for r in range(0, len(y), LM_ROWS):
+                    lp = log_softmax32(net.head(hs[r:r + LM_ROWS], p))
+                    total += float(-lp[np.arange(lp.shape[0]), y[r:r + LM_ROWS]]
+                                   .astype(np.float64).sum())
+                out.append(total / len(y))
         return out
 
     def lm_exact(self, batch, param) -> tuple:
@@ -210,22 +214,24 @@ class BatchPasses:
             return 0.0, {param.name: np.zeros_like(param.value)}
         tokens, f, gather, y = rows
         net = self.model.net
-        with torch.inference_mode():
-            hsel = gather(net.hidden_from(net.hidden_upto(tokens, f), f, [None])[0]).float()
-            n = net.rms_norm(hsel, torch.ones(hsel.shape[-1], dtype=torch.float32))
-            lg = net.head(hsel).double()
-            logp = torch.log_softmax(lg, dim=-1)
-            loss = float(-logp[torch.arange(len(y)), y].sum()) / len(y)
-            r = logp.exp()
-            r[torch.arange(len(y)), y] -= 1.0
-            r /= len(y)
-            if self._out_f32 is None:   # dequantized in row blocks: no V x d temporaries
-                from ..quant import dequantize_rows
-                V = net.output.shape[0]
-                e = np.empty(net.output.shape, np.float32)
-                for i0 in range(0, V, 4096):
-                    e[i0:i0 + 4096] = dequantize_rows(net.output, np.arange(i0, min(i0 + 4096, V)))
-                self._out_f32 = torch.from_numpy(e)
-            grad = (n.double() * (r.float() @ self._out_f32).double()).sum(0)
-        return loss, {param.name: grad.numpy().astype(np.float32).reshape(param.value.shape)}
+        hsel = np.asarray(gather(net.hidden_from(net.hidden_upto(tokens, f), f, [None])[0]),
+                          np.float32)
+        n = net.rms_norm(hsel, np.ones(hsel.shape[-1], dtype=np.float32))
+        lg = np.asarray(net.head(hsel), np.float64)
+        m = lg.max(-1, keepdims=True)
+        logp = lg - (m + np.log(np.exp(lg - m).sum(-1, keepdims=True)))
+        rows = np.arange(len(y))
+        loss = float(-logp[rows, y].sum()) / len(y)
+        r = np.exp(logp)
+        r[rows, y] -= 1.0
+        r /= len(y)
+        if self._out_f32 is None:   # dequantized in row blocks: no V x d temporaries
+            from ..quant import dequantize_rows
+            V = net.output.shape[0]
+            e = np.empty(net.output.shape, np.float32)
+            for i0 in range(0, V, 4096):
+                e[i0:i0 + 4096] = dequantize_rows(net.output, np.arange(i0, min(i0 + 4096, V)))
+            self._out_f32 = e
+        grad = (n.astype(np.float64) * (r.astype(np.float32) @ self._out_f32).astype(np.float64)).sum(0)
+        return loss, {param.name: grad.astype(np.float32).reshape(param.value.shape)}
 

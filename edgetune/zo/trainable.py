@@ -43,7 +43,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from ..errors import EdgetuneError
 from . import rng
@@ -97,8 +96,8 @@ class _Lora:
 
 @dataclass
 class _Sparse:
-    rows: torch.Tensor     # output index of each delta
-    cols: torch.Tensor     # input index of each delta
+    rows: np.ndarray       # output index of each delta (int64)
+    cols: np.ndarray       # input index of each delta (int64)
     delta: Param
 
 
@@ -111,7 +110,7 @@ class TrainableSet:
     scales: dict = field(default_factory=dict)   # qtensor name -> Param
     lora: dict = field(default_factory=dict)     # qtensor name -> _Lora
     sparse: dict = field(default_factory=dict)   # qtensor name -> _Sparse
-    norms: dict = field(default_factory=dict)    # norm/bias name -> (Param, torch view of model's)
+    norms: dict = field(default_factory=dict)    # norm/bias name -> (Param, the model's vector)
     head: dict = field(default_factory=dict)     # sliced output qtensor name -> Param [C, d]
     label_bias: Param | None = None              # [C] logit offsets of the label words
     head_rows: tuple = ()                        # vocabulary ids of the label words
@@ -158,17 +157,32 @@ class TrainableSet:
         return kernels.Perturbation(seed=pert.seed, eps=pert.eps * p.pscale, sign=pert.sign,
                                     dist=pert.dist)
 
-    def linear_extra(self, qt, x: torch.Tensor, y: torch.Tensor, pert: Perturb | None):
+    def linear_extra(self, qt, x, y, pert: Perturb | None):
+        """y (= x qt^T) plus LoRA and sparse-delta terms, for the op-by-op blocks: numpy or
+        torch in, the same kind out."""
         lo = self.lora.get(qt.name)
+        sp = self.sparse.get(qt.name)
+        if lo is None and sp is None:
+            return y
+        if not isinstance(y, np.ndarray):       # torch reference blocks
+            import torch
+            if lo is not None:
+                a = lo.a.value if pert is None else pert.apply(lo.a)
+                b = lo.b.value if pert is None else pert.apply(lo.b)
+                y = y + lo.scale * ((x @ torch.from_numpy(a).T) @ torch.from_numpy(b).T)
+            if sp is not None:
+                d = sp.delta.value if pert is None else pert.apply(sp.delta)
+                contrib = x[:, torch.from_numpy(sp.cols)] * torch.from_numpy(d)
+                y = y.index_add(1, torch.from_numpy(sp.rows), contrib)
+            return y
         if lo is not None:
             a = lo.a.value if pert is None else pert.apply(lo.a)
             b = lo.b.value if pert is None else pert.apply(lo.b)
-            y = y + lo.scale * ((x @ torch.from_numpy(a).T) @ torch.from_numpy(b).T)
-        sp = self.sparse.get(qt.name)
+            y = y + np.float32(lo.scale) * ((x @ a.T) @ b.T)
         if sp is not None:
             d = sp.delta.value if pert is None else pert.apply(sp.delta)
-            contrib = x[:, sp.cols] * torch.from_numpy(d)
-            y = y.index_add(1, sp.rows, contrib)
+            y = np.array(y, np.float32)
+            np.add.at(y, (slice(None), sp.rows), x[:, sp.cols] * d)
         return y
 
     # methods whose every effect on a layer is scale_perturbation / norm_weight / linear_terms
@@ -190,10 +204,10 @@ class TrainableSet:
         b = lo.b.value if pert is None else pert.apply(lo.b)
         return a, b, lo.scale
 
-    def norm_weight(self, name: str, w: torch.Tensor, pert: Perturb | None) -> torch.Tensor:
+    def norm_weight(self, name: str, w: np.ndarray, pert: Perturb | None) -> np.ndarray:
         if pert is None or name not in self.norms or (name == FINAL_NORM and self.exact_final_norm):
             return w
-        return torch.from_numpy(pert.apply(self.norms[name][0]))
+        return pert.apply(self.norms[name][0])
 
     def label_logits(self, x: np.ndarray, base: np.ndarray, perts, rows=None) -> np.ndarray:
         """Logits [P, B, R] of vocabulary `rows` from final normed states x [B, d] under each
@@ -231,16 +245,16 @@ class TrainableSet:
                 out[np.ix_(idx, range(x.shape[0]), dst)] += zb[:, None, src]
         return out
 
-    def vocab_logits_delta(self, x: torch.Tensor, logits: torch.Tensor, pert) -> torch.Tensor:
+    def vocab_logits_delta(self, x: np.ndarray, logits: np.ndarray, pert) -> np.ndarray:
         """Full-vocabulary logits (generation, lm): the trained head/bias on the label words."""
         if not self.head and self.label_bias is None:
             return logits
         shp = logits.shape
-        lg = logits.reshape(-1, shp[-1]).clone()
-        x2 = x.reshape(-1, x.shape[-1]).float().numpy()
+        lg = np.array(logits, np.float32).reshape(-1, shp[-1])
+        x2 = np.asarray(x, np.float32).reshape(-1, x.shape[-1])
         cols = list(self.head_rows)
         zero = np.zeros((x2.shape[0], len(cols)), np.float32)
-        lg[:, cols] += torch.from_numpy(self.label_logits(x2, zero, [pert], cols)[0])
+        lg[:, cols] += self.label_logits(x2, zero, [pert], cols)[0]
         return lg.reshape(shp)
 
     # -- state ---------------------------------------------------------------------------------
@@ -317,7 +331,7 @@ def build_trainable(net, methods, *, lora_rank: int = 8, lora_alpha: float = 16.
                     sparse_mask=None) -> TrainableSet:
     """Attach a trainable set to `net` (a model.Transformer) and return it.
 
-    calibration: a list of token batches (torch [B, T] long) for the sparse mask; required for
+    calibration: a list of token batches (int arrays [B, T]) for the sparse mask; required for
     "sparse" unless sparse_mask ({matrix name: (rows, cols)}, a run's stored mask, runlog.py) is
     given: a run is replayed on the weights it chose, never on a recomputed choice.  head_rows: the label words' vocabulary ids; required for "head" and "bias".
     layers: the blocks that scales/lora/sparse/norms train (see parse_layers).
@@ -373,8 +387,8 @@ def build_trainable(net, methods, *, lora_rank: int = 8, lora_alpha: float = 16.
         for k, (i, name, t) in enumerate(named):
             if i < n_layer and i not in chosen:
                 continue
-            p = Param(f"norm:{name}", "bias" if name.endswith(".bias") else "norm", t.numpy(),
-                      100000 + k, decay=False, pscale=_mean_abs(t.numpy()))
+            p = Param(f"norm:{name}", "bias" if name.endswith(".bias") else "norm", t,
+                      100000 + k, decay=False, pscale=_mean_abs(t))
             ts.norms[name] = (p, t)
             ts.params.append(p)
 
@@ -440,8 +454,7 @@ def build_trainable(net, methods, *, lora_rank: int = 8, lora_alpha: float = 16.
                 count = int(flat.size)
                 p = Param(f"sparse:{qt.name}", "sparse", np.zeros(count, np.float32), 300000 + k,
                           pscale=_mean_abs(wd.reshape(-1)[flat]))
-                ts.sparse[qt.name] = _Sparse(torch.from_numpy(rows.astype(np.int64)),
-                                             torch.from_numpy(cols.astype(np.int64)), p)
+                ts.sparse[qt.name] = _Sparse(rows.astype(np.int64), cols.astype(np.int64), p)
                 ts.params.append(p)
             k += 1
     if "head" in methods or "bias" in methods:
@@ -478,7 +491,7 @@ class _NormRecorder:
         return None
 
     def linear_extra(self, qt, x, y, pert):
-        s = x.double().pow(2).sum(0).numpy()
+        s = np.square(np.asarray(x, np.float64)).sum(0)
         self.sq[qt.name] = self.sq.get(qt.name, 0) + s
         return y
 
