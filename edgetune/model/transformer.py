@@ -687,16 +687,15 @@ class Transformer:
 
     def hidden_upto(self, tokens, end: int) -> np.ndarray:
         """Unperturbed hidden states after blocks 0..end-1 (the frozen prefix of a step)."""
-        h = self.embed_tokens(tokens)
-        for i in range(end):
-            h = self._run_layer(i, [h], [None])[0]
-        return h
+        return self.layers_forward(0, end, self.embed_tokens(tokens), None)
 
     def hidden_from(self, h, start: int, perturbs: list) -> list:
         """Blocks start..n-1 on the same input h under several perturbations, layer by layer
         (ZO2 generalised to any number of passes): each block's weights are read once for all
         of them.  Before the first perturbation-dependent block the passes are identical and
         run once."""
+        if len(perturbs) == 1:      # one pass: the whole range in one C++ call when resident
+            return [self.layers_forward(start, self.config.n_layer, h, perturbs[0])]
         hs = [h] * len(perturbs)
         for i in range(start, self.config.n_layer):
             hs = self._run_layer(i, hs, perturbs)
