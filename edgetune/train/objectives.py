@@ -6,13 +6,36 @@
                   logits only at the masked positions.
   accuracy        1 - accuracy of the classification argmax: a non-differentiable metric that
                   ZO can still optimize.
-Losses are reduced in float64 (train/passes.py's ce_losses) and returned as Python floats.
+Losses are reduced in float64 (ce_losses below) and returned as Python floats.
 """
 from __future__ import annotations
 
 import numpy as np
 
 OBJECTIVES = ("classification", "lm", "accuracy")
+
+
+def ce_losses(logits: np.ndarray, labels) -> np.ndarray:
+    """Mean cross-entropy per pass: logits [P, B, C] -> [P] (float64)."""
+    lg = np.asarray(logits, np.float64)
+    m = lg.max(-1, keepdims=True)
+    lse = (m[..., 0] + np.log(np.exp(lg - m).sum(-1)))
+    y = np.asarray(labels, np.int64)
+    picked = np.take_along_axis(lg, np.broadcast_to(y[None, :, None], lg.shape[:2] + (1,)), -1)[..., 0]
+    return (lse - picked).mean(-1)
+
+
+def log_softmax32(logits) -> np.ndarray:
+    """log_softmax over the last axis in float32 (max-subtracted), as torch.log_softmax."""
+    lg = np.asarray(logits, np.float32)
+    m = lg.max(-1, keepdims=True)
+    z = lg - m
+    return z - np.log(np.exp(z).sum(-1, keepdims=True, dtype=np.float32))
+
+
+def error_rates(logits: np.ndarray, labels) -> np.ndarray:
+    """1 - accuracy per pass: logits [P, B, C] -> [P]."""
+    return 1.0 - (np.asarray(logits).argmax(-1) == np.asarray(labels)[None]).mean(-1)
 
 
 def class_logits(model, ids, answer_pos, label_tokens, perturb=None) -> np.ndarray:
@@ -23,13 +46,11 @@ def class_logits(model, ids, answer_pos, label_tokens, perturb=None) -> np.ndarr
 
 
 def classification_loss(model, ids, answer_pos, labels, label_tokens, perturb=None) -> float:
-    from .passes import ce_losses
     return float(ce_losses(class_logits(model, ids, answer_pos, label_tokens, perturb)[None],
                            labels)[0])
 
 
 def accuracy_loss(model, ids, answer_pos, labels, label_tokens, perturb=None) -> float:
-    from .passes import error_rates
     return float(error_rates(class_logits(model, ids, answer_pos, label_tokens, perturb)[None],
                              labels)[0])
 
@@ -83,7 +104,6 @@ def lm_loss(model, ids, loss_masks, perturb=None) -> float:
 def classification_losses(model, ids, answer_pos, labels, label_tokens, perturbs,
                           metric: str = "ce") -> list:
     """Losses of one batch under several perturbations in one layer-by-layer pass (ZO2)."""
-    from .passes import ce_losses, error_rates
     outs = model.logits_multi(ids, [[p] for p in answer_pos], perturbs, vocab=label_tokens)
     lg = np.stack([np.asarray(o, np.float32)[:, 0, :] for o in outs])     # [P, B, C]
     fn = ce_losses if metric == "ce" else error_rates

@@ -24,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import EdgetuneError
+from .objectives import ce_losses, error_rates, lm_targets, log_softmax32  # noqa: F401  (re-exported)
 
 
 LM_ROWS = 256   # next-token rows whose full-vocabulary logits are held at once (lm losses)
@@ -33,29 +34,6 @@ def step_cost(n_layer: int, first_layer: int, passes: int) -> float:
     """Forwards per step for a set whose lowest trainable block is first_layer (see above)."""
     k = n_layer - first_layer
     return (n_layer - k + passes * k) / n_layer
-
-
-def ce_losses(logits: np.ndarray, labels) -> np.ndarray:
-    """Mean cross-entropy per pass: logits [P, B, C] -> [P] (float64)."""
-    lg = np.asarray(logits, np.float64)
-    m = lg.max(-1, keepdims=True)
-    lse = (m[..., 0] + np.log(np.exp(lg - m).sum(-1)))
-    y = np.asarray(labels, np.int64)
-    picked = np.take_along_axis(lg, np.broadcast_to(y[None, :, None], lg.shape[:2] + (1,)), -1)[..., 0]
-    return (lse - picked).mean(-1)
-
-
-def log_softmax32(logits) -> np.ndarray:
-    """log_softmax over the last axis in float32 (max-subtracted), as torch.log_softmax."""
-    lg = np.asarray(logits, np.float32)
-    m = lg.max(-1, keepdims=True)
-    z = lg - m
-    return z - np.log(np.exp(z).sum(-1, keepdims=True, dtype=np.float32))
-
-
-def error_rates(logits: np.ndarray, labels) -> np.ndarray:
-    """1 - accuracy per pass: logits [P, B, C] -> [P]."""
-    return 1.0 - (np.asarray(logits).argmax(-1) == np.asarray(labels)[None]).mean(-1)
 
 
 class BatchPasses:
@@ -161,7 +139,6 @@ class BatchPasses:
     def _lm_rows(self, batch):
         """(tokens, first block to run, gather, targets [N]) for a batch's next-token rows, or
         None when no token carries the loss; gather(h) -> the final states [N, d] of those rows."""
-        from .objectives import lm_targets
         padded, targets = lm_targets(batch.input_ids, batch.loss_masks)
         if padded is None:
             return None
