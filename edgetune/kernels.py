@@ -14,7 +14,9 @@ The C++ paths quantize activations to int8 per group (like llama.cpp's Q8 activa
 ~1e-2 relative error against the float64 reference, identical results for any thread count;
 `qgemm_reference(..., int8_activations=True)` rounds the activations the same way.
 
-Without the extension every call falls back to numpy, announced once on stderr at import.
+Without the extension the GEMMs and the RNG fall back to numpy (announced once on stderr at
+import); the transformer forward (block_forward) has no Python twin outside tests and refuses
+with a clear error.
 EDGETUNE_REQUIRE_KERNELS=1 (set by `make test` and .ci/run) makes a missing or broken extension
 an ImportError instead, so a broken build fails the test suite rather than skipping it.
 """

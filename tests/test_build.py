@@ -33,6 +33,26 @@ def test_numpy_fallback_is_announced_on_stderr():
     assert "edgetune._kernels is not available" in r.stderr and "numpy" in r.stderr
 
 
+def test_forward_without_extension_is_a_clear_error(tmp_path):
+    """The transformer forward runs only in C++: without the extension qgemm falls back to numpy,
+    and a forward says which extension is missing instead of running a Python block."""
+    code = ("import sys; sys.modules['edgetune._kernels'] = None\n"
+            "import edgetune, numpy as np\n"
+            "from edgetune import kernels\n"
+            "from edgetune.synth import write_synthetic\n"
+            f"p = write_synthetic('tiny', 'q4_0', {str(tmp_path / 'm.gguf')!r}, progress=False)\n"
+            "m = edgetune.load(str(p))\n"
+            "y = kernels.qgemm(np.ones((2, 64), np.float32), m.net.layers[0].w['attn_q'])\n"
+            "assert y.shape == (2, 64)\n"
+            "m.logits([[1, 2, 3]])\n")
+    env = dict(os.environ)
+    env.pop("EDGETUNE_REQUIRE_KERNELS", None)
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode != 0
+    assert "RuntimeError: the transformer forward runs in the C++ extension" in r.stderr, r.stderr[-2000:]
+
+
 def test_make_test_requires_the_extension():
     with open(os.path.join(ROOT, "Makefile")) as f:
         make = f.read()
