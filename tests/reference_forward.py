@@ -18,7 +18,7 @@ This module keeps the Python blocks it replaced, as the references it is checked
 
 install(net, layer=torch_layer) makes a model run its blocks through a reference (model.logits,
 hidden states, streamed layers included), e.g. the float64 dense reference of tests/test_onnx.py.
-Inputs h are torch float32 [B, T, n_embd] or numpy (converted; the result is torch).
+ops_layer/torch_layer take h as torch float32 [B, T, n_embd] or numpy and return torch.
 """
 from __future__ import annotations
 
@@ -199,8 +199,9 @@ def torch_layer(net, i: int, h, perturb=None) -> torch.Tensor:
 def install(net, layer=torch_layer):
     """Run net's blocks through `layer` (this instance only): Transformer.layer_forward and
     layers_forward are replaced, so every model-level forward uses the reference."""
-    def layer_forward(i, h, perturb=None):
-        return layer(net, i, h, perturb)
+    def layer_forward(i, h, perturb=None):   # numpy in, numpy out, as the model's own
+        out = layer(net, i, h, perturb)
+        return out.numpy() if isinstance(h, np.ndarray) else out
 
     def layers_forward(i0, i1, h, perturb=None):
         for i in range(i0, i1):
