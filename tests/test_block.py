@@ -353,9 +353,8 @@ def test_sparse_calibration_sums_match_the_op_by_op_recorder(arch):
 
 
 def test_gelu_piece_matches_torch():
-    """The block's GELU(tanh) gate vs torch's in float64, error relative to |g * u| (1 + tanh
-    cancels for very negative g in float32, as in torch's own float32 GELU): measured 1.30e-7,
-    torch float32 itself 1.31e-7."""
+    """The block's GELU(tanh) gate (computed as x / (1 + exp(-2u)), the same function) vs torch's
+    in float64, error relative to |g * u|: measured 1.46e-7 (torch's own float32 GELU: 1.31e-7)."""
     g = torch.linspace(-8, 8, 4001).reshape(1, -1).repeat(3, 1) * torch.tensor([[1.0], [0.3], [2.0]])
     u = torch.randn(g.shape, generator=torch.Generator().manual_seed(0))
     got = kernels.gelu_mul(g, u).double()

@@ -86,7 +86,8 @@ void blocks_forward(const BlockConfig& c, const BlockWeights* layers, int n, con
 int64_t block_arena_bytes();
 
 // The block's own pieces beyond ops.h, exposed for the op-by-op reference:
-// out[m, j] = gelu_tanh(g[m, j]) * u[m, j] (g, u rows at stride ld, out contiguous [M, F]);
+// out[m, j] = gelu_tanh(g[m, j]) * u[m, j] (g, u rows at stride ld, out contiguous [M, F]), as
+// g / (1 + exp(-2 sqrt(2/pi) (g + 0.044715 g^3))) * u: the same function, vectorizable;
 void gelu_mul(const float* g, const float* u, int64_t M, int64_t F, int64_t ld, float* out);
 // attention() of ops.h with a sliding window (window <= 0: plain causal, = attention()).
 void attention_window(const float* q, const float* k, const float* v, int64_t ldq, int64_t ldk, int64_t ldv,
