@@ -70,6 +70,7 @@ demo: install
 bench: install
 	$(PYTHON) benchmarks/qgemm.py
 	$(PYTHON) benchmarks/forward.py
+	$(PYTHON) benchmarks/arch_forward.py
 	$(PYTHON) benchmarks/zo_step.py
 	$(PYTHON) benchmarks/backends.py
 	$(PYTHON) benchmarks/golden_exact.py

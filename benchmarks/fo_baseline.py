@@ -47,6 +47,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from baseline_forward import rope  # noqa: E402  (one RoPE for both torch baselines)
+from tests.reference_forward import install  # noqa: E402  (the torch reference blocks)
 
 LORA_TARGETS = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output",
                 "gate": "ffn_gate", "up": "ffn_up", "down": "ffn_down"}
@@ -301,6 +302,7 @@ def run_check(a) -> bool:
     model = edgetune.load(path)
     dense = edgetune.load(path)
     dense.net.to_dense(torch.bfloat16)
+    install(dense.net)   # the torch reference blocks (tests/reference_forward.py) on those weights
     ok = True
     batch = [model.tokenize(p) for p in CHECK_PROMPTS]
     tokens, lengths = model._pad(batch)

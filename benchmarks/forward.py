@@ -9,8 +9,7 @@ one warm-up); all compute logits for the last position of each sequence only.  T
 run in their own processes (benchmarks/baseline_forward.py): torch with its default OpenMP settings
 (not the OMP_WAIT_POLICY=PASSIVE that edgetune sets for itself), llama.cpp with all sequences in
 one llama_batch (distinct seq_ids, n_batch = n_ubatch >= 512).  Prints tokens/s for each; the last
-line is `forward: vs_torch_bf16=R1 vs_llamacpp=R2` (ratios of edgetune's tokens/s).  edgetune's
-per-op path (the forward before the one-call C++ block) is timed too, for reference.
+line is `forward: vs_torch_bf16=R1 vs_llamacpp=R2` (ratios of edgetune's tokens/s).
 """
 import argparse
 import json
@@ -70,17 +69,6 @@ def main():
     tps_et = ntok / t_et
     print(f"edgetune int4     : {tps_et:8.1f} tok/s  ({t_et * 1e3:.1f} ms per batch, "
           f"{kernels.get_num_threads()} threads)")
-    # the per-op path (C++ pieces driven from Python, hooks in between) that the one-call block
-    # replaced, same process and batch: what the block alone gains
-    from edgetune.model.transformer import Transformer
-    one_call = Transformer._layer_forward_fast
-    Transformer._layer_forward_fast = Transformer._layer_forward_ops
-    try:
-        t_ops = best_time(lambda: model.logits(batch, positions=[-1]), a.repeats)
-    finally:
-        Transformer._layer_forward_fast = one_call
-    print(f"edgetune per-op   : {ntok / t_ops:8.1f} tok/s  ({t_ops * 1e3:.1f} ms per batch; the "
-          f"previous forward: one C++ call per op, not per layer)")
     del model
 
     tps = {}

@@ -177,48 +177,133 @@ const float* vec_f32(const py::handle& h, int64_t n, const std::string& what) {
     return static_cast<const float*>(a.data());
 }
 
-// layer: (segments: 7 qgemm_multi 11-tuples in BlockMatrix order, attn_norm, ffn_norm,
-//         biases: (q, k, v) vectors or None each, loras: 7 entries of None or (A [r, K], B [N, r], scale))
-BlockWeights block_weights_from(const py::handle& layer, const BlockConfig& c) {
+// a float32 2-D C-contiguous array of exactly [rows, cols] (block_forward's arguments)
+const float* mat_f32(const py::handle& h, int64_t rows, int64_t cols, const std::string& what) {
+    py::array a = py::reinterpret_borrow<py::array>(h);
+    if (!py::isinstance<py::array>(h) || !is_f32(a) || !c_contig_2d(a) || a.shape(0) != rows || a.shape(1) != cols)
+        throw py::value_error("block_forward: " + what + " must be a C-contiguous float32 [" + std::to_string(rows) +
+                              ", " + std::to_string(cols) + "] array" +
+                              (py::isinstance<py::array>(h) ? ", got shape " + shape_str(a) : std::string()));
+    return static_cast<const float*>(a.data());
+}
+
+// a contiguous 1-D array of n elements of the given kind/size ('i', 8: int64; 'f', 8: float64)
+const void* vec_of(const py::handle& h, int64_t n, char kind, int itemsize, const std::string& what, bool write) {
+    py::array a = py::reinterpret_borrow<py::array>(h);
+    if (!py::isinstance<py::array>(h) || a.dtype().kind() != kind || a.itemsize() != itemsize || a.ndim() != 1 ||
+        a.shape(0) != n || (n > 1 && a.strides(0) != itemsize) || (write && !a.writeable()))
+        throw py::value_error("block_forward: " + what + " must be a contiguous" + (write ? " writeable " : " ") +
+                              (kind == 'i' ? "int64" : "float64") + " vector of length " + std::to_string(n));
+    return a.data();
+}
+
+constexpr const char* kLayerTuple =
+    "block_forward: each layer is a 10-tuple (segments, attn_norm, ffn_norm, biases, terms, head_norms, "
+    "post_norms, window, cos, sin)";
+
+// layer: (segments: 7 entries in BlockMatrix order, each a qgemm_multi 11-tuple (bits 32: codes is a
+//           float32 [N, K] matrix) or None (absent in a fused layout: k, v, gate),
+//         attn_norm, ffn_norm, biases: (q, k, v) vectors or None each | None,
+//         terms: 7 entries of None or (lora: None | (A [r, K], B [N, r], scale),
+//                                      sparse: None | (rows int64, cols int64, delta float32),
+//                                      input_sq: None | writeable float64 [K]),
+//         head_norms: None | (q_norm, k_norm) [head_dim], post_norms: None | (attn, ffn) [n_embd],
+//         window: int (0 = none), cos, sin: None | this layer's tables [T, rope_dim/2])
+BlockWeights block_weights_from(const py::handle& layer, const BlockConfig& c, int64_t T) {
+    if (!py::isinstance<py::tuple>(layer)) throw py::value_error(kLayerTuple);
     py::tuple t = py::reinterpret_borrow<py::tuple>(layer);
-    if (!py::isinstance<py::tuple>(layer) || t.size() != 5)
-        throw py::value_error("block_forward: each layer is a 5-tuple (segments, attn_norm, ffn_norm, biases, loras)");
+    if (t.size() != 10) throw py::value_error(kLayerTuple);
     BlockWeights w;
     py::sequence segs = t[0].cast<py::sequence>();
-    py::sequence loras = t[4].cast<py::sequence>();
-    if (segs.size() != BM_COUNT || loras.size() != BM_COUNT)
-        throw py::value_error("block_forward: a layer needs 7 segments and 7 LoRA entries (q, k, v, o, gate, up, down)");
+    py::sequence terms = t[4].cast<py::sequence>();
+    if (segs.size() != BM_COUNT || terms.size() != BM_COUNT)
+        throw py::value_error("block_forward: a layer needs 7 segments and 7 term entries (q, k, v, o, gate, up, down)");
+    static const char* names[BM_COUNT] = {"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"};
     for (int i = 0; i < BM_COUNT; ++i) {
-        py::tuple sg = segs[i].cast<py::tuple>();
+        const std::string nm = names[i];
+        py::object so = segs[i];
+        if (so.is_none()) {  // absent: fused layout
+            if (!py::object(terms[i]).is_none()) throw py::value_error("block_forward: " + nm + " is absent but has terms");
+            continue;
+        }
+        py::tuple sg = so.cast<py::tuple>();
         if (sg.size() != 11) throw py::value_error("block_forward: each segment is an 11-tuple");
-        w.w[i] = matrix_from(sg[1].cast<py::array>(), sg[2].cast<py::array>(), py::reinterpret_borrow<py::object>(sg[3]),
-                             sg[0].cast<int>(), sg[4].cast<int>());
-        w.p[i] = make_perturbation(sg[5].cast<bool>(), sg[6].cast<uint64_t>(), sg[7].cast<uint64_t>(),
-                                   sg[8].cast<double>(), sg[9].cast<int>(), sg[10].cast<int>());
-        py::object lo = loras[i];
-        if (!lo.is_none()) {
-            py::tuple lt = lo.cast<py::tuple>();
+        const int bits = sg[0].cast<int>();
+        if (bits == 32) {
+            py::array d = sg[1].cast<py::array>();
+            if (!is_f32(d) || !c_contig_2d(d))
+                throw py::value_error("block_forward: " + nm + " float32 rows must be a C-contiguous [N, K] array");
+            w.w[i].N = d.shape(0);
+            w.w[i].K = d.shape(1);
+            w.dense[i] = static_cast<const float*>(d.data());
+        } else {
+            w.w[i] = matrix_from(sg[1].cast<py::array>(), sg[2].cast<py::array>(),
+                                 py::reinterpret_borrow<py::object>(sg[3]), bits, sg[4].cast<int>());
+            w.p[i] = make_perturbation(sg[5].cast<bool>(), sg[6].cast<uint64_t>(), sg[7].cast<uint64_t>(),
+                                       sg[8].cast<double>(), sg[9].cast<int>(), sg[10].cast<int>());
+        }
+        const int64_t N = w.w[i].N, K = w.w[i].K;
+        py::object to = terms[i];
+        if (to.is_none()) continue;
+        py::tuple tt = to.cast<py::tuple>();
+        if (tt.size() != 3) throw py::value_error("block_forward: a term entry is (lora, sparse, input_sq)");
+        if (!py::object(tt[0]).is_none()) {
+            py::tuple lt = tt[0].cast<py::tuple>();
             if (lt.size() != 3) throw py::value_error("block_forward: a LoRA entry is (A, B, scale)");
-            py::array a = lt[0].cast<py::array>(), b = lt[1].cast<py::array>();
-            if (!is_f32(a) || a.ndim() != 2 || !c_contig_2d(a) || a.shape(1) != w.w[i].K)
-                throw py::value_error("block_forward: LoRA A must be a C-contiguous float32 [rank, K] array, got shape " +
-                                      shape_str(a));
-            require_f32_2d(b, "LoRA B", w.w[i].N, a.shape(0));
+            py::array a = lt[0].cast<py::array>();
+            if (!is_f32(a) || a.ndim() != 2 || !c_contig_2d(a) || a.shape(1) != K)
+                throw py::value_error("block_forward: LoRA A of " + nm + " must be a C-contiguous float32 [rank, " +
+                                      std::to_string(K) + "] array, got shape " + shape_str(a));
             w.lora[i].a = static_cast<const float*>(a.data());
-            w.lora[i].b = static_cast<const float*>(b.data());
+            w.lora[i].b = mat_f32(lt[1], N, a.shape(0), "LoRA B of " + nm);
             w.lora[i].rank = a.shape(0);
             w.lora[i].scale = static_cast<float>(lt[2].cast<double>());
         }
+        if (!py::object(tt[1]).is_none()) {
+            py::tuple st = tt[1].cast<py::tuple>();
+            if (st.size() != 3) throw py::value_error("block_forward: a sparse entry is (rows, cols, delta)");
+            const int64_t n = py::array(st[2].cast<py::array>()).size();
+            SparseTerm& s = w.sparse[i];
+            s.rows = static_cast<const int64_t*>(vec_of(st[0], n, 'i', 8, "sparse rows of " + nm, false));
+            s.cols = static_cast<const int64_t*>(vec_of(st[1], n, 'i', 8, "sparse cols of " + nm, false));
+            s.delta = vec_f32(st[2], n, "sparse deltas of " + nm);
+            s.n = n;
+            for (int64_t j = 0; j < n; ++j)
+                if (s.rows[j] < 0 || s.rows[j] >= N || s.cols[j] < 0 || s.cols[j] >= K)
+                    throw py::value_error("block_forward: sparse index (" + std::to_string(s.rows[j]) + ", " +
+                                          std::to_string(s.cols[j]) + ") is outside " + nm + " [" +
+                                          std::to_string(N) + ", " + std::to_string(K) + "]");
+        }
+        if (!py::object(tt[2]).is_none())
+            w.input_sq[i] = static_cast<double*>(const_cast<void*>(vec_of(tt[2], K, 'f', 8, "input_sq of " + nm, true)));
     }
     w.attn_norm = vec_f32(t[1], c.n_embd, "attn_norm");
     w.ffn_norm = vec_f32(t[2], c.n_embd, "ffn_norm");
+    const int64_t kv = c.n_head_kv * c.head_dim;
     if (!t[3].is_none()) {
         py::sequence bs = t[3].cast<py::sequence>();
         if (bs.size() != 3) throw py::value_error("block_forward: biases are (q, k, v)");
-        const int64_t kv = c.n_head_kv * c.head_dim;
-        const int64_t n[3] = {c.n_embd, kv, kv};
+        const int64_t n[3] = {c.q_dim(), kv, kv};
         for (int i = 0; i < 3; ++i)
             if (!bs[i].is_none()) w.bias[i] = vec_f32(bs[i], n[i], "bias");
+    }
+    if (!t[5].is_none()) {
+        py::sequence hn = t[5].cast<py::sequence>();
+        if (hn.size() != 2) throw py::value_error("block_forward: head_norms are (q_norm, k_norm)");
+        w.q_norm = vec_f32(hn[0], c.head_dim, "q head norm");
+        w.k_norm = vec_f32(hn[1], c.head_dim, "k head norm");
+    }
+    if (!t[6].is_none()) {
+        py::sequence pn = t[6].cast<py::sequence>();
+        if (pn.size() != 2) throw py::value_error("block_forward: post_norms are (post_attention_norm, post_ffw_norm)");
+        w.post_attn_norm = vec_f32(pn[0], c.n_embd, "post_attention_norm");
+        w.post_ffn_norm = vec_f32(pn[1], c.n_embd, "post_ffw_norm");
+    }
+    w.window = t[7].cast<int64_t>();
+    if (w.window < 0) throw py::value_error("block_forward: window must be >= 0");
+    if (!t[8].is_none() || !t[9].is_none()) {
+        w.cos = mat_f32(t[8], T, c.rope_dim / 2, "layer cos");
+        w.sin = mat_f32(t[9], T, c.rope_dim / 2, "layer sin");
     }
     return w;
 }
@@ -278,7 +363,7 @@ PYBIND11_MODULE(_kernels, m) {
           py::arg("g"), py::arg("u"), py::arg("out"), "out = silu(g) * u");
     m.def("attention",
           [](py::array q, py::array k, py::array v, int64_t B, int64_t T, int64_t H, int64_t Hkv, py::array cos,
-             py::array sin, bool neox, float scale, py::array out) {
+             py::array sin, bool neox, float scale, py::array out, int64_t window) {
               const int64_t ldq = rows_f32(q, "attention: q"), ldk = rows_f32(k, "attention: k"),
                             ldv = rows_f32(v, "attention: v");
               if (H <= 0 || Hkv <= 0 || H % Hkv != 0 || B < 0 || T <= 0)
@@ -299,17 +384,18 @@ PYBIND11_MODULE(_kernels, m) {
               const float* sp = static_cast<const float*>(sin.data());
               float* op = static_cast<float*>(out.mutable_data());
               py::gil_scoped_release nogil;
-              attention(qp, kp, vp, ldq, ldk, ldv, B, T, H, Hkv, hd, cp, sp, rd, neox, scale, op);
+              attention_window(qp, kp, vp, ldq, ldk, ldv, B, T, H, Hkv, hd, cp, sp, rd, neox, scale, window, op);
           },
           py::arg("q"), py::arg("k"), py::arg("v"), py::arg("B"), py::arg("T"), py::arg("H"), py::arg("Hkv"),
-          py::arg("cos"), py::arg("sin"), py::arg("neox"), py::arg("scale"), py::arg("out"),
-          "causal attention with RoPE; q/k/v/out [B*T, heads*hd]");
+          py::arg("cos"), py::arg("sin"), py::arg("neox"), py::arg("scale"), py::arg("out"), py::arg("window") = 0,
+          "causal attention with RoPE; q/k/v/out [B*T, heads*hd]; window > 0: key j hidden from query p when "
+          "p - j >= window");
     m.def("block_forward",
           [](py::array h, py::array out, py::tuple cfg, py::list layers, int64_t B, int64_t T, py::array cos,
              py::array sin, const std::string& path_s) {
-              if (cfg.size() != 9)
+              if (cfg.size() != 10)
                   throw py::value_error("block_forward: cfg is (n_embd, n_head, n_head_kv, head_dim, n_ff, rope_dim, "
-                                        "neox, rms_eps, attn_scale)");
+                                        "neox, rms_eps, attn_scale, act)");
               BlockConfig c;
               c.n_embd = cfg[0].cast<int64_t>();
               c.n_head = cfg[1].cast<int64_t>();
@@ -320,6 +406,7 @@ PYBIND11_MODULE(_kernels, m) {
               c.neox = cfg[6].cast<bool>();
               c.rms_eps = cfg[7].cast<float>();
               c.attn_scale = cfg[8].cast<float>();
+              c.act = cfg[9].cast<int>();
               const Path path = path_from_name(path_s);
               require_f32_2d(h, "block_forward h", B * T, c.n_embd);
               require_f32_2d(out, "block_forward out", B * T, c.n_embd);
@@ -328,9 +415,10 @@ PYBIND11_MODULE(_kernels, m) {
               require_f32_2d(sin, "block_forward sin", T, c.rope_dim / 2);
               std::vector<BlockWeights> ws;
               ws.reserve(layers.size());
-              for (py::handle l : layers) ws.push_back(block_weights_from(l, c));
+              for (py::handle l : layers) ws.push_back(block_weights_from(l, c, T));
               for (const BlockWeights& w : ws)
-                  for (int i = 0; i < BM_COUNT; ++i) qgemm_check(w.w[i], path);
+                  for (int i = 0; i < BM_COUNT; ++i)
+                      if (w.w[i].N && !w.dense[i]) qgemm_check(w.w[i], path);
               const float* hp = static_cast<const float*>(h.data());
               float* op = static_cast<float*>(out.mutable_data());
               const float* cp = static_cast<const float*>(cos.data());
@@ -340,8 +428,22 @@ PYBIND11_MODULE(_kernels, m) {
           },
           py::arg("h"), py::arg("out"), py::arg("cfg"), py::arg("layers"), py::arg("B"), py::arg("T"), py::arg("cos"),
           py::arg("sin"), py::arg("path") = "auto",
-          "transformer blocks in order on h [B*T, n_embd] -> out (may be h); layers: list of (segments, attn_norm, "
-          "ffn_norm, biases, loras)");
+          "transformer blocks in order on h [B*T, n_embd] -> out (may be h); layers: list of 10-tuples (segments, "
+          "attn_norm, ffn_norm, biases, terms, head_norms, post_norms, window, cos, sin)");
+    m.def("gelu_mul",
+          [](py::array g, py::array u, py::array out) {
+              const int64_t ld = rows_f32(g, "gelu_mul: g");
+              if (rows_f32(u, "gelu_mul: u") != ld || u.shape(0) != g.shape(0) || u.shape(1) != g.shape(1))
+                  throw py::value_error("gelu_mul: g and u must have the same shape and row stride");
+              const int64_t M = g.shape(0), F = g.shape(1);
+              require_f32_2d(out, "gelu_mul out", M, F);
+              const float* gp = static_cast<const float*>(g.data());
+              const float* up = static_cast<const float*>(u.data());
+              float* op = static_cast<float*>(out.mutable_data());
+              py::gil_scoped_release nogil;
+              gelu_mul(gp, up, M, F, ld, op);
+          },
+          py::arg("g"), py::arg("u"), py::arg("out"), "out = gelu_tanh(g) * u (the block's GELU gate)");
     m.def("block_arena_bytes", &block_arena_bytes, "bytes held by the block scratch arena");
     m.def("rng_perturbation",
           [](uint64_t seed, uint64_t tensor_id, int64_t n, int dist, uint64_t offset) {

@@ -7,13 +7,16 @@
 
 The perturbation is an argument, not a write: the kernel adds eps·sign·z to the scales it reads
 (z from the counter-based RNG of zo/rng.py, regenerated in C++), so nothing is restored afterwards.
-block_forward(h, cfg, layers, ...) runs whole transformer blocks in one C++ call (block_layer()
-describes a layer as data: its QTensors + scale perturbations, perturbed norm/bias/LoRA values).
+block_forward(h, cfg, layers, ...) runs whole transformer blocks of any architecture in archs.py in
+one C++ call (block_layer() describes a layer as data: its QTensors + scale perturbations, the
+perturbed norm/bias values and each matrix's LinearTerms: LoRA, sparse deltas, calibration sums).
 The C++ paths quantize activations to int8 per group (like llama.cpp's Q8 activations): expect
 ~1e-2 relative error against the float64 reference, identical results for any thread count;
 `qgemm_reference(..., int8_activations=True)` rounds the activations the same way.
 
-Without the extension every call falls back to numpy, announced once on stderr at import.
+Without the extension the GEMMs and the RNG fall back to numpy (announced once on stderr at
+import); the transformer forward (block_forward) has no Python twin outside tests and refuses
+with a clear error.
 EDGETUNE_REQUIRE_KERNELS=1 (set by `make test` and .ci/run) makes a missing or broken extension
 an ImportError instead, so a broken build fails the test suite rather than skipping it.
 """
@@ -224,9 +227,16 @@ def qgemm(x, qt: quant.QTensor, perturb=None, out=None, path: str = "auto"):
 
 def _segment(qt: quant.QTensor, perturb) -> tuple:
     """qt + its perturbation as the C++ segment tuple (bits, codes, scales, mins, offset, perturb,
-    seed, tensor_id, eps, sign, dist) of qgemm_multi and block_forward."""
-    _check_codes(qt)
+    seed, tensor_id, eps, sign, dist) of qgemm_multi and block_forward; for block_forward an f32
+    QTensor is (32, its float32 [N, K] rows, ...) and has no scales to perturb."""
     p = as_perturbation(perturb)
+    if qt.kind == "f32":
+        if p is not None:
+            raise ValueError(f"{qt.name or 'W'} is stored unquantized (f32): it has no group scales "
+                             f"to perturb")
+        data = np.ascontiguousarray(qt.data, dtype=np.float32)
+        return (32, data, None, None, 0, False, 0, 0, 0.0, 1, 0)
+    _check_codes(qt)
     bits = 4 if qt.kind == "q4" else 8
     scales = np.ascontiguousarray(qt.scales, dtype=np.float32)
     mins = None if qt.mins is None else np.ascontiguousarray(qt.mins, dtype=np.float32)
@@ -307,15 +317,16 @@ def silu_mul(g, u):
     return out
 
 
-def attention(q, k, v, B: int, T: int, H: int, Hkv: int, cos, sin, neox: bool, scale: float):
+def attention(q, k, v, B: int, T: int, H: int, Hkv: int, cos, sin, neox: bool, scale: float,
+              window: int = 0):
     """Causal attention with RoPE on token-major q [B*T, H*hd], k/v [B*T, Hkv*hd] (rows may be
-    strided views); cos/sin [T, rope_dim/2].  Returns [B*T, H*hd]."""
+    strided views); cos/sin [T, rope_dim/2]; window > 0: key j hidden from query p when
+    p - j >= window.  Returns [B*T, H*hd]."""
     import torch
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     out = torch.empty((q.shape[0], q.shape[1]), dtype=torch.float32)
     _kernels.attention(_np2d(q), _np2d(k), _np2d(v), int(B), int(T), int(H), int(Hkv),
-                       _vec2d(cos), _vec2d(sin), bool(neox), float(scale),
-                       out.numpy())
+                       _vec2d(cos), _vec2d(sin), bool(neox), float(scale), out.numpy(), int(window))
     return out
 
 
@@ -333,31 +344,72 @@ def _vec32(v) -> np.ndarray:
     return np.ascontiguousarray(v, dtype=np.float32).reshape(-1)
 
 
-def block_layer(mats, perturbs, attn_norm, ffn_norm, biases=None, loras=None) -> tuple:
+@dataclass(frozen=True)
+class LinearTerms:
+    """What a trainable set adds to one matrix's output y = x W^T, as data for the C++ block:
+
+    lora      None or (A [r, K], B [N, r], scale): y += scale * (x A^T) B^T, A and B as perturbed
+              for this pass;
+    sparse    None or (rows, cols, deltas) [n]: for i in order, y[:, rows[i]] += x[:, cols[i]] *
+              deltas[i] (deltas as perturbed), after the LoRA term — torch's index_add order;
+    input_sq  None or a float64 [K] array the block adds sum over rows of x**2 to (the sparse
+              mask's calibration statistics)."""
+    lora: tuple | None = None
+    sparse: tuple | None = None
+    input_sq: np.ndarray | None = None
+
+
+def _terms(t):
+    if t is None:
+        return None
+    if not isinstance(t, LinearTerms):
+        raise ValueError(f"block_layer: a matrix's terms must be None or a LinearTerms, got {t!r}")
+    lo = None if t.lora is None else (np.ascontiguousarray(t.lora[0], np.float32),
+                                      np.ascontiguousarray(t.lora[1], np.float32), float(t.lora[2]))
+    sp = None if t.sparse is None else (np.ascontiguousarray(t.sparse[0], np.int64),
+                                        np.ascontiguousarray(t.sparse[1], np.int64),
+                                        _vec32(t.sparse[2]))
+    return (lo, sp, t.input_sq)
+
+
+def block_layer(mats, perturbs, attn_norm, ffn_norm, biases=None, terms=None, head_norms=None,
+                post_norms=None, window: int = 0, rope=None) -> tuple:
     """One transformer layer as data for block_forward.
 
-    mats: the 7 QTensors in the order q, k, v, o, gate, up, down (q4/q8; q/k/v and gate/up each of
-    one kind and group); perturbs: their scale perturbations (None / Perturbation / tuple each);
-    attn_norm/ffn_norm: the norm weight vectors as they are to be used (already perturbed);
-    biases: None or (q, k, v) bias vectors (already perturbed); loras: None or 7 entries, each None
-    or (A [rank, K], B [N, rank], scale) with A and B already perturbed."""
+    mats: 7 entries in the order q, k, v, o, gate, up, down: QTensors (q4/q8 codes or f32 rows), or
+    None where a fused layout has no matrix (phi3: attn_qkv in q's place with k, v None; [gate; up]
+    in up's place with gate None); perturbs: their scale perturbations (None / Perturbation /
+    tuple each); attn_norm/ffn_norm: the norm weight vectors as they are to be used (already
+    perturbed); biases: None or (q, k, v) bias vectors (already perturbed); terms: None or 7
+    entries, each None or a LinearTerms; head_norms: None or (q_norm, k_norm) [head_dim] (qwen3,
+    gemma3); post_norms: None or (post_attention_norm, post_ffw_norm) [n_embd] (gemma3); window:
+    0 or the sliding window (key j hidden from query p when p - j >= window); rope: None or this
+    layer's own (cos, sin) [T, rope_dim/2].  Vectors and tables may be numpy arrays or torch tensors."""
     if len(mats) != 7 or len(perturbs) != 7:
         raise ValueError("block_layer: need 7 matrices (q, k, v, o, gate, up, down) and 7 perturbations")
-    loras = [None] * 7 if loras is None else list(loras)
-    if len(loras) != 7:
-        raise ValueError("block_layer: need 7 LoRA entries (None for no adapter)")
-    lo = [None if t is None else (np.ascontiguousarray(t[0], np.float32), np.ascontiguousarray(t[1], np.float32),
-                                  float(t[2])) for t in loras]
+    terms = [None] * 7 if terms is None else list(terms)
+    if len(terms) != 7:
+        raise ValueError("block_layer: need 7 term entries (None for nothing added)")
+    segs = [None if qt is None else _segment(qt, p) for qt, p in zip(mats, perturbs)]
     b = None if biases is None else tuple(None if v is None else _vec32(v) for v in biases)
-    return ([_segment(qt, p) for qt, p in zip(mats, perturbs)], _vec32(attn_norm), _vec32(ffn_norm), b, lo)
+    hn = None if head_norms is None else tuple(_vec32(v) for v in head_norms)
+    pn = None if post_norms is None else tuple(_vec32(v) for v in post_norms)
+    cos, sin = (None, None) if rope is None else (_vec2d(rope[0]), _vec2d(rope[1]))
+    return (segs, _vec32(attn_norm), _vec32(ffn_norm), b, [_terms(t) for t in terms], hn, pn,
+            int(window), cos, sin)
 
 
 def block_forward(h, cfg: tuple, layers: list, B: int, T: int, cos, sin, out=None, path: str = "auto"):
     """Transformer blocks (block_layer tuples, applied in order) on h [B*T, n_embd] float32 in one
-    C++ call (edgetune/block.h): RMSNorm, fused q/k/v (+biases, LoRA), RoPE, GQA causal attention,
-    residual, RMSNorm, fused gate/up, SiLU*up, down, residual.  cfg: (n_embd, n_head, n_head_kv,
-    head_dim, n_ff, rope_dim, neox, rms_eps, attn_scale); cos/sin [T, rope_dim/2].  h and out are
-    numpy arrays or torch tensors (out may be h); returns out (new, h's kind, when None)."""
+    C++ call (edgetune/block.h): RMSNorm, q/k/v (+biases, head norms, LoRA, sparse), RoPE, GQA
+    causal (or sliding-window) attention, o, post norm, residual, RMSNorm, gate/up, SiLU or
+    GELU(tanh) gate * up, down, post norm, residual.  cfg: (n_embd, n_head, n_head_kv, head_dim,
+    n_ff, rope_dim, neox, rms_eps, attn_scale, act) with act 0 = SiLU, 1 = GELU(tanh); cos/sin
+    [T, rope_dim/2] (numpy or torch).  h and out are numpy arrays or torch tensors (out may be h);
+    returns out (new, h's kind, when None)."""
+    if not HAVE_KERNELS:
+        raise RuntimeError(f"the transformer forward runs in the C++ extension edgetune._kernels, "
+                           f"which does not import ({_IMPORT_ERROR}); rebuild it with `make install`")
     torch_in = _is_torch(h)
     hn = h.detach().contiguous().numpy() if torch_in else np.ascontiguousarray(h, np.float32)
     if out is None:
@@ -370,10 +422,22 @@ def block_forward(h, cfg: tuple, layers: list, B: int, T: int, cos, sin, out=Non
     else:
         on = out.numpy() if _is_torch(out) else out
         res = out
-    c = np.ascontiguousarray(cos.numpy() if _is_torch(cos) else cos, np.float32)
-    s = np.ascontiguousarray(sin.numpy() if _is_torch(sin) else sin, np.float32)
-    _kernels.block_forward(hn, on, tuple(cfg), list(layers), int(B), int(T), c, s, path)
+    _kernels.block_forward(hn, on, tuple(cfg), list(layers), int(B), int(T), _vec2d(cos), _vec2d(sin),
+                           path)
     return res
+
+
+def gelu_mul(g, u):
+    """gelu_tanh(g) * u (the block's GELU gate, float32 [M, F]; numpy or torch, h's kind out)."""
+    torch_in = _is_torch(g)
+    gn = g.detach().contiguous().numpy() if torch_in else np.ascontiguousarray(g, np.float32)
+    un = u.detach().contiguous().numpy() if _is_torch(u) else np.ascontiguousarray(u, np.float32)
+    out = np.empty(gn.shape, np.float32)
+    _kernels.gelu_mul(gn, un, out)
+    if torch_in:
+        import torch
+        return torch.from_numpy(out)
+    return out
 
 
 def block_arena_bytes() -> int:

@@ -33,6 +33,26 @@ def test_numpy_fallback_is_announced_on_stderr():
     assert "edgetune._kernels is not available" in r.stderr and "numpy" in r.stderr
 
 
+def test_forward_without_extension_is_a_clear_error(tmp_path):
+    """The transformer forward runs only in C++: without the extension qgemm falls back to numpy,
+    and a forward says which extension is missing instead of running a Python block."""
+    code = ("import sys; sys.modules['edgetune._kernels'] = None\n"
+            "import edgetune, numpy as np\n"
+            "from edgetune import kernels\n"
+            "from edgetune.synth import write_synthetic\n"
+            f"p = write_synthetic('tiny', 'q4_0', {str(tmp_path / 'm.gguf')!r}, progress=False)\n"
+            "m = edgetune.load(str(p))\n"
+            "y = kernels.qgemm(np.ones((2, 64), np.float32), m.net.layers[0].w['attn_q'])\n"
+            "assert y.shape == (2, 64)\n"
+            "m.logits([[1, 2, 3]])\n")
+    env = dict(os.environ)
+    env.pop("EDGETUNE_REQUIRE_KERNELS", None)
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode != 0
+    assert "RuntimeError: the transformer forward runs in the C++ extension" in r.stderr, r.stderr[-2000:]
+
+
 def test_make_test_requires_the_extension():
     with open(os.path.join(ROOT, "Makefile")) as f:
         make = f.read()
@@ -147,10 +167,13 @@ print("TORCH_MODULES", len(bad), bad[:3])
 
 def test_finetune_eval_and_export_never_import_torch(tmp_path):
     """`import edgetune` + finetune (classification: default head recipe and a body recipe run by
-    the C++ block; a text run) + eval + export run without importing torch: the C++ core does
-    every forward, numpy the rest."""
+    the C++ block; sparse deltas, calibration included; a gemma3 model; a text run) + eval +
+    export run without importing torch: the C++ core does every forward, numpy the rest."""
+    from edgetune.synth import write_synthetic
     from tests.conftest import make_tiny_task
     model, data = make_tiny_task(tmp_path, 60)
+    gemma = str(write_synthetic("gemma3-tiny", "q4_k_m", tmp_path / "gemma.gguf", seed=1,
+                                progress=False))
     text = tmp_path / "text.jsonl"
     text.write_text("".join('{"text": "ab cd ef gh ab cd ef %d"}\n' % i for i in range(40)))
     common = ["--model", model, "--steps", "3", "--batch", "4", "--eval-every", "2", "--eval-limit", "8",
@@ -161,6 +184,9 @@ def test_finetune_eval_and_export_never_import_torch(tmp_path):
         ["finetune", "--data", data, "--method", "scales,norms,lora", "--layers", "top:1",
          "--out", str(tmp_path / "r2")] + cls + common,
         ["finetune", "--data", str(text), "--out", str(tmp_path / "r3")] + common,
+        ["finetune", "--data", data, "--method", "sparse", "--out", str(tmp_path / "r4")] + cls + common,
+        ["finetune", "--data", data, "--method", "scales,norms", "--out", str(tmp_path / "r5")]
+        + cls + [a if a != model else gemma for a in common],
         ["eval", "--run", str(tmp_path / "r2"), "--model", model, "--data", data] + cls,
         ["export", "--run", str(tmp_path / "r2"), "--model", model, "--format", "gguf",
          "--out", str(tmp_path / "t.gguf")],

@@ -1,8 +1,13 @@
 // block.cpp — a transformer block in one call (see block.h): the per-op kernels (ops.h, qgemm)
-// composed in C++ over a persistent scratch arena, plus the fp32 LoRA terms.
+// composed in C++ over a persistent scratch arena, plus the block's own small pieces: fp32 LoRA
+// terms, sparse deltas, per-head q/k norms, GELU(tanh) gate, sliding-window attention, fp32 rows
+// for unquantized matrices, and the calibration sums of the sparse mask.
 #include "edgetune/block.h"
 
 #include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <initializer_list>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -11,19 +16,25 @@
 #include "edgetune/ops.h"
 #include "edgetune/thread_pool.h"
 
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define ET_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define ET_CLONES
+#endif
+
 namespace edgetune {
 namespace {
 
 // Grows to the largest problem seen and stays: steady-state calls allocate nothing.
 struct Arena {
-    std::vector<float> x, qkv, att, o, gu, act, lora_t, lora_u;
+    std::vector<float> x, qkv, qn, kn, tmp, att, o, o2, gu, act, lora_t, lora_u;
     std::vector<Segment> segs;
     static void fit(std::vector<float>& v, int64_t n) {
         if (static_cast<int64_t>(v.size()) < n) v.resize(static_cast<size_t>(n));
     }
     int64_t bytes() const {
         size_t n = 0;
-        for (const auto* v : {&x, &qkv, &att, &o, &gu, &act, &lora_t, &lora_u}) n += v->size();
+        for (const auto* v : {&x, &qkv, &qn, &kn, &tmp, &att, &o, &o2, &gu, &act, &lora_t, &lora_u}) n += v->size();
         return static_cast<int64_t>(n * sizeof(float));
     }
 };
@@ -31,6 +42,7 @@ Arena g_arena;
 std::mutex g_arena_mutex;  // one block call at a time (the kernels' pool is shared anyway)
 
 constexpr int64_t LORA_ROWS = 4;
+constexpr int64_t ROWS = 16;
 
 // y[m, col0 + n] += scale * sum_r (sum_k x[m,k] a[r,k]) b[n,r]: t = x A^T then u = t B^T, both
 // fp32 with a fixed summation order per element (thread-count independent).
@@ -38,9 +50,7 @@ void add_lora(const LoraTerm& l, const float* x, int64_t M, int64_t K, int64_t N
               Arena& ar) {
     const int64_t R = l.rank;
     Arena::fit(ar.lora_t, M * R);
-    Arena::fit(ar.lora_u, M * N);
     float* t = ar.lora_t.data();
-    float* u = ar.lora_u.data();
     auto first = [&](int64_t task) {
         for (int64_t m = task * LORA_ROWS; m < std::min(M, (task + 1) * LORA_ROWS); ++m)
             for (int64_t r = 0; r < R; ++r) {
@@ -73,9 +83,40 @@ void add_lora(const LoraTerm& l, const float* x, int64_t M, int64_t K, int64_t N
     parallel_for((M + LORA_ROWS - 1) / LORA_ROWS, second);
 }
 
+// y[m, rows[i]] += x[m, cols[i]] * delta[i], i in order (torch's index_add of the reference);
+// rows of y at stride ldy, x contiguous [M, K].
+void add_sparse(const SparseTerm& s, const float* x, int64_t M, int64_t K, float* y, int64_t ldy) {
+    auto task = [&](int64_t t) {
+        for (int64_t m = t * ROWS; m < std::min(M, (t + 1) * ROWS); ++m) {
+            const float* xr = x + m * K;
+            float* yr = y + m * ldy;
+            for (int64_t i = 0; i < s.n; ++i) {
+                const float c = xr[s.cols[i]] * s.delta[i];
+                yr[s.rows[i]] = yr[s.rows[i]] + c;
+            }
+        }
+    };
+    parallel_for((M + ROWS - 1) / ROWS, task);
+}
+
+// acc[j] += sum_m x[m, j]^2 in float64, rows in order (the sparse mask's calibration statistics)
+void add_input_sq(const float* x, int64_t M, int64_t K, double* acc) {
+    constexpr int64_t COLS = 64;
+    auto task = [&](int64_t t) {
+        const int64_t j0 = t * COLS, j1 = std::min(K, (t + 1) * COLS);
+        for (int64_t m = 0; m < M; ++m) {
+            const float* xr = x + m * K;
+            for (int64_t j = j0; j < j1; ++j) {
+                const double v = static_cast<double>(xr[j]);
+                acc[j] += v * v;
+            }
+        }
+    };
+    parallel_for((K + COLS - 1) / COLS, task);
+}
+
 // out[m, j] = a[m, j] + b[m, j] (residual), rows of width D at strides lda/ldb, out contiguous.
 void add_rows(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t M, int64_t D, float* out) {
-    constexpr int64_t ROWS = 16;
     auto task = [&](int64_t t) {
         for (int64_t m = t * ROWS; m < std::min(M, (t + 1) * ROWS); ++m) {
             const float* ar = a + m * lda;
@@ -93,81 +134,313 @@ void add_bias(float* y, int64_t ldy, int64_t M, int64_t N, const float* bias) {
         for (int64_t j = 0; j < N; ++j) y[m * ldy + j] = y[m * ldy + j] + bias[j];
 }
 
+// dst [M, n] contiguous = columns [0, n) of src rows at stride lds
+void copy_cols(const float* src, int64_t lds, int64_t M, int64_t n, float* dst) {
+    for (int64_t m = 0; m < M; ++m) std::memcpy(dst + m * n, src + m * lds, static_cast<size_t>(n) * sizeof(float));
+}
+
+// the ops.cpp twins (same arithmetic: results equal attention() wherever the window hides nothing)
+inline float exp_approx(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    x = x > 88.0f ? 88.0f : x;
+    const float t = x * 1.44269504088896341f;
+    const float fi = (t + 12582912.0f) - 12582912.0f;  // round to nearest integer
+    float r = x - fi * 0.693359375f;
+    r = r - fi * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * (r * r) + r + 1.0f;
+    const int32_t e = static_cast<int32_t>(fi) + 127;
+    const uint32_t bits = static_cast<uint32_t>(e) << 23;
+    float sc;
+    std::memcpy(&sc, &bits, 4);
+    return p * sc;
+}
+
+inline void rope_row(const float* src, float* dst, const float* c, const float* s, int64_t hd, int64_t rd,
+                     bool neox) {
+    const int64_t h2 = rd / 2;
+    if (neox) {
+        for (int64_t i = 0; i < h2; ++i) {
+            const float x1 = src[i], x2 = src[i + h2];
+            dst[i] = x1 * c[i] - x2 * s[i];
+            dst[i + h2] = x1 * s[i] + x2 * c[i];
+        }
+    } else {
+        for (int64_t i = 0; i < h2; ++i) {
+            const float x1 = src[2 * i], x2 = src[2 * i + 1];
+            dst[2 * i] = x1 * c[i] - x2 * s[i];
+            dst[2 * i + 1] = x1 * s[i] + x2 * c[i];
+        }
+    }
+    for (int64_t i = rd; i < hd; ++i) dst[i] = src[i];
+}
+
+struct WinArgs {
+    const float *q, *k, *v;
+    int64_t ldq, ldk, ldv, B, T, H, Hkv, hd;
+    const float *cos, *sin;
+    int64_t rd;
+    bool neox;
+    float scale;
+    int64_t window;
+    float* out;
+};
+
+// one (sequence, kv head): query t sees keys max(0, t - window + 1) .. t
+ET_CLONES void window_task(const WinArgs& a, int64_t b, int64_t j) {
+    const int64_t T = a.T, hd = a.hd, half = a.rd / 2;
+    thread_local std::vector<float> buf;
+    buf.resize(static_cast<size_t>(hd * T + 2 * hd + T));
+    float* kt = buf.data();   // [hd][T]: roped keys, transposed
+    float* qr = kt + hd * T;  // one roped query row
+    float* tmp = qr + hd;     // one roped key row
+    float* sc = tmp + hd;     // scores [T]
+    for (int64_t u = 0; u < T; ++u) {
+        rope_row(a.k + (b * T + u) * a.ldk + j * hd, tmp, a.cos + u * half, a.sin + u * half, hd, a.rd, a.neox);
+        for (int64_t d = 0; d < hd; ++d) kt[d * T + u] = tmp[d];
+    }
+    const int64_t group = a.H / a.Hkv;
+    for (int64_t hh = 0; hh < group; ++hh) {
+        const int64_t h = j * group + hh;
+        for (int64_t t = 0; t < T; ++t) {
+            rope_row(a.q + (b * T + t) * a.ldq + h * hd, qr, a.cos + t * half, a.sin + t * half, hd, a.rd, a.neox);
+            const int64_t lo = std::max<int64_t>(0, t - a.window + 1), n = t + 1;
+            for (int64_t u = lo; u < n; ++u) sc[u] = 0.0f;
+            for (int64_t d = 0; d < hd; ++d) {
+                const float qd = qr[d];
+                const float* kr = kt + d * T;
+                for (int64_t u = lo; u < n; ++u) sc[u] += qd * kr[u];
+            }
+            float mx = -INFINITY;
+            for (int64_t u = lo; u < n; ++u) {
+                sc[u] *= a.scale;
+                mx = sc[u] > mx ? sc[u] : mx;
+            }
+            for (int64_t u = lo; u < n; ++u) sc[u] = exp_approx(sc[u] - mx);
+            float sum = 0.0f;
+            for (int64_t u = lo; u < n; ++u) sum += sc[u];
+            const float inv = 1.0f / sum;
+            float* o = a.out + (b * T + t) * (a.H * hd) + h * hd;
+            for (int64_t d = 0; d < hd; ++d) o[d] = 0.0f;
+            for (int64_t u = lo; u < n; ++u) {
+                const float p = sc[u] * inv;
+                const float* vr = a.v + (b * T + u) * a.ldv + j * hd;
+                for (int64_t d = 0; d < hd; ++d) o[d] += p * vr[d];
+            }
+        }
+    }
+}
+
+ET_CLONES void gelu_rows(const float* g, const float* u, int64_t m0, int64_t m1, int64_t F, int64_t ld, float* out) {
+    // GELU(tanh) = 0.5 x (1 + tanh(b (x + k x^3))) = x / (1 + exp(-2 b (x + k x^3))): the same
+    // function without 1 + tanh's cancellation, and branch-free exp, so the loop vectorizes
+    // (std::tanh per element cost ~100 ns here: 119 ms for one [512, 2048] gate)
+    const float kBeta2 = static_cast<float>(2.0 * 0.7978845608028654), kKappa = 0.044715f;  // 2 sqrt(2/pi)
+    for (int64_t m = m0; m < m1; ++m) {
+        const float* gr = g + m * ld;
+        const float* ur = u + m * ld;
+        float* o = out + m * F;
+        for (int64_t j = 0; j < F; ++j) {
+            const float x = gr[j];
+            const float x3 = x * x * x;
+            const float e = exp_approx(-(kBeta2 * (x + kKappa * x3)));
+            o[j] = x / (1.0f + e) * ur[j];
+        }
+    }
+}
+
+ET_CLONES void dense_rows(const float* x, int64_t m0, int64_t m1, int64_t K, const float* w, int64_t n0,
+                          int64_t n1, float* y, int64_t ldy) {
+    for (int64_t m = m0; m < m1; ++m) {
+        const float* xr = x + m * K;
+        for (int64_t n = n0; n < n1; ++n) {
+            const float* wr = w + n * K;
+            float acc[16] = {};
+            int64_t k = 0;
+            for (; k + 16 <= K; k += 16)
+                for (int j = 0; j < 16; ++j) acc[j] += xr[k + j] * wr[k + j];
+            float s = 0.0f;
+            for (int j = 0; j < 16; ++j) s += acc[j];
+            for (; k < K; ++k) s += xr[k] * wr[k];
+            y[m * ldy + n] = s;
+        }
+    }
+}
+
+const char* const kNames[BM_COUNT] = {"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"};
+
+bool fused_qkv(const BlockWeights& w) { return w.w[BM_K].N == 0 && w.w[BM_V].N == 0; }
+bool fused_gate_up(const BlockWeights& w) { return w.w[BM_GATE].N == 0; }
+
 void check(const BlockConfig& c, const BlockWeights& w) {
     auto bad = [](const std::string& s) { throw std::invalid_argument("block_forward: " + s); };
     if (c.n_embd <= 0 || c.n_head <= 0 || c.n_head_kv <= 0 || c.n_head % c.n_head_kv || c.head_dim <= 0 ||
-        c.n_head * c.head_dim != c.n_embd || c.n_ff <= 0 || c.rope_dim < 0 || c.rope_dim > c.head_dim ||
-        c.rope_dim % 2)
+        c.n_ff <= 0 || c.rope_dim < 0 || c.rope_dim > c.head_dim || c.rope_dim % 2)
         bad("inconsistent config (n_embd, heads, head_dim, n_ff, rope_dim)");
-    const int64_t kv = c.n_head_kv * c.head_dim;
-    const int64_t want[BM_COUNT][2] = {{c.n_embd, c.n_embd}, {kv, c.n_embd}, {kv, c.n_embd}, {c.n_embd, c.n_embd},
-                                       {c.n_ff, c.n_embd},   {c.n_ff, c.n_embd}, {c.n_embd, c.n_ff}};
-    static const char* names[BM_COUNT] = {"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"};
+    if (c.act != ACT_SILU && c.act != ACT_GELU_TANH) bad("unknown activation " + std::to_string(c.act));
+    const int64_t D = c.n_embd, qd = c.q_dim(), kv = c.n_head_kv * c.head_dim, F = c.n_ff;
+    const bool fq = fused_qkv(w), fg = fused_gate_up(w);
+    const int64_t want[BM_COUNT][2] = {{fq ? qd + 2 * kv : qd, D}, {fq ? 0 : kv, D}, {fq ? 0 : kv, D}, {D, qd},
+                                       {fg ? 0 : F, D}, {fg ? 2 * F : F, D}, {D, F}};
     for (int i = 0; i < BM_COUNT; ++i) {
-        if (w.w[i].N != want[i][0] || w.w[i].K != want[i][1])
-            bad(std::string(names[i]) + " is [" + std::to_string(w.w[i].N) + ", " + std::to_string(w.w[i].K) +
-                "], expected [" + std::to_string(want[i][0]) + ", " + std::to_string(want[i][1]) + "]");
-        if (w.lora[i].a && (w.lora[i].rank <= 0 || !w.lora[i].b)) bad(std::string(names[i]) + ": bad LoRA term");
+        if (w.w[i].N != want[i][0] || (w.w[i].N && w.w[i].K != want[i][1]))
+            bad(std::string(kNames[i]) + " is [" + std::to_string(w.w[i].N) + ", " + std::to_string(w.w[i].K) +
+                "], expected [" + std::to_string(want[i][0]) + ", " + std::to_string(want[i][1]) + "]" +
+                (fq || fg ? " (fused layout)" : ""));
+        if (w.w[i].N == 0 && (w.lora[i].a || w.sparse[i].rows || w.input_sq[i] || w.dense[i]))
+            bad(std::string(kNames[i]) + " is absent (fused layout) but has terms");
+        if (w.lora[i].a && (w.lora[i].rank <= 0 || !w.lora[i].b)) bad(std::string(kNames[i]) + ": bad LoRA term");
+        if (w.sparse[i].n < 0 || (w.sparse[i].n > 0 && (!w.sparse[i].rows || !w.sparse[i].cols || !w.sparse[i].delta)))
+            bad(std::string(kNames[i]) + ": bad sparse term");
     }
     if (!w.attn_norm || !w.ffn_norm) bad("missing norm weights");
+    if (!w.q_norm != !w.k_norm) bad("q and k head norms come together");
+    if (!w.cos != !w.sin) bad("a layer's RoPE tables come as cos and sin together");
+}
+
+// y[:, col_i ...] = x · W_i^T for the listed matrices (absent ones skipped): float32 rows through
+// dense_gemm, codes through qgemm_multi, one call per run of equal bits and group (= separate calls)
+void gemm_mats(const BlockWeights& w, std::initializer_list<int> mats, const int64_t* cols, const float* x,
+               int64_t M, float* y, int64_t ldy, Path path, Arena& ar) {
+    std::vector<Segment>& segs = ar.segs;  // capacity kept across calls
+    segs.clear();
+    auto flush = [&] {
+        if (!segs.empty()) qgemm_multi(x, M, segs, y, ldy, path);
+        segs.clear();
+    };
+    int j = 0;
+    for (int i : mats) {
+        const int64_t col = cols[j++];
+        if (w.w[i].N == 0) continue;
+        if (w.dense[i]) {
+            dense_gemm(x, M, w.w[i].K, w.dense[i], w.w[i].N, y + col, ldy);
+            continue;
+        }
+        if (!segs.empty() && (segs[0].w.bits != w.w[i].bits || segs[0].w.group != w.w[i].group)) flush();
+        Segment s;
+        s.w = w.w[i];
+        s.p = w.p[i];
+        s.col = col;
+        segs.push_back(s);
+    }
+    flush();
+}
+
+// what the trainable set adds to matrix i's output y (LoRA, then sparse deltas, as the reference's
+// linear_extra), and the calibration sums of its input x [M, K]
+void matrix_terms(const BlockWeights& w, int i, const float* x, int64_t M, float* y, int64_t ldy, Arena& ar) {
+    if (w.w[i].N == 0) return;
+    const int64_t K = w.w[i].K, N = w.w[i].N;
+    if (w.input_sq[i]) add_input_sq(x, M, K, w.input_sq[i]);
+    if (w.lora[i].a) add_lora(w.lora[i], x, M, K, N, y, ldy, ar);
+    if (w.sparse[i].n > 0) add_sparse(w.sparse[i], x, M, K, y, ldy);
 }
 
 void block_locked(const BlockConfig& c, const BlockWeights& w, const float* h_in, float* h_out, int64_t B,
                   int64_t T, const float* cos, const float* sin, Path path, Arena& ar) {
-    const int64_t M = B * T, D = c.n_embd, kv = c.n_head_kv * c.head_dim, F = c.n_ff;
-    const int64_t nqkv = D + 2 * kv;
+    const int64_t M = B * T, D = c.n_embd, qd = c.q_dim(), kv = c.n_head_kv * c.head_dim, F = c.n_ff;
+    const int64_t hd = c.head_dim, nqkv = qd + 2 * kv;
     Arena::fit(ar.x, M * D);
     Arena::fit(ar.qkv, M * nqkv);
-    Arena::fit(ar.att, M * D);
+    Arena::fit(ar.att, M * qd);
     Arena::fit(ar.o, M * D);
     Arena::fit(ar.gu, M * 2 * F);
     Arena::fit(ar.act, M * F);
+    if (w.q_norm) {
+        Arena::fit(ar.qn, M * qd);
+        Arena::fit(ar.kn, M * kv);
+        Arena::fit(ar.tmp, M * std::max(qd, kv));
+    }
+    if (w.post_attn_norm || w.post_ffn_norm) Arena::fit(ar.o2, M * D);
     float *x = ar.x.data(), *qkv = ar.qkv.data(), *att = ar.att.data(), *o = ar.o.data(), *gu = ar.gu.data(),
           *act = ar.act.data();
 
-    // attention half
+    // attention half: q | k | v columns of qkv (one fused matrix or three)
     rms_norm(h_in, M, D, D, w.attn_norm, c.rms_eps, x);
-    std::vector<Segment>& segs = ar.segs;  // capacity kept across calls
-    segs.clear();
-    for (int i = BM_Q; i <= BM_V; ++i) {
-        Segment s;
-        s.w = w.w[i];
-        s.p = w.p[i];
-        s.col = i == BM_Q ? 0 : (i == BM_K ? D : D + kv);
-        segs.push_back(s);
+    const int64_t qkv_cols[3] = {0, qd, qd + kv};
+    gemm_mats(w, {BM_Q, BM_K, BM_V}, qkv_cols, x, M, qkv, nqkv, path, ar);
+    for (int i = BM_Q; i <= BM_V; ++i) matrix_terms(w, i, x, M, qkv + qkv_cols[i], nqkv, ar);
+    for (int i = 0; i < 3; ++i)
+        if (w.bias[i]) add_bias(qkv + qkv_cols[i], nqkv, M, i == 0 ? qd : kv, w.bias[i]);
+    const float *q = qkv, *k = qkv + qd;
+    int64_t ldq = nqkv, ldk = nqkv;
+    if (w.q_norm) {  // RMSNorm over each head (rows of head_dim) before RoPE
+        copy_cols(qkv, nqkv, M, qd, ar.tmp.data());
+        rms_norm(ar.tmp.data(), M * c.n_head, hd, hd, w.q_norm, c.rms_eps, ar.qn.data());
+        copy_cols(qkv + qd, nqkv, M, kv, ar.tmp.data());
+        rms_norm(ar.tmp.data(), M * c.n_head_kv, hd, hd, w.k_norm, c.rms_eps, ar.kn.data());
+        q = ar.qn.data();
+        k = ar.kn.data();
+        ldq = qd;
+        ldk = kv;
     }
-    qgemm_multi(x, M, segs, qkv, nqkv, path);
-    for (int i = BM_Q; i <= BM_V; ++i) {
-        const int64_t col = segs[i].col, N = w.w[i].N;
-        if (w.lora[i].a) add_lora(w.lora[i], x, M, D, N, qkv + col, nqkv, ar);
-        if (w.bias[i]) add_bias(qkv + col, nqkv, M, N, w.bias[i]);
+    const float* lc = w.cos ? w.cos : cos;
+    const float* ls = w.sin ? w.sin : sin;
+    attention_window(q, k, qkv + qd + kv, ldq, ldk, nqkv, B, T, c.n_head, c.n_head_kv, hd, lc, ls, c.rope_dim,
+                     c.neox, c.attn_scale, w.window, att);
+    const int64_t o_col = 0;
+    gemm_mats(w, {BM_O}, &o_col, att, M, o, D, path, ar);
+    matrix_terms(w, BM_O, att, M, o, D, ar);
+    const float* branch = o;
+    if (w.post_attn_norm) {
+        rms_norm(o, M, D, D, w.post_attn_norm, c.rms_eps, ar.o2.data());
+        branch = ar.o2.data();
     }
-    attention(qkv, qkv + D, qkv + D + kv, nqkv, nqkv, nqkv, B, T, c.n_head, c.n_head_kv, c.head_dim, cos, sin,
-              c.rope_dim, c.neox, c.attn_scale, att);
-    qgemm(att, M, w.w[BM_O], w.p[BM_O], o, path);
-    if (w.lora[BM_O].a) add_lora(w.lora[BM_O], att, M, D, D, o, D, ar);
-    add_rows(h_in, D, o, D, M, D, h_out);  // h_out may alias h_in: element-wise, read before write
+    add_rows(h_in, D, branch, D, M, D, h_out);  // h_out may alias h_in: element-wise, read before write
 
-    // MLP half
+    // MLP half: gate | up columns of gu (one fused [gate; up] matrix or two)
     rms_norm(h_out, M, D, D, w.ffn_norm, c.rms_eps, x);
-    segs.clear();
-    for (int i = BM_GATE; i <= BM_UP; ++i) {
-        Segment s;
-        s.w = w.w[i];
-        s.p = w.p[i];
-        s.col = i == BM_GATE ? 0 : F;
-        segs.push_back(s);
+    const int64_t gu_cols[2] = {0, fused_gate_up(w) ? 0 : F};
+    gemm_mats(w, {BM_GATE, BM_UP}, gu_cols, x, M, gu, 2 * F, path, ar);
+    for (int i = BM_GATE; i <= BM_UP; ++i) matrix_terms(w, i, x, M, gu + gu_cols[i - BM_GATE], 2 * F, ar);
+    if (c.act == ACT_GELU_TANH)
+        gelu_mul(gu, gu + F, M, F, 2 * F, act);
+    else
+        silu_mul(gu, gu + F, M, F, 2 * F, act);
+    gemm_mats(w, {BM_DOWN}, &o_col, act, M, o, D, path, ar);
+    matrix_terms(w, BM_DOWN, act, M, o, D, ar);
+    branch = o;
+    if (w.post_ffn_norm) {
+        rms_norm(o, M, D, D, w.post_ffn_norm, c.rms_eps, ar.o2.data());
+        branch = ar.o2.data();
     }
-    qgemm_multi(x, M, segs, gu, 2 * F, path);
-    if (w.lora[BM_GATE].a) add_lora(w.lora[BM_GATE], x, M, D, F, gu, 2 * F, ar);
-    if (w.lora[BM_UP].a) add_lora(w.lora[BM_UP], x, M, D, F, gu + F, 2 * F, ar);
-    silu_mul(gu, gu + F, M, F, 2 * F, act);
-    qgemm(act, M, w.w[BM_DOWN], w.p[BM_DOWN], o, path);
-    if (w.lora[BM_DOWN].a) add_lora(w.lora[BM_DOWN], act, M, F, D, o, D, ar);
-    add_rows(h_out, D, o, D, M, D, h_out);
+    add_rows(h_out, D, branch, D, M, D, h_out);
 }
 
 }  // namespace
+
+void gelu_mul(const float* g, const float* u, int64_t M, int64_t F, int64_t ld, float* out) {
+    constexpr int64_t R = 8;
+    auto task = [&](int64_t t) { gelu_rows(g, u, t * R, std::min(M, (t + 1) * R), F, ld, out); };
+    parallel_for((M + R - 1) / R, task);
+}
+
+void attention_window(const float* q, const float* k, const float* v, int64_t ldq, int64_t ldk, int64_t ldv,
+                      int64_t B, int64_t T, int64_t H, int64_t Hkv, int64_t hd, const float* cos, const float* sin,
+                      int64_t rope_dim, bool neox, float scale, int64_t window, float* out) {
+    if (window <= 0 || window >= T) {  // nothing hidden: the plain causal kernel
+        attention(q, k, v, ldq, ldk, ldv, B, T, H, Hkv, hd, cos, sin, rope_dim, neox, scale, out);
+        return;
+    }
+    const WinArgs a{q, k, v, ldq, ldk, ldv, B, T, H, Hkv, hd, cos, sin, rope_dim, neox, scale, window, out};
+    auto task = [&](int64_t t) { window_task(a, t / Hkv, t % Hkv); };
+    parallel_for(B * Hkv, task);
+}
+
+void dense_gemm(const float* x, int64_t M, int64_t K, const float* w, int64_t N, float* y, int64_t ldy) {
+    constexpr int64_t NB = 32;
+    const int64_t nb = (N + NB - 1) / NB, mb = (M + ROWS - 1) / ROWS;
+    auto task = [&](int64_t t) {
+        const int64_t i = t / nb, j = t % nb;
+        dense_rows(x, i * ROWS, std::min(M, (i + 1) * ROWS), K, w, j * NB, std::min(N, (j + 1) * NB), y, ldy);
+    };
+    parallel_for(mb * nb, task);
+}
 
 void block_forward(const BlockConfig& c, const BlockWeights& w, const float* h_in, float* h_out, int64_t B,
                    int64_t T, const float* cos, const float* sin, Path path) {

@@ -50,7 +50,7 @@ ARCHS = {
                    swa_pattern=6, rope_base_swa=10000.0),
     "phi3": Arch("neox", fused=True),
 }
-# architectures the one-call C++ block implements (plain llama blocks); the others run op by op
+# plain llama blocks (what the ONNX builder writes); the C++ block (block.h) runs every arch above
 BLOCK_ARCHS = ("llama", "mistral", "qwen2")
 
 LLAMA_WEIGHTS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")

@@ -1,8 +1,8 @@
 """Forward-only transformer (llama, mistral, qwen2, SmolLM, llama 3.x, qwen3, gemma3, phi3) on QTensors.
 
-What each architecture adds to the llama block is in model/archs.py; plain llama blocks run as
-one C++ call per block range, the others op by op (C++ GEMMs, torch attention, imported only
-for them).
+What each architecture adds to the llama block is in model/archs.py; every block runs in C++, one
+call per block range (kernels.block_forward: the layers and the trainable set's values handed over
+as data).  The torch op-by-op reference it is tested against lives in tests/reference_forward.py.
 
 No autograd: every matmul with a weight goes through kernels.qgemm, which can perturb a tensor's
 group scales on the fly (ZO training).  Activations are float32 numpy arrays (torch is not
@@ -78,7 +78,7 @@ class ModelConfig:
 
     @property
     def plain_block(self) -> bool:
-        """A llama block the one-call C++ block computes."""
+        """A plain llama block (what the ONNX builder writes); the C++ block runs every arch."""
         return self.arch in BLOCK_ARCHS and self.q_dim == self.n_embd
 
     @classmethod
@@ -432,196 +432,81 @@ class Transformer:
         return rows.reshape(*tokens.shape, self.config.n_embd)
 
     def layer_forward(self, i: int, h, perturb=None):
-        """One transformer block on hidden states h [B, T, n_embd] (causal attention); numpy in,
-        numpy out.  Plain llama blocks run in one C++ call; the rest run the torch blocks."""
-        if self.config.plain_block and self._fast():
-            return self._layer_forward_fast(i, h, perturb)
-        out = self._layer_forward_torch(i, _t(np.asarray(h, np.float32)), perturb)
-        return out.numpy() if isinstance(h, np.ndarray) else out
-
-    def _layer_forward_torch(self, i: int, h, perturb=None):
-        """The torch op-by-op block: other architectures, the dense baseline, no extension."""
-        torch = _torch()
-        F = torch.nn.functional
-        if not self.config.plain_block:
-            return self._layer_forward_arch(i, h, perturb)
-        c = self.config
-        L = self.layers[i]
-        B, T, _ = h.shape
-        x = self.norm(h, f"blk.{i}.attn_norm.weight", L.attn_norm, perturb)
-        q = self.linear(x, L.w["attn_q"], perturb)
-        k = self.linear(x, L.w["attn_k"], perturb)
-        v = self.linear(x, L.w["attn_v"], perturb)
-        if L.bias:
-            nb = self.hooks.norm_weight
-            q = q + _t(nb(f"blk.{i}.attn_q.bias", L.bias["attn_q"], perturb))
-            k = k + _t(nb(f"blk.{i}.attn_k.bias", L.bias["attn_k"], perturb))
-            v = v + _t(nb(f"blk.{i}.attn_v.bias", L.bias["attn_v"], perturb))
-        hd = c.head_dim
-        q = q.view(B, T, c.n_head, hd).transpose(1, 2)
-        k = k.view(B, T, c.n_head_kv, hd).transpose(1, 2)
-        v = v.view(B, T, c.n_head_kv, hd).transpose(1, 2)
-        cos, sin = self.rope(T)
-        q, k = self.apply_rope(q, cos, sin), self.apply_rope(k, cos, sin)
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                           enable_gqa=c.n_head != c.n_head_kv)
-        a = a.transpose(1, 2).reshape(B, T, c.n_embd)
-        h = h + self.linear(a, L.w["attn_output"], perturb)
-        x = self.norm(h, f"blk.{i}.ffn_norm.weight", L.ffn_norm, perturb)
-        gate = self.linear(x, L.w["ffn_gate"], perturb)
-        up = self.linear(x, L.w["ffn_up"], perturb)
-        return h + self.linear(F.silu(gate) * up, L.w["ffn_down"], perturb)
+        """One transformer block on hidden states h [B, T, n_embd] (float32 numpy array or torch
+        CPU tensor; the result is of the same kind): one C++ call (kernels.block_forward)."""
+        return self._blocks(i, i + 1, h, perturb)
 
     def block_config(self) -> tuple:
         """The model's shape as kernels.block_forward's cfg tuple."""
         c = self.config
         return (c.n_embd, c.n_head, c.n_head_kv, c.head_dim, c.n_ff, c.rope_dim,
-                c.rope_mode == "neox", c.rms_eps, 1.0 / math.sqrt(c.head_dim))
+                c.rope_mode == "neox", c.rms_eps, c.attn_scale or 1.0 / math.sqrt(c.head_dim),
+                1 if c.spec.act == "gelu_tanh" else 0)
 
-    def block_layer(self, i: int, perturb=None):
-        """Layer i under `perturb` as data for the C++ block (kernels.block_layer), or None when
-        it cannot be: the hooks have no `linear_terms` or answer NotImplemented for a matrix (an
-        extra term only their linear_extra can add), a matrix is not q4/q8 codes in memory, or
-        q/k/v (gate/up) differ in kind or group.  Then the per-op path runs."""
-        terms = getattr(self.hooks, "linear_terms", None)
-        if terms is None or not self.config.plain_block:
-            return None
-        L, hk = self.layers[i], self.hooks
-        mats = [L.w[n] for n in LAYER_WEIGHTS]
-        if any(qt.kind not in ("q4", "q8") or qt.codes is None or qt.scales is None for qt in mats):
-            return None
-        for grp in (mats[0:3], mats[4:6]):
-            if any(qt.kind != grp[0].kind or qt.group != grp[0].group for qt in grp):
-                return None
-        loras = []
+    def block_layer(self, i: int, perturb=None, T: int | None = None) -> tuple:
+        """Layer i under `perturb` as data for the C++ block (kernels.block_layer): its matrices
+        (fused ones in the q and up places) with their scale perturbations, and the hooks' norm
+        weights, biases and per-matrix LinearTerms (LoRA, sparse deltas) as perturbed for this
+        pass.  T: the sequence length, for a sliding-window layer's own RoPE tables."""
+        c, L, hk = self.config, self.layers[i], self.hooks
+        terms_of = getattr(hk, "linear_terms", None)
+        if terms_of is None:
+            raise TypeError(f"{type(hk).__name__}: the model's hooks must describe what they add to "
+                            f"a matrix as data (linear_terms): the forward runs in C++")
+        if c.spec.fused:
+            mats = [L.w["attn_qkv"], None, None, L.w["attn_output"], None, L.w["ffn_up"],
+                    L.w["ffn_down"]]
+        else:
+            mats = [L.w[n] for n in LLAMA_WEIGHTS]
         for qt in mats:
-            t = terms(qt, perturb)
-            if t is NotImplemented:
-                return None
-            loras.append(t)
+            if qt is not None and qt.kind != "f32" and (qt.codes is None or qt.scales is None):
+                raise FormatError(self.path, f"{qt.name} is not resident: a streamed layer runs "
+                                             f"between stream.acquire and release (_run_layer)")
+        terms = [None if qt is None else terms_of(qt, perturb) for qt in mats]
+        bad = [qt.name for qt, t in zip(mats, terms) if t is NotImplemented]
+        if bad:
+            raise TypeError(f"{type(hk).__name__}.linear_terms cannot describe {bad[0]} as data")
+
+        def nw(name, v):
+            return hk.norm_weight(f"blk.{i}.{name}", v, perturb)
         biases = None
         if L.bias:
-            biases = tuple(hk.norm_weight(f"blk.{i}.{n}.bias", L.bias[n], perturb)
-                           for n in ("attn_q", "attn_k", "attn_v"))
+            biases = tuple(nw(f"{n}.bias", L.bias[n]) for n in ("attn_q", "attn_k", "attn_v"))
+        head_norms = post_norms = None
+        if c.spec.qk_norm:
+            head_norms = (nw("attn_q_norm.weight", L.norms["attn_q_norm"]),
+                          nw("attn_k_norm.weight", L.norms["attn_k_norm"]))
+        if c.spec.post_norms:
+            post_norms = (nw("post_attention_norm.weight", L.norms["post_attention_norm"]),
+                          nw("post_ffw_norm.weight", L.norms["post_ffw_norm"]))
+        swa = i in c.swa_layers
         return kernels.block_layer(
-            mats, [hk.scale_perturbation(qt, perturb) for qt in mats],
-            hk.norm_weight(f"blk.{i}.attn_norm.weight", L.attn_norm, perturb),
-            hk.norm_weight(f"blk.{i}.ffn_norm.weight", L.ffn_norm, perturb), biases, loras)
+            mats, [None if qt is None else hk.scale_perturbation(qt, perturb) for qt in mats],
+            nw("attn_norm.weight", L.attn_norm), nw("ffn_norm.weight", L.ffn_norm), biases, terms,
+            head_norms, post_norms, c.swa_window if swa else 0,
+            self.rope(T, i) if swa and T is not None else None)
 
     def layers_forward(self, i0: int, i1: int, h, perturb=None):
         """Layers i0..i1-1 on h [B, T, n_embd]: one C++ call for the whole range when every layer
-        is resident and describable as data, else layer by layer."""
-        if self._fast() and self.config.plain_block and i1 > i0 and not any(self.stream is not None and i in self.streamed
-                                                 for i in range(i0, i1)):
-            layers = [self.block_layer(i, perturb) for i in range(i0, i1)]
-            if all(lay is not None for lay in layers):
-                B, T, D = h.shape
-                cos, sin = self.rope(T)
-                out = kernels.block_forward(h.reshape(B * T, D), self.block_config(), layers, B, T,
-                                            cos, sin)
-                return out.reshape(B, T, D)
-        for i in range(i0, i1):
-            h = self._run_layer(i, [h], [perturb])[0]
-        return h
+        is resident, else layer by layer (a streamed layer is read in for its call)."""
+        if i1 <= i0:
+            return h
+        if self.stream is not None and any(i in self.streamed for i in range(i0, i1)):
+            for i in range(i0, i1):
+                h = self._run_layer(i, [h], [perturb])[0]
+            return h
+        return self._blocks(i0, i1, h, perturb)
 
-    def _layer_forward_fast(self, i: int, h, perturb=None):
-        """layer_forward in one C++ call (kernels.block_forward; the layer and the trainable
-        set's values for this pass handed over as data), or the per-op path when the hooks
-        cannot describe the layer as data."""
-        layer = self.block_layer(i, perturb)
-        if layer is None:
-            out = self._layer_forward_ops(i, _t(np.asarray(h, np.float32)), perturb)
-            return out.numpy() if isinstance(h, np.ndarray) else out
+    def _blocks(self, i0: int, i1: int, h, perturb):
+        """Layers i0..i1-1 (resident) on h [B, T, n_embd] in one kernels.block_forward call."""
+        if self.dense is not None:
+            raise RuntimeError("to_dense() made this a dense torch baseline: its forward is the "
+                               "test reference (tests/reference_forward.py), not the C++ block")
         B, T, D = h.shape
         cos, sin = self.rope(T)
-        out = kernels.block_forward(h.reshape(B * T, D), self.block_config(), [layer], B, T, cos, sin)
+        layers = [self.block_layer(i, perturb, T) for i in range(i0, i1)]
+        out = kernels.block_forward(h.reshape(B * T, D), self.block_config(), layers, B, T, cos, sin)
         return out.reshape(B, T, D)
-
-    def _layer_forward_ops(self, i: int, h, perturb=None):
-        """layer_forward with the C++ pieces driven op by op (fused q/k/v and gate/up GEMMs,
-        attention with RoPE on token-major rows, SiLU*up in one pass) and the hooks called in
-        between: the fallback for hooks that cannot describe themselves as data, and the
-        reference the one-call block is tested against (bit-identical without LoRA)."""
-        c = self.config
-        L = self.layers[i]
-        B, T, D = h.shape
-        h2 = h.reshape(B * T, D)
-        x = self.norm(h2, f"blk.{i}.attn_norm.weight", L.attn_norm, perturb)
-        q, k, v = self.linear_multi(x, [L.w["attn_q"], L.w["attn_k"], L.w["attn_v"]], perturb)
-        if L.bias:
-            nb = self.hooks.norm_weight
-            q = q + _t(nb(f"blk.{i}.attn_q.bias", L.bias["attn_q"], perturb))
-            k = k + _t(nb(f"blk.{i}.attn_k.bias", L.bias["attn_k"], perturb))
-            v = v + _t(nb(f"blk.{i}.attn_v.bias", L.bias["attn_v"], perturb))
-        cos, sin = self.rope(T)
-        a = kernels.attention(q, k, v, B, T, c.n_head, c.n_head_kv, cos, sin, c.rope_mode == "neox",
-                              1.0 / math.sqrt(c.head_dim))
-        h2 = h2 + self.linear(a, L.w["attn_output"], perturb)
-        x = self.norm(h2, f"blk.{i}.ffn_norm.weight", L.ffn_norm, perturb)
-        gate, up = self.linear_multi(x, [L.w["ffn_gate"], L.w["ffn_up"]], perturb)
-        h2 = h2 + self.linear(kernels.silu_mul(gate, up), L.w["ffn_down"], perturb)
-        return h2.reshape(B, T, D)
-
-    def _attn_mask(self, T: int, i: int):
-        """None (plain causal) or a bool [T, T] mask: causal and, on a sliding-window layer, only
-        the last swa_window positions (llama.cpp: key j is hidden from query p when p - j >= window)."""
-        c = self.config
-        if i not in c.swa_layers:
-            return None
-        key = ("mask", T)
-        if key not in self._rope_cache:
-            p = _torch().arange(T)
-            d = p[:, None] - p[None, :]
-            self._rope_cache[key] = (d >= 0) & (d < c.swa_window)
-        return self._rope_cache[key]
-
-    def _layer_forward_arch(self, i: int, h, perturb=None):
-        """One block of any architecture in archs.py, op by op: fused or separate q/k/v, q/k head
-        norms, RoPE with the layer's own base, sliding-window or global causal attention, post
-        norms, SiLU or GELU(tanh) gated FFN.  The GEMMs are kernels.qgemm with the trainable set's
-        perturbation and extras (hooks) exactly as in the llama path."""
-        c, L, nw = self.config, self.layers[i], self.hooks.norm_weight
-        F = _torch().nn.functional
-        B, T, D = h.shape
-        x = self.norm(h, f"blk.{i}.attn_norm.weight", L.attn_norm, perturb)
-        if c.spec.fused:
-            q, k, v = self.linear(x, L.w["attn_qkv"], perturb).split([c.q_dim, c.kv_dim, c.kv_dim], -1)
-        else:
-            q, k, v = self.linear_multi(x, [L.w["attn_q"], L.w["attn_k"], L.w["attn_v"]], perturb)
-        if L.bias:
-            q = q + _t(nw(f"blk.{i}.attn_q.bias", L.bias["attn_q"], perturb))
-            k = k + _t(nw(f"blk.{i}.attn_k.bias", L.bias["attn_k"], perturb))
-            v = v + _t(nw(f"blk.{i}.attn_v.bias", L.bias["attn_v"], perturb))
-        hd = c.head_dim
-        q = q.reshape(B, T, c.n_head, hd)
-        k = k.reshape(B, T, c.n_head_kv, hd)
-        v = v.reshape(B, T, c.n_head_kv, hd)
-        if c.spec.qk_norm:
-            q = self.norm(q, f"blk.{i}.attn_q_norm.weight", L.norms["attn_q_norm"], perturb)
-            k = self.norm(k, f"blk.{i}.attn_k_norm.weight", L.norms["attn_k_norm"], perturb)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        cos, sin = self.rope(T, i)
-        q, k = self.apply_rope(q, cos, sin), self.apply_rope(k, cos, sin)
-        mask = self._attn_mask(T, i)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           scale=c.attn_scale or 1.0 / math.sqrt(hd),
-                                           enable_gqa=c.n_head != c.n_head_kv)
-        a = a.transpose(1, 2).reshape(B, T, c.q_dim)
-        o = self.linear(a, L.w["attn_output"], perturb)
-        if c.spec.post_norms:
-            o = self.norm(o, f"blk.{i}.post_attention_norm.weight", L.norms["post_attention_norm"],
-                          perturb)
-        h = h + o
-        x = self.norm(h, f"blk.{i}.ffn_norm.weight", L.ffn_norm, perturb)
-        if c.spec.fused:
-            gate, up = self.linear(x, L.w["ffn_up"], perturb).split([c.n_ff, c.n_ff], -1)
-        else:
-            gate, up = self.linear_multi(x, [L.w["ffn_gate"], L.w["ffn_up"]], perturb)
-        act = F.gelu(gate, approximate="tanh") if c.spec.act == "gelu_tanh" else F.silu(gate)
-        y = self.linear(act * up, L.w["ffn_down"], perturb)
-        if c.spec.post_norms:
-            y = self.norm(y, f"blk.{i}.post_ffw_norm.weight", L.norms["post_ffw_norm"], perturb)
-        return h + y
 
     def final_norm(self, h, perturb=None) -> np.ndarray:
         return self.norm(h, "output_norm.weight", self.output_norm, perturb)

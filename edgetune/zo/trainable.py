@@ -103,7 +103,8 @@ class _Sparse:
 
 @dataclass
 class TrainableSet:
-    """The hooks the Transformer calls (scale_perturbation, linear_extra, norm_weight) + Params."""
+    """The hooks the Transformer calls (scale_perturbation, linear_terms, norm_weight; linear_extra
+    is the same terms applied in torch, for the reference forward and the output head) + Params."""
     methods: tuple
     dist: str = "rademacher"
     params: list = field(default_factory=list)
@@ -185,24 +186,24 @@ class TrainableSet:
             np.add.at(y, (slice(None), sp.rows), x[:, sp.cols] * d)
         return y
 
-    # methods whose every effect on a layer is scale_perturbation / norm_weight / linear_terms
-    # below: for anything else the model keeps calling linear_extra (the per-op path)
-    DESCRIBED = ("scales", "lora", "norms", "head", "bias")   # head/bias act after every layer
-
     def linear_terms(self, qt, pert: Perturb | None):
-        """linear_extra as data, for the C++ block: None (nothing is added to qt's output),
-        (A, B, scale) for a LoRA adapter (A, B as perturbed for this pass, float32), or
-        NotImplemented when only linear_extra can apply the term (sparse deltas, head rows, or a
-        method this description does not know)."""
-        if any(m not in self.DESCRIBED for m in self.methods) or qt.name in self.sparse \
-                or qt.name in self.head:
-            return NotImplemented
-        lo = self.lora.get(qt.name)
-        if lo is None:
+        """linear_extra as data, for the C++ block: None (nothing is added to qt's output) or a
+        kernels.LinearTerms with the LoRA adapter (A, B as perturbed for this pass, float32) and
+        the sparse deltas (rows, cols, deltas as perturbed; added in linear_extra's index_add
+        order).  The head rows act after the last block (label_logits), never on a layer."""
+        lo, sp = self.lora.get(qt.name), self.sparse.get(qt.name)
+        if lo is None and sp is None:
             return None
-        a = lo.a.value if pert is None else pert.apply(lo.a)
-        b = lo.b.value if pert is None else pert.apply(lo.b)
-        return a, b, lo.scale
+        from .. import kernels
+        lora = sparse = None
+        if lo is not None:
+            a = lo.a.value if pert is None else pert.apply(lo.a)
+            b = lo.b.value if pert is None else pert.apply(lo.b)
+            lora = (a, b, lo.scale)
+        if sp is not None:
+            d = sp.delta.value if pert is None else pert.apply(sp.delta)
+            sparse = (np.asarray(sp.rows), np.asarray(sp.cols), d)
+        return kernels.LinearTerms(lora=lora, sparse=sparse)
 
     def norm_weight(self, name: str, w: np.ndarray, pert: Perturb | None) -> np.ndarray:
         if pert is None or name not in self.norms or (name == FINAL_NORM and self.exact_final_norm):
@@ -482,7 +483,8 @@ def build_trainable(net, methods, *, lora_rank: int = 8, lora_alpha: float = 16.
 
 
 class _NormRecorder:
-    """Calibration hooks: accumulate sum of x_j^2 for the input of every layer matrix."""
+    """Calibration hooks: the C++ block accumulates sum of x_j^2 (float64) over the input rows of
+    every layer matrix into self.sq[name] (LinearTerms.input_sq)."""
 
     def __init__(self):
         self.sq = {}
@@ -490,10 +492,10 @@ class _NormRecorder:
     def scale_perturbation(self, qt, pert):
         return None
 
-    def linear_extra(self, qt, x, y, pert):
-        s = np.square(np.asarray(x, np.float64)).sum(0)
-        self.sq[qt.name] = self.sq.get(qt.name, 0) + s
-        return y
+    def linear_terms(self, qt, pert):
+        from .. import kernels
+        acc = self.sq.setdefault(qt.name, np.zeros(qt.shape[1], np.float64))
+        return kernels.LinearTerms(input_sq=acc)
 
     def norm_weight(self, name, w, pert):
         return w
