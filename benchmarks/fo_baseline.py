@@ -7,7 +7,7 @@ The model is a plain differentiable torch module that mirrors edgetune's Transfo
 (edgetune/model/transformer.py): RMSNorm, RoPE ("normal" = adjacent pairs, or "neox"), GQA causal
 attention, SiLU-gated MLP.  Every matrix is `dequantize(qt)` of the GGUF's QTensor, stored in bf16
 and frozen; activations are fp32 and each matmul runs as x.bf16 @ W.T -> fp32 (exactly what
-`Transformer.to_dense(bf16)` does).  LoRA (fp32 A, B; B = 0 at start; y += alpha/r * x A^T B^T) sits
+`tests/reference_forward.to_dense(net, bf16)` does).  LoRA (fp32 A, B; B = 0 at start; y += alpha/r * x A^T B^T) sits
 on the chosen projections.  The output head is the token_embd (or output.weight) rows of the label
 words only; the loss is the cross-entropy over those logits at the answer position (as in
 edgetune/train/objectives.py).
@@ -47,7 +47,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from baseline_forward import rope  # noqa: E402  (one RoPE for both torch baselines)
-from tests.reference_forward import install  # noqa: E402  (the torch reference blocks)
+from tests.reference_forward import to_dense  # noqa: E402  (the torch reference blocks)
 
 LORA_TARGETS = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output",
                 "gate": "ffn_gate", "up": "ffn_up", "down": "ffn_down"}
@@ -301,8 +301,7 @@ def run_check(a) -> bool:
     path = assets.resolve_model(a.model)
     model = edgetune.load(path)
     dense = edgetune.load(path)
-    dense.net.to_dense(torch.bfloat16)
-    install(dense.net)   # the torch reference blocks (tests/reference_forward.py) on those weights
+    to_dense(dense.net, torch.bfloat16)   # the torch reference blocks (tests/reference_forward.py)
     ok = True
     batch = [model.tokenize(p) for p in CHECK_PROMPTS]
     tokens, lengths = model._pad(batch)

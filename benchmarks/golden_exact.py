@@ -1,5 +1,5 @@
 """Distance of edgetune and llama.cpp from exact math: logits of both runtimes vs a float64 forward
-over the same dequantized SmolLM2 weights (Transformer.to_dense(torch.float64) through the torch
+over the same dequantized SmolLM2 weights (tests/reference_forward.to_dense(net, torch.float64): the torch
 reference blocks of tests/reference_forward.py), same prompts as
 tests/test_golden.py.   python benchmarks/golden_exact.py
 """
@@ -12,11 +12,11 @@ import llama_cpp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from edgetune import assets  # noqa: E402
-from tests.reference_forward import install  # noqa: E402
+from tests.reference_forward import to_dense  # noqa: E402
 from tests.test_golden import PROMPTS  # noqa: E402
 f = assets.default_model_path()
 m = edgetune.load(f)
-ex = edgetune.load(f); ex.net.to_dense(torch.float64); install(ex.net)
+ex = edgetune.load(f); to_dense(ex.net, torch.float64)
 ll = llama_cpp.Llama(f, logits_all=True, verbose=False, n_ctx=512)
 def cos(a, b): return (a*b).sum(-1)/np.linalg.norm(a,axis=-1)/np.linalg.norm(b,axis=-1)
 ce, cl, ae, al = [], [], [], []

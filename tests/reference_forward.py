@@ -12,7 +12,7 @@ This module keeps the Python blocks it replaced, as the references it is checked
   torch_layer(net, i, h, perturb)   the independent one: torch attention (scaled_dot_product_attention
                                     with a causal / sliding-window mask), torch RoPE, F.silu /
                                     F.gelu(tanh), the hooks in torch, and the dense float weights of
-                                    Transformer.to_dense when they are set (the float64 / bf16
+                                    to_dense() below when they are set (the float64 / bf16
                                     baselines).  The block agrees with it to float32 rounding, up
                                     to an int8 activation step (bounds in tests/test_block.py).
 
@@ -46,7 +46,7 @@ def linear(net, x, qt, perturb=None):
     hooks' scale perturbation) + the hooks' linear_extra."""
     shp = x.shape
     x2 = x.reshape(-1, shp[-1]).contiguous()
-    if net.dense is not None and qt.name in net.dense:
+    if getattr(net, "dense", None) is not None and qt.name in net.dense:
         w = net.dense[qt.name]
         y = (x2.to(w.dtype) @ w.T).float()
     else:
@@ -57,7 +57,7 @@ def linear(net, x, qt, perturb=None):
 
 def linear_multi(net, x, qts, perturb=None) -> list:
     """[linear(net, x, qt) for qt in qts] with one fused kernels.qgemm_multi call (bit-identical)."""
-    if net.dense is not None:
+    if getattr(net, "dense", None) is not None:
         return [linear(net, x, qt, perturb) for qt in qts]
     shp = x.shape
     x2 = x.reshape(-1, shp[-1]).contiguous()
@@ -74,7 +74,7 @@ def linear_multi(net, x, qts, perturb=None) -> list:
 def norm(net, x, name: str, weight, perturb=None):
     """RMSNorm with the hooks' weight: kernels.rms_norm on float32, the torch formula otherwise."""
     w = _torch(net.hooks.norm_weight(name, weight, perturb))
-    if net.dense is None and x.dtype == torch.float32 and w.dtype == torch.float32:
+    if getattr(net, "dense", None) is None and x.dtype == torch.float32 and w.dtype == torch.float32:
         return kernels.rms_norm(x, w, net.config.rms_eps)
     w = w.to(x.dtype)
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + net.config.rms_eps) * w
@@ -194,6 +194,29 @@ def torch_layer(net, i: int, h, perturb=None) -> torch.Tensor:
     if c.spec.post_norms:
         y = norm(net, y, f"blk.{i}.post_ffw_norm.weight", L.norms["post_ffw_norm"], perturb)
     return h + y
+
+
+def to_dense(net, dtype=torch.bfloat16):
+    """Make net a dense torch baseline (this instance only): every matrix dequantized into a
+    dense weight of `dtype` (net.dense, which linear() above uses), the blocks run by the torch
+    reference (install), and the full-vocabulary head a dense matmul of the final normed states.
+    Label-word rows keep the model's own fp32 rows.  Returns net."""
+    from edgetune.quant import dequantize
+    net.dense = {qt.name: torch.from_numpy(dequantize(qt)).to(dtype)
+                 for qt in net.qtensors().values()}
+    install(net)
+    own_head = net.head
+
+    def head(h, perturb=None, rows=None):
+        if rows is not None:
+            return own_head(h, perturb, rows)
+        x = net.final_norm(h, perturb)
+        w = net.dense[net.output.name]
+        lg = (torch.from_numpy(np.ascontiguousarray(x)).to(w.dtype) @ w.T).float().numpy()
+        extra = getattr(net.hooks, "vocab_logits_delta", None)
+        return lg if extra is None else extra(x, lg, perturb)
+    net.head = head
+    return net
 
 
 def install(net, layer=torch_layer):

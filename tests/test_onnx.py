@@ -1,6 +1,6 @@
 """ONNX export and the onnxruntime backend (export/onnx_export.py, backends/ort.py).
 
-References: a float64 forward over the same dequantized weights (Transformer.to_dense run through
+References: a float64 forward over the same dequantized weights (tests/reference_forward.to_dense: run through
 the torch reference blocks of tests/reference_forward.py), which the
 fp32 onnxruntime graph must match closely, and edgetune's own int8-activation kernels, which it
 must match within the golden test's bounds (tests/test_golden.py)."""
@@ -21,7 +21,7 @@ from edgetune.synth import write_synthetic
 from edgetune.zo.trainable import Perturb, build_trainable
 
 from tests.conftest import make_tiny_task
-from tests.reference_forward import install
+from tests.reference_forward import to_dense
 from tests.test_golden import PROMPTS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,8 +38,7 @@ def _exact(path, methods=None, values=None):
         ts = build_trainable(m.net, methods, lora_rank=4)
         for p in ts.params:
             p.value[...] = values[p.name]
-    m.net.to_dense(torch.float64)
-    install(m.net)
+    to_dense(m.net, torch.float64)
     return m
 
 

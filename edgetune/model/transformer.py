@@ -132,17 +132,6 @@ class ModelConfig:
         )
 
 
-def _torch():
-    """torch, for the op-by-op reference blocks and the dense baseline only."""
-    import torch
-    return torch
-
-
-def _t(v):
-    """numpy -> torch (zero-copy) for the op-by-op torch blocks; torch tensors pass through."""
-    return _torch().from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v
-
-
 @dataclass
 class Layer:
     attn_norm: np.ndarray                     # float32 vectors
@@ -194,7 +183,6 @@ class Transformer:
         self.path = g.path
         self.hooks = NoHooks()
         self.stream = None
-        self.dense = None  # name -> dense torch weight, set by to_dense() (baselines only)
         self.config = c = ModelConfig.from_gguf(g)
         self.tensor_names = []  # stable order: the tensor_id of a QTensor is its index here
         self.embed = self._q(g, "token_embd.weight")
@@ -305,16 +293,6 @@ class Transformer:
             raise FormatError(self.path, f"token_embd.weight has shape {tuple(self.embed.shape)}, "
                                          f"expected {(c.n_vocab, c.n_embd)}")
 
-    def to_dense(self, dtype=None):
-        """Dequantize every matrix into a dense torch weight (the baseline torch forward; bf16
-        unless dtype says otherwise)."""
-        from ..quant import dequantize
-        torch = _torch()
-        dtype = torch.bfloat16 if dtype is None else dtype
-        self.dense = {qt.name: torch.from_numpy(dequantize(qt)).to(dtype)
-                      for qt in self.qtensors().values()}
-        return self
-
     def qtensors(self) -> dict:
         """name -> QTensor for every matrix (the embedding/head included once)."""
         out = {"token_embd.weight": self.embed}
@@ -326,27 +304,15 @@ class Transformer:
         return out
 
     # -- pieces --------------------------------------------------------------------------------
-    def _fast(self) -> bool:
-        """C++ block ops (norm, attention, SiLU*up, fused GEMMs) — not for the dense torch baseline."""
-        return self.dense is None and kernels.HAVE_KERNELS
-
-    def rms_norm(self, x, weight):
-        """x * rsqrt(mean(x^2) + eps) * weight over the last axis: numpy in -> numpy out (torch in,
-        from the torch reference blocks -> torch out)."""
+    def rms_norm(self, x, weight) -> np.ndarray:
+        """x * rsqrt(mean(x^2) + eps) * weight over the last axis (float32 arrays)."""
         eps = self.config.rms_eps
-        if isinstance(x, np.ndarray):
-            x = np.asarray(x, np.float32)
-            w = np.asarray(weight, np.float32)
-            if kernels.HAVE_KERNELS:
-                return kernels.rms_norm(x, w, eps)
-            var = np.mean(np.square(x), -1, keepdims=True, dtype=np.float32)
-            return x * (np.float32(1.0) / np.sqrt(var + np.float32(eps))) * w
-        torch = _torch()
-        weight = _t(weight)
-        if self._fast() and x.dtype == torch.float32 and weight.dtype == torch.float32:
-            return kernels.rms_norm(x, weight, eps)
-        var = x.pow(2).mean(-1, keepdim=True)
-        return x * torch.rsqrt(var + eps) * weight
+        x = np.asarray(x, np.float32)
+        w = np.asarray(weight, np.float32)
+        if kernels.HAVE_KERNELS:
+            return kernels.rms_norm(x, w, eps)
+        var = np.mean(np.square(x), -1, keepdims=True, dtype=np.float32)
+        return x * (np.float32(1.0) / np.sqrt(var + np.float32(eps))) * w
 
     def rope(self, T: int, layer: int | None = None):
         """cos/sin tables [T, rope_dim/2] for positions 0..T-1 (of `layer`: sliding-window layers
@@ -371,54 +337,14 @@ class Transformer:
                                      (np.sin(ang) * m).astype(np.float32))
         return self._rope_cache[key]
 
-    def apply_rope(self, x, cos, sin):
-        """x: torch [B, H, T, head_dim]; rotates the first rope_dim dims of each head."""
-        torch = _torch()
-        cos, sin = _t(cos), _t(sin)
-        d = self.config.rope_dim
-        xr, xp = x[..., :d], x[..., d:]
-        if self.config.rope_mode == "normal":
-            x1, x2 = xr[..., 0::2], xr[..., 1::2]
-            o1 = x1 * cos - x2 * sin
-            o2 = x1 * sin + x2 * cos
-            out = torch.stack([o1, o2], dim=-1).flatten(-2)
-        else:
-            x1, x2 = xr[..., : d // 2], xr[..., d // 2:]
-            out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-        return out if xp.shape[-1] == 0 else torch.cat([out, xp], dim=-1)
-
-    def linear(self, x, qt: QTensor, perturb=None):
-        """x [..., K] (numpy, or torch from the reference blocks) times qt^T, with the hooks'
-        scale perturbation and extra terms."""
+    def linear(self, x, qt: QTensor, perturb=None) -> np.ndarray:
+        """x [..., K] times qt^T (the output head's full-vocabulary logits), with the hooks' scale
+        perturbation and extra terms."""
         shp = x.shape
-        x2 = np.ascontiguousarray(x.reshape(-1, shp[-1])) if isinstance(x, np.ndarray) \
-            else x.reshape(-1, shp[-1]).contiguous()
-        if self.dense is not None and qt.name in self.dense:
-            w = self.dense[qt.name]
-            y = (_t(x2).to(w.dtype) @ w.T).float()
-            if isinstance(x2, np.ndarray):
-                y = y.numpy()
-        else:
-            y = kernels.qgemm(x2, qt, perturb=self.hooks.scale_perturbation(qt, perturb))
+        x2 = np.ascontiguousarray(np.asarray(x, np.float32).reshape(-1, shp[-1]))
+        y = kernels.qgemm(x2, qt, perturb=self.hooks.scale_perturbation(qt, perturb))
         y = self.hooks.linear_extra(qt, x2, y, perturb)
         return y.reshape(*shp[:-1], qt.shape[0])
-
-    def linear_multi(self, x, qts, perturb=None) -> list:
-        """[self.linear(x, qt, perturb) for qt in qts], with one fused kernel call when possible
-        (each QTensor still gets its own scale perturbation and linear_extra hook)."""
-        if not self._fast():
-            return [self.linear(x, qt, perturb) for qt in qts]
-        shp = x.shape
-        x2 = x.reshape(-1, shp[-1]).contiguous()
-        hk = self.hooks
-        y = kernels.qgemm_multi(x2, qts, [hk.scale_perturbation(qt, perturb) for qt in qts])
-        outs, o = [], 0
-        for qt in qts:
-            n = qt.shape[0]
-            yi = hk.linear_extra(qt, x2, y[:, o:o + n], perturb)
-            outs.append(yi.reshape(*shp[:-1], n))
-            o += n
-        return outs
 
     def norm(self, x, name: str, weight, perturb=None):
         return self.rms_norm(x, self.hooks.norm_weight(name, weight, perturb))
@@ -432,8 +358,8 @@ class Transformer:
         return rows.reshape(*tokens.shape, self.config.n_embd)
 
     def layer_forward(self, i: int, h, perturb=None):
-        """One transformer block on hidden states h [B, T, n_embd] (float32 numpy array or torch
-        CPU tensor; the result is of the same kind): one C++ call (kernels.block_forward)."""
+        """One transformer block on hidden states h [B, T, n_embd] (float32 array): one C++ call
+        (kernels.block_forward)."""
         return self._blocks(i, i + 1, h, perturb)
 
     def block_config(self) -> tuple:
@@ -499,9 +425,6 @@ class Transformer:
 
     def _blocks(self, i0: int, i1: int, h, perturb):
         """Layers i0..i1-1 (resident) on h [B, T, n_embd] in one kernels.block_forward call."""
-        if self.dense is not None:
-            raise RuntimeError("to_dense() made this a dense torch baseline: its forward is the "
-                               "test reference (tests/reference_forward.py), not the C++ block")
         B, T, D = h.shape
         cos, sin = self.rope(T)
         layers = [self.block_layer(i, perturb, T) for i in range(i0, i1)]
