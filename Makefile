@@ -20,7 +20,8 @@ $(VENV)/bin/python:
 	$(PY) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
-# deps first (torch pinned to the local CPU wheel), then the package itself (builds cpp_ext);
+# deps first (torch, for the test references and the benchmarks' baselines only, pinned to the local
+# CPU wheel), then the package itself (builds cpp_ext);
 # transformers is a test-only reference (tests/test_hf.py): installed in the same command as the
 # pinned torch, so it cannot pull another torch; flwr[simulation] (Flower + the ray backend of its
 # simulation engine) runs `edgetune federate`
