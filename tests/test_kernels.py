@@ -309,3 +309,58 @@ def test_block_ops_vs_torch():
             vv = v.reshape(B, T, Hkv, hd).transpose(1, 2)
             ref = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, enable_gqa=True)
             torch.testing.assert_close(out, ref.transpose(1, 2).reshape(B * T, H * hd), rtol=1e-5, atol=1e-5)
+
+
+# --- the AMX path: bit for bit the avx512 path ----------------------------------------------------
+
+AMX_FORMATS = [("q4", 8, False), ("q4", 0, True), ("q4", 0, False), ("q8", 32, False), ("q8", 16, True)]
+needs_amx = pytest.mark.skipif("amx" not in PATHS, reason="no AMX-INT8 here (CPU without it, or the "
+                               "OS refused the tile state): the amx path cannot run")
+
+
+@needs_amx
+@pytest.mark.parametrize("fmt", AMX_FORMATS, ids=lambda f: f"{f[0]}-{f[1]}-{'mins' if f[2] else 'nomins'}")
+@pytest.mark.parametrize("m", [1, 3, 16, 17, 512])
+def test_amx_bitwise_equals_avx512(fmt, m):
+    """q4_0 (offset 8), q4_1 (mins), q8_0 (group 32), q8 group 16: same int32 group dots, same fp32
+    epilogue in the same order, so every output bit agrees — with and without the perturbation, on
+    1 and 2 threads, for N not a multiple of the 16-wide tiles."""
+    n, k = 67, 576
+    qt = make_qt(fmt[0], n, k, fmt[1], fmt[2], tensor_id=2**63 + 9)
+    x = make_x(m, k) * 3
+    old = kernels.get_num_threads()
+    try:
+        for threads in (1, 2):
+            kernels.set_num_threads(threads)
+            for p in (None, kernels.Perturbation(2**63 + 77, 1e-2, 1), kernels.Perturbation(3, 1e-2, -1, "gaussian")):
+                a = kernels.qgemm(x, qt, perturb=p, path="amx")
+                b = kernels.qgemm(x, qt, perturb=p, path="avx512")
+                assert a.view(np.uint32).tolist() == b.view(np.uint32).tolist(), f"threads {threads} perturb {p}"
+        check_path(a, x, qt, "amx", p, what=f"{fmt} M={m}")
+    finally:
+        kernels.set_num_threads(old)
+
+
+@needs_amx
+@pytest.mark.parametrize("group", [32, 16])
+def test_amx_multi_bitwise_equals_avx512(group):
+    """qgemm_multi (the C++ block's call): q4_0, q4_1 and q8 segments of one call, perturbed or not,
+    equal the avx512 path's qgemm_multi bit for bit; longer K (several tile pipelines' worth)."""
+    k = 1536
+    if group == 32:
+        qts = [make_qt("q4", 83, k, 8, False, seed=1, tensor_id=21), make_qt("q4", 16, k, 0, True, seed=2, tensor_id=22),
+               make_qt("q8", 45, k, 32, False, seed=3, tensor_id=23)]
+    else:
+        qts = [make_qt("q8", n, k, 16, mins, seed=i, tensor_id=30 + i) for i, (n, mins) in enumerate([(50, True), (33, False)])]
+    ps = [kernels.Perturbation(5, 1e-2, -1, "gaussian"), None, kernels.Perturbation(7, 1e-2)][:len(qts)]
+    old = kernels.get_num_threads()
+    try:
+        for m in (1, 17, 130):
+            x = make_x(m, k, seed=m)
+            for threads in (1, 2):
+                kernels.set_num_threads(threads)
+                a = kernels.qgemm_multi(x, qts, ps, path="amx")
+                b = kernels.qgemm_multi(x, qts, ps, path="avx512")
+                assert a.view(np.uint32).tolist() == b.view(np.uint32).tolist(), f"M={m} threads {threads}"
+    finally:
+        kernels.set_num_threads(old)

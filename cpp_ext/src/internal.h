@@ -42,8 +42,11 @@ void qgemm_avx2(const Problem& pr);
 void qgemm_avx512(const Problem& pr);
 void qgemm_neon(const Problem& pr);
 void qgemm_multi_avx512(const float* x, int64_t M, const Segment* segs, int nseg, float* y, int64_t ldy);
+void qgemm_amx(const Problem& pr);
+void qgemm_multi_amx(const float* x, int64_t M, const Segment* segs, int nseg, float* y, int64_t ldy);
 bool cpu_has_avx2();
 bool cpu_has_avx512();
+bool cpu_has_amx();  // AMX-INT8 in the CPU, enabled by the OS and granted to this process
 bool cpu_has_neon_dotprod();
 
 namespace {

@@ -49,6 +49,13 @@ void qgemm_multi_avx512(const float*, int64_t, const Segment*, int, float*, int6
 }
 bool cpu_has_avx512() { return false; }
 #endif
+#if !defined(EDGETUNE_HAVE_AMX)
+void qgemm_amx(const Problem&) { throw std::invalid_argument("qgemm: AMX path not compiled"); }
+void qgemm_multi_amx(const float*, int64_t, const Segment*, int, float*, int64_t) {
+    throw std::invalid_argument("qgemm: AMX path not compiled");
+}
+bool cpu_has_amx() { return false; }
+#endif
 #if !defined(EDGETUNE_HAVE_NEON)
 void qgemm_neon(const Problem&) { throw std::invalid_argument("qgemm: NEON path not compiled"); }
 bool cpu_has_neon_dotprod() { return false; }
@@ -58,6 +65,7 @@ std::vector<Path> available_paths() {
     std::vector<Path> v{Path::Scalar};
     if (cpu_has_avx2()) v.push_back(Path::AVX2);
     if (cpu_has_avx512()) v.push_back(Path::AVX512);
+    if (cpu_has_amx()) v.push_back(Path::AMX);
     if (cpu_has_neon_dotprod()) v.push_back(Path::NEON);
     return v;
 }
@@ -74,15 +82,16 @@ const char* path_name(Path p) {
         case Path::AVX2: return "avx2";
         case Path::AVX512: return "avx512";
         case Path::NEON: return "neon";
+        case Path::AMX: return "amx";
     }
     return "?";
 }
 
 Path path_from_name(const std::string& name) {
-    for (Path p : {Path::Auto, Path::Scalar, Path::AVX2, Path::AVX512, Path::NEON})
+    for (Path p : {Path::Auto, Path::Scalar, Path::AVX2, Path::AVX512, Path::NEON, Path::AMX})
         if (name == path_name(p)) return p;
     throw std::invalid_argument("qgemm: unknown path '" + name +
-                                "' (choose auto, scalar, avx2, avx512, neon)");
+                                "' (choose auto, scalar, avx2, avx512, amx, neon)");
 }
 
 void set_num_threads(int n) { pool_set_num_threads(n); }
@@ -118,6 +127,7 @@ void qgemm(const float* x, int64_t M, const QMatrix& w, const Perturbation& p, f
     const Problem pr{x, M, w, p, y};
     switch (path == Path::Auto ? best_path() : path) {
         case Path::AVX512: qgemm_avx512(pr); break;
+        case Path::AMX: qgemm_amx(pr); break;
         case Path::AVX2: qgemm_avx2(pr); break;
         case Path::NEON: qgemm_neon(pr); break;
         default: qgemm_scalar(pr); break;
@@ -143,6 +153,10 @@ void qgemm_multi(const float* x, int64_t M, const std::vector<Segment>& segs, fl
     const Path p = path == Path::Auto ? best_path() : path;
     if (p == Path::AVX512) {
         qgemm_multi_avx512(x, M, segs.data(), static_cast<int>(segs.size()), y, ldy);
+        return;
+    }
+    if (p == Path::AMX) {
+        qgemm_multi_amx(x, M, segs.data(), static_cast<int>(segs.size()), y, ldy);
         return;
     }
     // other paths: one call per segment into a scratch buffer (kept per thread: no allocation in

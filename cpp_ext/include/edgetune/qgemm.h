@@ -9,7 +9,7 @@
 namespace edgetune {
 
 // Kernel implementations; Auto picks the fastest one the CPU supports.
-enum class Path : int { Auto = 0, Scalar = 1, AVX2 = 2, AVX512 = 3, NEON = 4 };
+enum class Path : int { Auto = 0, Scalar = 1, AVX2 = 2, AVX512 = 3, NEON = 4, AMX = 5 };
 
 // A quantized weight matrix W [N, K] (layouts of edgetune/quant.py).
 //   q4: codes uint8 [N, K/32, 16]; byte j of block b = element 32b+j (low nibble) |
