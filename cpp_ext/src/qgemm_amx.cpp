@@ -11,8 +11,12 @@
 //    int32 by adding 128·Σx per (row, group);
 //  * the same fp32 epilogue per group, in the same order: y = fma(float(dot), s'·d, y), then
 //    y = fma(m - off·s', d·Σq, y) (see qgemm_avx512.cpp).
-// Each C tile is stored to a small L1 buffer per group and folded into 16 zmm accumulators while
-// the TMUL already computes the next group into the other C tile.
+// Blocking: 32 activation rows x one 32-row weight panel (2 x 2 tiles), 4 TDPs per group; the C
+// tiles of GB groups are stored to an L1 buffer and folded into the fp32 block (2 KB-4 KB, L1) in
+// one pass.  A TDP covers one group (K = 32 or 16), so every TDP costs a 1 KB tile store plus the
+// fp32 epilogue: measured on a Sapphire Rapids VM, TMUL and AVX-512 work do not overlap there, and
+// that epilogue (cvt, mul, fma, fma per 16 outputs and group) is what bounds this path.
+// The next panel's codes are prefetched into L2 while the current one computes.
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -56,102 +60,165 @@ struct alignas(64) TileConfig {
     uint8_t rows[16] = {};
 };
 
-// tmm0/1: C (16 x 16 int32), tmm2/3: A (16 activation rows x G bytes), tmm4/5: B (G/4 x 64 bytes);
-// two of each so that group g+1 is computed while group g's epilogue runs.
+// 2 x 2 blocking: tmm0..3 C[2i+j] (16 x 16 int32: activation tile i x weight tile j), tmm4/5
+// A[i] (16 activation rows x G bytes), tmm6/7 B[j] (G/4 rows x 64 bytes of the panel).
 TileConfig tile_config(int G) {
     TileConfig c;
-    for (int t = 0; t < 2; ++t) {
+    for (int t = 0; t < 4; ++t) {
         c.rows[t] = 16;
         c.colsb[t] = 64;
-        c.rows[2 + t] = 16;
-        c.colsb[2 + t] = static_cast<uint16_t>(G);
-        c.rows[4 + t] = static_cast<uint8_t>(G / 4);
-        c.colsb[4 + t] = 64;
+    }
+    for (int i = 0; i < 2; ++i) {
+        c.rows[4 + i] = 16;
+        c.colsb[4 + i] = static_cast<uint16_t>(G);
+        c.rows[6 + i] = static_cast<uint8_t>(G / 4);
+        c.colsb[6 + i] = 64;
     }
     return c;
 }
 
 constexpr int TM = 16;  // activation rows per tile
 
-// Activations for the AMX path: those of the avx512 path, rows padded with zeros to a multiple of
-// TM, plus (q8 only) corr[m, g] = 128·Σ_j q[m, gG+j].
+// The quantized activations of the avx512 path (same values), laid out in A tiles: rows padded
+// with zeros to a multiple of TM, q [M/TM][NG][TM][G] (one tile = TM·G contiguous bytes), and per
+// (tile, group) the TM rows' d, sum = d·Σq and (q8 only) corr = 128·Σq, each [M/TM][NG][TM].
 struct AmxAct {
-    QuantAct a;
+    int8_t* q;
+    float* d;
+    float* sum;
     int32_t* corr;
 };
 
-// y[m0..m0+16, 16 columns at tile t of the panel] = Σ_g epilogue(dot_g); rows < nrows and the
-// columns in kmask are stored.
-template <int G, bool ME, bool Q8>
-void tile_16x16(const uint8_t* panel, int t, const float* sc, const float* me, const AmxAct& aa,
-                int64_t K, int64_t NG, int64_t m0, int nrows, float* y, int64_t ldy, __mmask16 kmask) {
-    constexpr int QPG = G / 4;
-    const QuantAct& a = aa.a;
-    alignas(64) int32_t cbuf[2][TM * 16];
-    __m512 yacc[TM];
-#pragma GCC unroll 16
-    for (int i = 0; i < TM; ++i) yacc[i] = _mm512_setzero_ps();
-    const int8_t* xq = a.q + m0 * K;
-    const float* dr = a.d + m0 * NG;
-    const float* sr = a.sum + m0 * NG;
-    const int32_t* cr = Q8 ? aa.corr + m0 * NG : nullptr;
-    const uint8_t* pw = panel + t * 64;
-    constexpr int64_t PSTRIDE = QPG * 128;  // panel bytes per group
+constexpr int GB = 2;  // groups per epilogue pass (and per buffered batch of C tiles)
 
-    auto epilogue = [&](int64_t g, const int32_t* cb) {
-        const __m512 s = _mm512_load_ps(sc + g * PW + t * 16);
-        __m512 e;
-        if (ME) e = _mm512_load_ps(me + g * PW + t * 16);
-#pragma GCC unroll 16
-        for (int i = 0; i < TM; ++i) {
-            __m512i acc = _mm512_load_si512(cb + i * 16);
-            if (Q8) acc = _mm512_add_epi32(acc, _mm512_set1_epi32(cr[i * NG + g]));
-            const __m512 d = _mm512_set1_ps(dr[i * NG + g]);
-            yacc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_mul_ps(s, d), yacc[i]);
-            if (ME) yacc[i] = _mm512_fmadd_ps(e, _mm512_set1_ps(sr[i * NG + g]), yacc[i]);
+// The TMUL part of groups [g0, g0 + nb): for each group, MB x 2 TDPBSSD into C0..3 and their
+// stores to cb[group][C tile][16 x 16].
+template <int MB, int G>
+__attribute__((always_inline)) inline void amx_groups(const int8_t* xq0, const int8_t* xq1, const uint8_t* panel,
+                                                      int64_t g0, int nb, int32_t (*cb)[4][TM * 16]) {
+    constexpr int64_t PSTRIDE = G / 4 * 128;  // panel bytes per group
+    constexpr int64_t ATILE = TM * G;         // activation bytes per (tile, group)
+    for (int k = 0; k < nb; ++k) {
+        const int64_t g = g0 + k;
+        _tile_loadd(4, xq0 + g * ATILE, G);
+        _tile_loadd(6, panel + g * PSTRIDE, 128);
+        _tile_zero(0);
+        _tile_dpbssd(0, 4, 6);
+        _tile_loadd(7, panel + g * PSTRIDE + 64, 128);
+        _tile_zero(1);
+        _tile_dpbssd(1, 4, 7);
+        if (MB == 2) {
+            _tile_loadd(5, xq1 + g * ATILE, G);
+            _tile_zero(2);
+            _tile_zero(3);
+            _tile_dpbssd(2, 5, 6);
+            _tile_dpbssd(3, 5, 7);
         }
-    };
-
-    // software pipeline over groups: C tile 0 holds even groups, C tile 1 odd ones
-    _tile_zero(0);
-    _tile_loadd(2, xq, K);
-    _tile_loadd(4, pw, 128);
-    _tile_dpbssd(0, 2, 4);
-    for (int64_t g = 0; g < NG; g += 2) {
-        const bool odd = g + 1 < NG;
-        if (odd) {
-            _tile_zero(1);
-            _tile_loadd(3, xq + (g + 1) * G, K);
-            _tile_loadd(5, pw + (g + 1) * PSTRIDE, 128);
-            _tile_dpbssd(1, 3, 5);
-        }
-        _tile_stored(0, cbuf[0], 64);
-        if (g + 2 < NG) {
-            _tile_zero(0);
-            _tile_loadd(2, xq + (g + 2) * G, K);
-            _tile_loadd(4, pw + (g + 2) * PSTRIDE, 128);
-            _tile_dpbssd(0, 2, 4);
-        }
-        epilogue(g, cbuf[0]);
-        if (odd) {
-            _tile_stored(1, cbuf[1], 64);
-            epilogue(g + 1, cbuf[1]);
+        _tile_stored(0, cb[k][0], 64);
+        _tile_stored(1, cb[k][1], 64);
+        if (MB == 2) {
+            _tile_stored(2, cb[k][2], 64);
+            _tile_stored(3, cb[k][3], 64);
         }
     }
-    for (int i = 0; i < nrows; ++i) _mm512_mask_storeu_ps(y + (m0 + i) * ldy, kmask, yacc[i]);
 }
+
+// The fp32 part of groups [g0, g0 + NB) for the 32 x 32 block: per output vector, the avx512
+// path's operations in its order — y = fma(float(dot (+ corr)), s·d, y), then y = fma(e, sum, y).
+template <int MB, int NB, bool ME, bool Q8, bool FIRST = false>
+__attribute__((always_inline)) inline void epilogue(float (*yacc)[PW], const int32_t (*cb)[4][TM * 16],
+                                                    const float* sc, const float* me, const float* const* dr,
+                                                    const float* const* sr, const int32_t* const* cr, int64_t g0) {
+    __m512 s[NB][2], e[NB][2];
+    for (int k = 0; k < NB; ++k)
+        for (int j = 0; j < 2; ++j) {
+            s[k][j] = _mm512_load_ps(sc + (g0 + k) * PW + 16 * j);
+            e[k][j] = ME ? _mm512_load_ps(me + (g0 + k) * PW + 16 * j) : _mm512_setzero_ps();
+        }
+    for (int ti = 0; ti < MB; ++ti) {
+#pragma GCC unroll 4
+        for (int i = 0; i < TM; ++i) {
+            const int r = 16 * ti + i;
+            for (int j = 0; j < 2; ++j) {
+                __m512 y = FIRST ? _mm512_setzero_ps() : _mm512_load_ps(yacc[r] + 16 * j);
+                for (int k = 0; k < NB; ++k) {
+                    const int64_t gi = (g0 + k) * TM + i;
+                    __m512i acc = _mm512_load_si512(cb[k][2 * ti + j] + 16 * i);
+                    if (Q8) acc = _mm512_add_epi32(acc, _mm512_set1_epi32(cr[ti][gi]));
+                    y = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_mul_ps(s[k][j], _mm512_set1_ps(dr[ti][gi])), y);
+                    if (ME) y = _mm512_fmadd_ps(e[k][j], _mm512_set1_ps(sr[ti][gi]), y);
+                }
+                _mm512_store_ps(yacc[r] + 16 * j, y);
+            }
+        }
+    }
+}
+
+// y[16·MB activation rows from tile mt, the panel's 32 columns] = Σ_g epilogue(dot_g); rows < nrows
+// and columns < ncols stored.  The TMUL computes batch b+1 while the vector units fold batch b.
+template <int MB, int G, bool ME, bool Q8>
+void panel_block(const uint8_t* panel, const float* sc, const float* me, const AmxAct& aa, int64_t NG,
+                 int64_t mt, int nrows, float* y, int64_t ldy, int ncols) {
+    alignas(64) int32_t cbuf[2][GB][4][TM * 16];
+    alignas(64) float yacc[2 * TM][PW];
+    const int8_t* xq0 = aa.q + mt * NG * TM * G;
+    const int8_t* xq1 = xq0 + NG * TM * G;
+    const int64_t t1 = MB == 2 ? mt + 1 : mt;
+    const float* dr[2] = {aa.d + mt * NG * TM, aa.d + t1 * NG * TM};
+    const float* sr[2] = {aa.sum + mt * NG * TM, aa.sum + t1 * NG * TM};
+    const int32_t* cr[2] = {aa.corr + mt * NG * TM, aa.corr + t1 * NG * TM};
+    amx_groups<MB, G>(xq0, xq1, panel, 0, static_cast<int>(std::min<int64_t>(GB, NG)), cbuf[0]);
+    for (int64_t g0 = 0, b = 0; g0 < NG; g0 += GB, ++b) {
+        const int64_t g1 = g0 + GB;
+        if (g1 < NG)
+            amx_groups<MB, G>(xq0, xq1, panel, g1, static_cast<int>(std::min<int64_t>(GB, NG - g1)),
+                          cbuf[(b + 1) & 1]);
+        // the first batch starts from zero accumulators (as the avx512 path does) instead of
+        // loading them; a last batch may hold fewer groups
+        if (g1 > NG) {
+            if (g0 == 0) epilogue<MB, 1, ME, Q8, true>(yacc, cbuf[b & 1], sc, me, dr, sr, cr, g0);
+            else epilogue<MB, 1, ME, Q8>(yacc, cbuf[b & 1], sc, me, dr, sr, cr, g0);
+        } else if (g0 == 0) {
+            epilogue<MB, GB, ME, Q8, true>(yacc, cbuf[b & 1], sc, me, dr, sr, cr, g0);
+        } else {
+            epilogue<MB, GB, ME, Q8>(yacc, cbuf[b & 1], sc, me, dr, sr, cr, g0);
+        }
+    }
+    const __mmask16 k0 = ncols >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << ncols) - 1);
+    const __mmask16 k1 = ncols >= 32 ? 0xFFFF : ncols <= 16 ? 0 : static_cast<__mmask16>((1u << (ncols - 16)) - 1);
+    for (int r = 0; r < nrows; ++r) {
+        _mm512_mask_storeu_ps(y + r * ldy, k0, _mm512_load_ps(yacc[r]));
+        _mm512_mask_storeu_ps(y + r * ldy + 16, k1, _mm512_load_ps(yacc[r] + 16));
+    }
+}
+
+// The code rows of the next panel, fetched into L2 a few rows per activation block: the repack
+// of a panel otherwise stalls on memory (32 row streams defeat the hardware prefetcher).
+struct NextPanel {
+    const QMatrix* w = nullptr;
+    int64_t n0 = 0;
+};
 
 template <int G, bool ME, bool Q8>
 void panel_rows_amx(const uint8_t* panel, const float* sc, const float* me, const AmxAct& aa,
-                    int64_t K, int64_t NG, int64_t M, int64_t m0, int64_t m1, float* y, int64_t ldy,
-                    int ncols) {
-    for (int64_t m = m0; m < m1; m += TM) {
-        const int nrows = static_cast<int>(std::min<int64_t>(TM, M - m));
-        for (int t = 0; t < 2 && 16 * t < ncols; ++t) {
-            const int c = ncols - 16 * t;
-            const __mmask16 k = c >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << c) - 1);
-            tile_16x16<G, ME, Q8>(panel, t, sc, me, aa, K, NG, m, nrows, y + 16 * t, ldy, k);
+                    int64_t NG, int64_t M, int64_t m0, int64_t m1, float* y, int64_t ldy, int ncols,
+                    const NextPanel& next) {
+    const int64_t blocks = ceil_div(m1 - m0, 2 * TM);
+    const int64_t rows_per_block = ceil_div(PW, blocks);
+    int64_t pr = 0;  // next row to prefetch
+    for (int64_t m = m0; m < m1; m += 2 * TM) {
+        if (next.w) {
+            const QMatrix& w = *next.w;
+            const int64_t bytes = (NG - 1) * w.block_stride + (w.bits == 4 ? 16 : G);
+            for (int64_t e = std::min<int64_t>(PW, pr + rows_per_block); pr < e; ++pr) {
+                if (next.n0 + pr >= w.N) break;
+                const char* row = reinterpret_cast<const char*>(w.block(next.n0 + pr, 0));
+                for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(row + b, _MM_HINT_T1);
+            }
         }
+        const int nrows = static_cast<int>(std::min<int64_t>(2 * TM, m1 - m));
+        if (nrows > TM) panel_block<2, G, ME, Q8>(panel, sc, me, aa, NG, m / TM, nrows, y + m * ldy, ldy, ncols);
+        else panel_block<1, G, ME, Q8>(panel, sc, me, aa, NG, m / TM, nrows, y + m * ldy, ldy, ncols);
     }
 }
 
@@ -172,39 +239,44 @@ void qgemm_amx(const Problem& pr) {
 void qgemm_multi_amx(const float* x, int64_t M, const Segment* segs, int nseg, float* yout, int64_t ldy) {
     const int64_t K = segs[0].w.K, NG = segs[0].w.n_groups();
     const int G = segs[0].w.group;
-    const int64_t MP = ceil_div(M, TM) * TM;
+    const int64_t MT = ceil_div(M, TM);
     bool any_q8 = false;
     for (int s = 0; s < nseg; ++s) any_q8 = any_q8 || segs[s].w.bits == 8;
 
-    // 1. quantize activations (rows in parallel); padded rows are zero
+    // 1. quantize activations (one tile of TM rows per task) into the tile layout
     char* act = static_cast<char*>(
-        thread_scratch(SCRATCH_ACT, MP * K + (2 * sizeof(float) + sizeof(int32_t)) * MP * NG + 64));
+        thread_scratch(SCRATCH_ACT, MT * TM * K + (2 * sizeof(float) + sizeof(int32_t)) * MT * TM * NG + 64));
     AmxAct aa;
-    QuantAct& a = aa.a;
-    a.d = reinterpret_cast<float*>(act);
-    a.sum = a.d + MP * NG;
-    aa.corr = reinterpret_cast<int32_t*>(a.sum + MP * NG);
-    a.q = reinterpret_cast<int8_t*>(aa.corr + MP * NG);
-    if (MP > M) {
-        std::memset(a.d + M * NG, 0, sizeof(float) * (MP - M) * NG);
-        std::memset(a.sum + M * NG, 0, sizeof(float) * (MP - M) * NG);
-        std::memset(aa.corr + M * NG, 0, sizeof(int32_t) * (MP - M) * NG);
-        std::memset(a.q + M * K, 0, (MP - M) * K);
-    }
-    constexpr int64_t QROWS = 16;
-    auto quant = [&](int64_t t) {
-        for (int64_t m = t * QROWS; m < std::min(M, (t + 1) * QROWS); ++m) {
-            int8_t* q = a.q + m * K;
-            quantize_row(x + m * K, K, G, q, a.d + m * NG, a.sum + m * NG);
-            if (any_q8)
-                for (int64_t g = 0; g < NG; ++g) {
+    aa.d = reinterpret_cast<float*>(act);
+    aa.sum = aa.d + MT * TM * NG;
+    aa.corr = reinterpret_cast<int32_t*>(aa.sum + MT * TM * NG);
+    aa.q = reinterpret_cast<int8_t*>(aa.corr + MT * TM * NG);
+    auto quant = [&](int64_t mt) {
+        int8_t* row = static_cast<int8_t*>(thread_scratch(SCRATCH_ROW, K + 2 * sizeof(float) * NG));
+        float* d = reinterpret_cast<float*>(row + K);
+        float* sum = d + NG;
+        int8_t* q = aa.q + mt * NG * TM * G;
+        const int64_t tg = mt * NG * TM;  // index of (tile, group 0, row 0) in d/sum/corr
+        for (int i = 0; i < TM; ++i) {
+            const int64_t m = mt * TM + i;
+            if (m < M) {
+                quantize_row(x + m * K, K, G, row, d, sum);
+            } else {
+                std::memset(row, 0, K + 2 * sizeof(float) * NG);
+            }
+            for (int64_t g = 0; g < NG; ++g) {
+                std::memcpy(q + (g * TM + i) * G, row + g * G, G);
+                aa.d[tg + g * TM + i] = d[g];
+                aa.sum[tg + g * TM + i] = sum[g];
+                if (any_q8) {
                     int32_t s = 0;
-                    for (int j = 0; j < G; ++j) s += q[g * G + j];
-                    aa.corr[m * NG + g] = 128 * s;
+                    for (int j = 0; j < G; ++j) s += row[g * G + j];
+                    aa.corr[tg + g * TM + i] = 128 * s;
                 }
+            }
         }
     };
-    parallel_for(ceil_div(M, QROWS), quant);
+    parallel_for(MT, quant);
 
     // 2. panels of PW weight rows (segment by segment) x ranges of activation tiles
     int64_t first_panel[kMaxSegments + 1];
@@ -237,14 +309,20 @@ void qgemm_multi_amx(const float* x, int64_t M, const Segment* segs, int nseg, f
             const int64_t n0 = (p - first_panel[s]) * PW;
             const int ncols = static_cast<int>(std::min<int64_t>(PW, w.N - n0));
             repack_panel(w, n0, panel, 0);
+            NextPanel next;
+            if (p + 1 < p1) {
+                const int s1 = p + 1 >= first_panel[s + 1] ? s + 1 : s;
+                next.w = &segs[s1].w;
+                next.n0 = (p + 1 - first_panel[s1]) * PW;
+            }
             panel_scales(pr, keys[s], n0, sc, me, tmp, has_me);
             float* y = yout + segs[s].col + n0;
             if (G == 32) {
-                if (q8) panel_rows_amx<32, true, true>(panel, sc, me, aa, K, NG, M, m0, m1, y, ldy, ncols);
-                else if (has_me) panel_rows_amx<32, true, false>(panel, sc, me, aa, K, NG, M, m0, m1, y, ldy, ncols);
-                else panel_rows_amx<32, false, false>(panel, sc, me, aa, K, NG, M, m0, m1, y, ldy, ncols);
+                if (q8) panel_rows_amx<32, true, true>(panel, sc, me, aa, NG, M, m0, m1, y, ldy, ncols, next);
+                else if (has_me) panel_rows_amx<32, true, false>(panel, sc, me, aa, NG, M, m0, m1, y, ldy, ncols, next);
+                else panel_rows_amx<32, false, false>(panel, sc, me, aa, NG, M, m0, m1, y, ldy, ncols, next);
             } else {
-                panel_rows_amx<16, true, true>(panel, sc, me, aa, K, NG, M, m0, m1, y, ldy, ncols);
+                panel_rows_amx<16, true, true>(panel, sc, me, aa, NG, M, m0, m1, y, ldy, ncols, next);
             }
         }
         _tile_release();
