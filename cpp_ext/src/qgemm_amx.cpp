@@ -23,6 +23,8 @@
 #include <cpuid.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 
 #include "edgetune/thread_pool.h"
 #include "internal.h"
@@ -36,6 +38,9 @@ constexpr long kArchReqXcompPerm = 0x1023;  // arch_prctl: ARCH_REQ_XCOMP_PERM
 constexpr long kXfeatureXtiledata = 18;
 
 bool detect_amx() {
+    // EDGETUNE_AMX=0 turns the path off (e.g. to compare with avx512 in a whole-model benchmark)
+    const char* env = std::getenv("EDGETUNE_AMX");
+    if (env && std::string(env) == "0") return false;
     if (!cpu_has_avx512()) return false;
     unsigned a, b, c, d;
     if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27))) return false;  // OSXSAVE
