@@ -36,14 +36,13 @@ struct QuantAct {
     float* sum;   // [M, K/G] d * sum(q): the group sum of the dequantized activations
 };
 
-// Path entry points (each in its own translation unit).
+// Path entry points (each in its own translation unit).  The SIMD paths share one driver
+// (qgemm_driver.h): y[:, col_s + n) = x · W_s^T for every segment, row stride ldy.
 void qgemm_scalar(const Problem& pr);
-void qgemm_avx2(const Problem& pr);
-void qgemm_avx512(const Problem& pr);
-void qgemm_neon(const Problem& pr);
+void qgemm_multi_avx2(const float* x, int64_t M, const Segment* segs, int nseg, float* y, int64_t ldy);
 void qgemm_multi_avx512(const float* x, int64_t M, const Segment* segs, int nseg, float* y, int64_t ldy);
-void qgemm_amx(const Problem& pr);
 void qgemm_multi_amx(const float* x, int64_t M, const Segment* segs, int nseg, float* y, int64_t ldy);
+void qgemm_multi_neon(const float* x, int64_t M, const Segment* segs, int nseg, float* y, int64_t ldy);
 bool cpu_has_avx2();
 bool cpu_has_avx512();
 bool cpu_has_amx();  // AMX-INT8 in the CPU, enabled by the OS and granted to this process

@@ -39,27 +39,43 @@ void* thread_scratch(int slot, size_t bytes) {
 // CPU features and dispatch
 
 #if !defined(EDGETUNE_HAVE_AVX2)
-void qgemm_avx2(const Problem&) { throw std::invalid_argument("qgemm: AVX2 path not compiled"); }
+void qgemm_multi_avx2(const float*, int64_t, const Segment*, int, float*, int64_t) {
+    throw std::invalid_argument("qgemm: AVX2 path not compiled");
+}
 bool cpu_has_avx2() { return false; }
 #endif
 #if !defined(EDGETUNE_HAVE_AVX512)
-void qgemm_avx512(const Problem&) { throw std::invalid_argument("qgemm: AVX512 path not compiled"); }
 void qgemm_multi_avx512(const float*, int64_t, const Segment*, int, float*, int64_t) {
     throw std::invalid_argument("qgemm: AVX512 path not compiled");
 }
 bool cpu_has_avx512() { return false; }
 #endif
 #if !defined(EDGETUNE_HAVE_AMX)
-void qgemm_amx(const Problem&) { throw std::invalid_argument("qgemm: AMX path not compiled"); }
 void qgemm_multi_amx(const float*, int64_t, const Segment*, int, float*, int64_t) {
     throw std::invalid_argument("qgemm: AMX path not compiled");
 }
 bool cpu_has_amx() { return false; }
 #endif
 #if !defined(EDGETUNE_HAVE_NEON)
-void qgemm_neon(const Problem&) { throw std::invalid_argument("qgemm: NEON path not compiled"); }
+void qgemm_multi_neon(const float*, int64_t, const Segment*, int, float*, int64_t) {
+    throw std::invalid_argument("qgemm: NEON path not compiled");
+}
 bool cpu_has_neon_dotprod() { return false; }
 #endif
+
+namespace {
+using MultiFn = void (*)(const float*, int64_t, const Segment*, int, float*, int64_t);
+// The shared-driver entry of a SIMD path; nullptr for the scalar reference.
+MultiFn multi_fn(Path p) {
+    switch (p) {
+        case Path::AVX2: return qgemm_multi_avx2;
+        case Path::AVX512: return qgemm_multi_avx512;
+        case Path::AMX: return qgemm_multi_amx;
+        case Path::NEON: return qgemm_multi_neon;
+        default: return nullptr;
+    }
+}
+}  // namespace
 
 std::vector<Path> available_paths() {
     std::vector<Path> v{Path::Scalar};
@@ -124,13 +140,11 @@ void qgemm(const float* x, int64_t M, const QMatrix& w, const Perturbation& p, f
     qgemm_check(w, path);
     if (M < 0) throw std::invalid_argument("qgemm: M < 0");
     if (M == 0 || w.N == 0) return;
-    const Problem pr{x, M, w, p, y};
-    switch (path == Path::Auto ? best_path() : path) {
-        case Path::AVX512: qgemm_avx512(pr); break;
-        case Path::AMX: qgemm_amx(pr); break;
-        case Path::AVX2: qgemm_avx2(pr); break;
-        case Path::NEON: qgemm_neon(pr); break;
-        default: qgemm_scalar(pr); break;
+    if (const MultiFn f = multi_fn(path == Path::Auto ? best_path() : path)) {
+        const Segment seg{w, p, 0};
+        f(x, M, &seg, 1, y, w.N);
+    } else {
+        qgemm_scalar(Problem{x, M, w, p, y});
     }
 }
 
@@ -151,16 +165,12 @@ void qgemm_multi(const float* x, int64_t M, const std::vector<Segment>& segs, fl
     if (M < 0) throw std::invalid_argument("qgemm: M < 0");
     if (M == 0 || cols == 0) return;
     const Path p = path == Path::Auto ? best_path() : path;
-    if (p == Path::AVX512) {
-        qgemm_multi_avx512(x, M, segs.data(), static_cast<int>(segs.size()), y, ldy);
+    if (const MultiFn f = multi_fn(p)) {
+        f(x, M, segs.data(), static_cast<int>(segs.size()), y, ldy);
         return;
     }
-    if (p == Path::AMX) {
-        qgemm_multi_amx(x, M, segs.data(), static_cast<int>(segs.size()), y, ldy);
-        return;
-    }
-    // other paths: one call per segment into a scratch buffer (kept per thread: no allocation in
-    // the steady state), then scatter the columns
+    // the scalar reference: one call per segment into a scratch buffer (kept per thread: no
+    // allocation in the steady state), then scatter the columns
     thread_local std::vector<float> tmp;
     for (const Segment& s : segs) {
         if (s.w.N == 0) continue;

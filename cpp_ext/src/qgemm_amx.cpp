@@ -28,6 +28,7 @@
 
 #include "edgetune/thread_pool.h"
 #include "internal.h"
+#include "qgemm_driver.h"
 #include "qgemm_x86_panel.h"
 
 namespace edgetune {
@@ -197,35 +198,84 @@ void panel_block(const uint8_t* panel, const float* sc, const float* me, const A
     }
 }
 
-// The code rows of the next panel, fetched into L2 a few rows per activation block: the repack
-// of a panel otherwise stalls on memory (32 row streams defeat the hardware prefetcher).
-struct NextPanel {
-    const QMatrix* w = nullptr;
-    int64_t n0 = 0;
-};
-
 template <int G, bool ME, bool Q8>
-void panel_rows_amx(const uint8_t* panel, const float* sc, const float* me, const AmxAct& aa,
-                    int64_t NG, int64_t M, int64_t m0, int64_t m1, float* y, int64_t ldy, int ncols,
-                    const NextPanel& next) {
-    const int64_t blocks = ceil_div(m1 - m0, 2 * TM);
-    const int64_t rows_per_block = ceil_div(PW, blocks);
-    int64_t pr = 0;  // next row to prefetch
+void panel_rows_amx(const uint8_t* panel, const float* sc, const float* me, const AmxAct& aa, int64_t NG,
+                    int64_t m0, int64_t m1, float* y, int64_t ldy, int ncols, const NextPanel& next) {
+    PanelPrefetcher pf(next, PW, ceil_div(m1 - m0, 2 * TM));
     for (int64_t m = m0; m < m1; m += 2 * TM) {
-        if (next.w) {
-            const QMatrix& w = *next.w;
-            const int64_t bytes = (NG - 1) * w.block_stride + (w.bits == 4 ? 16 : G);
-            for (int64_t e = std::min<int64_t>(PW, pr + rows_per_block); pr < e; ++pr) {
-                if (next.n0 + pr >= w.N) break;
-                const char* row = reinterpret_cast<const char*>(w.block(next.n0 + pr, 0));
-                for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(row + b, _MM_HINT_T1);
-            }
-        }
+        pf.step();
         const int nrows = static_cast<int>(std::min<int64_t>(2 * TM, m1 - m));
         if (nrows > TM) panel_block<2, G, ME, Q8>(panel, sc, me, aa, NG, m / TM, nrows, y + m * ldy, ldy, ncols);
         else panel_block<1, G, ME, Q8>(panel, sc, me, aa, NG, m / TM, nrows, y + m * ldy, ldy, ncols);
     }
 }
+
+// The amx microkernels in the shared driver (qgemm_driver.h).
+struct AmxKernel {
+    static constexpr int PW = ::edgetune::PW, MR = TM;
+    static constexpr bool UNSIGNED_CODES = true;  // the avx512 path's convention (see the top)
+    using Act = AmxAct;
+    using Panel = uint8_t;
+
+    // the avx512 path's quantize_row, written into the tile layout (one tile of TM rows per task)
+    static Act quantize(const float* x, int64_t M, int64_t K, int G, const Segment* segs, int nseg) {
+        const int64_t NG = K / G, MT = ceil_div(M, TM);
+        bool any_q8 = false;
+        for (int s = 0; s < nseg; ++s) any_q8 = any_q8 || segs[s].w.bits == 8;
+        char* act = static_cast<char*>(
+            thread_scratch(SCRATCH_ACT, MT * TM * K + (2 * sizeof(float) + sizeof(int32_t)) * MT * TM * NG + 64));
+        AmxAct aa;
+        aa.d = reinterpret_cast<float*>(act);
+        aa.sum = aa.d + MT * TM * NG;
+        aa.corr = reinterpret_cast<int32_t*>(aa.sum + MT * TM * NG);
+        aa.q = reinterpret_cast<int8_t*>(aa.corr + MT * TM * NG);
+        auto quant = [&](int64_t mt) {
+            int8_t* row = static_cast<int8_t*>(thread_scratch(SCRATCH_ROW, K + 2 * sizeof(float) * NG));
+            float* d = reinterpret_cast<float*>(row + K);
+            float* sum = d + NG;
+            int8_t* q = aa.q + mt * NG * TM * G;
+            const int64_t tg = mt * NG * TM;  // index of (tile, group 0, row 0) in d/sum/corr
+            for (int i = 0; i < TM; ++i) {
+                const int64_t m = mt * TM + i;
+                if (m < M) quantize_row(x + m * K, K, G, row, d, sum);
+                else std::memset(row, 0, K + 2 * sizeof(float) * NG);  // padding rows: all zero
+                for (int64_t g = 0; g < NG; ++g) {
+                    std::memcpy(q + (g * TM + i) * G, row + g * G, G);
+                    aa.d[tg + g * TM + i] = d[g];
+                    aa.sum[tg + g * TM + i] = sum[g];
+                    if (any_q8) {
+                        int32_t s = 0;
+                        for (int j = 0; j < G; ++j) s += row[g * G + j];
+                        aa.corr[tg + g * TM + i] = 128 * s;
+                    }
+                }
+            }
+        };
+        parallel_for(MT, quant);
+        return aa;
+    }
+    static size_t panel_bytes(int64_t NG, int G) { return NG * G * PW; }
+    // q8 codes stay signed for TDPBSSD (the 128·Σx term restores the avx512 path's unsigned dot)
+    static void repack(const QMatrix& w, int64_t n0, uint8_t* dst) { repack_panel(w, n0, dst, 0); }
+    // every thread (pool workers and the caller) configures its own tiles, per task: other code
+    // on the same thread (e.g. oneDNN in torch) may have loaded another configuration
+    static void begin_task(int G) {
+        static const TileConfig c32 = tile_config(32), c16 = tile_config(16);
+        _tile_loadconfig(G == 32 ? &c32 : &c16);
+    }
+    static void end_task() { _tile_release(); }
+    static void rows(const uint8_t* panel, const float* sc, const float* me, bool has_me, const AmxAct& aa,
+                     const QMatrix& w, int64_t, int64_t NG, int64_t, int64_t m0, int64_t m1, float* y,
+                     int64_t ldy, int ncols, const NextPanel& next) {
+        if (w.group == 32) {
+            if (w.bits == 8) panel_rows_amx<32, true, true>(panel, sc, me, aa, NG, m0, m1, y, ldy, ncols, next);
+            else if (has_me) panel_rows_amx<32, true, false>(panel, sc, me, aa, NG, m0, m1, y, ldy, ncols, next);
+            else panel_rows_amx<32, false, false>(panel, sc, me, aa, NG, m0, m1, y, ldy, ncols, next);
+        } else {
+            panel_rows_amx<16, true, true>(panel, sc, me, aa, NG, m0, m1, y, ldy, ncols, next);  // q8 only
+        }
+    }
+};
 
 }  // namespace
 
@@ -234,105 +284,8 @@ bool cpu_has_amx() {
     return ok;
 }
 
-void qgemm_amx(const Problem& pr) {
-    const Segment seg{pr.w, pr.p, 0};
-    qgemm_multi_amx(pr.x, pr.M, &seg, 1, pr.y, pr.w.N);
-}
-
-// Same driver as qgemm_multi_avx512 (one activation quantization, one parallel loop over the
-// panels of all segments), with activation rows in tiles of 16.
-void qgemm_multi_amx(const float* x, int64_t M, const Segment* segs, int nseg, float* yout, int64_t ldy) {
-    const int64_t K = segs[0].w.K, NG = segs[0].w.n_groups();
-    const int G = segs[0].w.group;
-    const int64_t MT = ceil_div(M, TM);
-    bool any_q8 = false;
-    for (int s = 0; s < nseg; ++s) any_q8 = any_q8 || segs[s].w.bits == 8;
-
-    // 1. quantize activations (one tile of TM rows per task) into the tile layout
-    char* act = static_cast<char*>(
-        thread_scratch(SCRATCH_ACT, MT * TM * K + (2 * sizeof(float) + sizeof(int32_t)) * MT * TM * NG + 64));
-    AmxAct aa;
-    aa.d = reinterpret_cast<float*>(act);
-    aa.sum = aa.d + MT * TM * NG;
-    aa.corr = reinterpret_cast<int32_t*>(aa.sum + MT * TM * NG);
-    aa.q = reinterpret_cast<int8_t*>(aa.corr + MT * TM * NG);
-    auto quant = [&](int64_t mt) {
-        int8_t* row = static_cast<int8_t*>(thread_scratch(SCRATCH_ROW, K + 2 * sizeof(float) * NG));
-        float* d = reinterpret_cast<float*>(row + K);
-        float* sum = d + NG;
-        int8_t* q = aa.q + mt * NG * TM * G;
-        const int64_t tg = mt * NG * TM;  // index of (tile, group 0, row 0) in d/sum/corr
-        for (int i = 0; i < TM; ++i) {
-            const int64_t m = mt * TM + i;
-            if (m < M) {
-                quantize_row(x + m * K, K, G, row, d, sum);
-            } else {
-                std::memset(row, 0, K + 2 * sizeof(float) * NG);
-            }
-            for (int64_t g = 0; g < NG; ++g) {
-                std::memcpy(q + (g * TM + i) * G, row + g * G, G);
-                aa.d[tg + g * TM + i] = d[g];
-                aa.sum[tg + g * TM + i] = sum[g];
-                if (any_q8) {
-                    int32_t s = 0;
-                    for (int j = 0; j < G; ++j) s += row[g * G + j];
-                    aa.corr[tg + g * TM + i] = 128 * s;
-                }
-            }
-        }
-    };
-    parallel_for(MT, quant);
-
-    // 2. panels of PW weight rows (segment by segment) x ranges of activation tiles
-    int64_t first_panel[kMaxSegments + 1];
-    uint64_t keys[kMaxSegments];
-    first_panel[0] = 0;
-    for (int s = 0; s < nseg; ++s) {
-        first_panel[s + 1] = first_panel[s] + ceil_div(segs[s].w.N, PW);
-        keys[s] = rng::stream_key(segs[s].p.seed, segs[s].p.tensor_id);
-    }
-    const Partition pt = partition(first_panel[nseg] * PW, M, PW, TM, pool_num_threads());
-    const TileConfig cfg = tile_config(G);
-    auto task = [&](int64_t t) {
-        // every thread (pool workers and the caller) configures its own tiles, per task: other
-        // code on the same thread (e.g. oneDNN in torch) may have loaded another configuration
-        _tile_loadconfig(&cfg);
-        const int64_t pi = t / pt.n_mtasks, mi = t % pt.n_mtasks;
-        const int64_t m0 = mi * pt.m_per_task, m1 = std::min(M, m0 + pt.m_per_task);
-        uint8_t* panel = static_cast<uint8_t*>(thread_scratch(SCRATCH_PANEL, NG * G * PW));
-        float* sc = static_cast<float*>(thread_scratch(SCRATCH_SCALES, sizeof(float) * (2 * NG * PW + NG)));
-        float* me = sc + NG * PW;
-        float* tmp = me + NG * PW;
-        const int64_t p1 = std::min(pt.n_panels, (pi + 1) * pt.panels_per_task);
-        int s = 0;
-        for (int64_t p = pi * pt.panels_per_task; p < p1; ++p) {
-            while (p >= first_panel[s + 1]) ++s;
-            const QMatrix& w = segs[s].w;
-            const Problem pr{x, M, w, segs[s].p, nullptr};
-            const bool q8 = w.bits == 8;
-            const bool has_me = q8 || w.offset != 0 || w.mins != nullptr;
-            const int64_t n0 = (p - first_panel[s]) * PW;
-            const int ncols = static_cast<int>(std::min<int64_t>(PW, w.N - n0));
-            repack_panel(w, n0, panel, 0);
-            NextPanel next;
-            if (p + 1 < p1) {
-                const int s1 = p + 1 >= first_panel[s + 1] ? s + 1 : s;
-                next.w = &segs[s1].w;
-                next.n0 = (p + 1 - first_panel[s1]) * PW;
-            }
-            panel_scales(pr, keys[s], n0, sc, me, tmp, has_me);
-            float* y = yout + segs[s].col + n0;
-            if (G == 32) {
-                if (q8) panel_rows_amx<32, true, true>(panel, sc, me, aa, NG, M, m0, m1, y, ldy, ncols, next);
-                else if (has_me) panel_rows_amx<32, true, false>(panel, sc, me, aa, NG, M, m0, m1, y, ldy, ncols, next);
-                else panel_rows_amx<32, false, false>(panel, sc, me, aa, NG, M, m0, m1, y, ldy, ncols, next);
-            } else {
-                panel_rows_amx<16, true, true>(panel, sc, me, aa, NG, M, m0, m1, y, ldy, ncols, next);
-            }
-        }
-        _tile_release();
-    };
-    parallel_for(pt.tasks(), task);
+void qgemm_multi_amx(const float* x, int64_t M, const Segment* segs, int nseg, float* y, int64_t ldy) {
+    run_qgemm<AmxKernel>(x, M, segs, nseg, y, ldy);
 }
 
 }  // namespace edgetune

@@ -9,6 +9,7 @@
 
 #include "edgetune/thread_pool.h"
 #include "internal.h"
+#include "qgemm_driver.h"
 
 namespace edgetune {
 
@@ -94,66 +95,67 @@ void microkernel(const int16_t* panel, const float* sc, const float* mn, const i
     }
 }
 
+// Activations quantized to int8 per group (QuantAct), widened to int16 for vpmaddwd.
+struct Avx2Act {
+    const int16_t* xq;
+    const float* d;
+    const float* sum;
+};
+
 template <int P, bool MINS>
-void panel_rows(const int16_t* panel, const float* sc, const float* mn, const int16_t* xq, const float* ad,
-                const float* asum, int64_t K, int64_t NG, int64_t m0, int64_t m1, float* y, int64_t ldy, int ncols) {
+void panel_rows(const int16_t* panel, const float* sc, const float* mn, const Avx2Act& a, int64_t K, int64_t NG,
+                int64_t m0, int64_t m1, float* y, int64_t ldy, int ncols, const NextPanel& next) {
+    PanelPrefetcher pf(next, PW, ceil_div(m1 - m0, MR));
     int64_t m = m0;
-    for (; m + MR <= m1; m += MR) microkernel<MR, P, MINS>(panel, sc, mn, xq, ad, asum, K, NG, m, y, ldy, ncols);
-    if (m < m1) microkernel<1, P, MINS>(panel, sc, mn, xq, ad, asum, K, NG, m, y, ldy, ncols);
+    for (; m + MR <= m1; m += MR) {
+        pf.step();
+        microkernel<MR, P, MINS>(panel, sc, mn, a.xq, a.d, a.sum, K, NG, m, y, ldy, ncols);
+    }
+    if (m < m1) microkernel<1, P, MINS>(panel, sc, mn, a.xq, a.d, a.sum, K, NG, m, y, ldy, ncols);
 }
+
+// The avx2 microkernels in the shared driver (qgemm_driver.h).
+struct Avx2Kernel {
+    static constexpr int PW = ::edgetune::PW, MR = ::edgetune::MR;
+    static constexpr bool UNSIGNED_CODES = false;  // int16 codes q - offset; the correction is m
+    using Act = Avx2Act;
+    using Panel = int16_t;
+
+    static Act quantize(const float* x, int64_t M, int64_t K, int G, const Segment*, int) {
+        const int64_t NG = K / G;
+        char* act = static_cast<char*>(thread_scratch(SCRATCH_ACT, 3 * M * K + 2 * sizeof(float) * M * NG + 64));
+        float* ad = reinterpret_cast<float*>(act);
+        float* asum = ad + M * NG;
+        int16_t* xq16 = reinterpret_cast<int16_t*>(asum + M * NG);
+        int8_t* xq8 = reinterpret_cast<int8_t*>(xq16 + M * K);
+        auto quant = [&](int64_t m) {
+            quantize_act_row(x + m * K, K, G, xq8 + m * K, ad + m * NG, asum + m * NG);
+            for (int64_t k = 0; k < K; ++k) xq16[m * K + k] = xq8[m * K + k];
+        };
+        parallel_for(M, quant);
+        return Avx2Act{xq16, ad, asum};
+    }
+    static size_t panel_bytes(int64_t NG, int G) { return sizeof(int16_t) * NG * G * PW; }
+    static void repack(const QMatrix& w, int64_t n0, int16_t* dst) { repack_panel(w, n0, dst); }
+    static void begin_task(int) {}
+    static void end_task() {}
+    static void rows(const int16_t* panel, const float* sc, const float* mn, bool mins, const Avx2Act& a,
+                     const QMatrix& w, int64_t K, int64_t NG, int64_t, int64_t m0, int64_t m1, float* y,
+                     int64_t ldy, int ncols, const NextPanel& next) {
+        if (w.group == 32) {
+            if (mins) panel_rows<16, true>(panel, sc, mn, a, K, NG, m0, m1, y, ldy, ncols, next);
+            else panel_rows<16, false>(panel, sc, mn, a, K, NG, m0, m1, y, ldy, ncols, next);
+        } else {
+            if (mins) panel_rows<8, true>(panel, sc, mn, a, K, NG, m0, m1, y, ldy, ncols, next);
+            else panel_rows<8, false>(panel, sc, mn, a, K, NG, m0, m1, y, ldy, ncols, next);
+        }
+    }
+};
 
 }  // namespace
 
-void qgemm_avx2(const Problem& pr) {
-    const QMatrix& w = pr.w;
-    const int64_t M = pr.M, N = w.N, K = w.K, NG = w.n_groups();
-    const int G = w.group;
-
-    // activations: int8 quantization per group, widened to int16 for vpmaddwd
-    char* act = static_cast<char*>(thread_scratch(SCRATCH_ACT, 3 * M * K + 2 * sizeof(float) * M * NG + 64));
-    float* ad = reinterpret_cast<float*>(act);
-    float* asum = ad + M * NG;
-    int16_t* xq16 = reinterpret_cast<int16_t*>(asum + M * NG);
-    int8_t* xq8 = reinterpret_cast<int8_t*>(xq16 + M * K);
-    auto quant = [&](int64_t m) {
-        quantize_act_row(pr.x + m * K, K, G, xq8 + m * K, ad + m * NG, asum + m * NG);
-        for (int64_t k = 0; k < K; ++k) xq16[m * K + k] = xq8[m * K + k];
-    };
-    parallel_for(M, quant);
-
-    const Partition pt = partition(N, M, PW, MR, pool_num_threads());
-    const uint64_t key = rng::stream_key(pr.p.seed, pr.p.tensor_id);
-    auto task = [&](int64_t t) {
-        const int64_t pi = t / pt.n_mtasks, mi = t % pt.n_mtasks;
-        const int64_t m0 = mi * pt.m_per_task, m1 = std::min(M, m0 + pt.m_per_task);
-        int16_t* panel = static_cast<int16_t*>(thread_scratch(SCRATCH_PANEL, sizeof(int16_t) * NG * G * PW));
-        float* sc = static_cast<float*>(thread_scratch(SCRATCH_SCALES, sizeof(float) * (2 * NG * PW + NG)));
-        float* mn = sc + NG * PW;
-        float* tmp = mn + NG * PW;
-        const int64_t p1 = std::min(pt.n_panels, (pi + 1) * pt.panels_per_task);
-        for (int64_t p = pi * pt.panels_per_task; p < p1; ++p) {
-            const int64_t n0 = p * PW;
-            const int ncols = static_cast<int>(std::min<int64_t>(PW, N - n0));
-            repack_panel(w, n0, panel);
-            for (int r = 0; r < PW; ++r) {
-                const int64_t n = n0 + r;
-                if (n < N) scale_row(w, pr.p, key, n, tmp);
-                for (int64_t g = 0; g < NG; ++g) {
-                    sc[g * PW + r] = n < N ? tmp[g] : 0.0f;
-                    mn[g * PW + r] = (n < N && w.mins) ? w.mins[n * NG + g] : 0.0f;
-                }
-            }
-            float* y = pr.y + n0;
-            if (G == 32) {
-                if (w.mins) panel_rows<16, true>(panel, sc, mn, xq16, ad, asum, K, NG, m0, m1, y, N, ncols);
-                else panel_rows<16, false>(panel, sc, mn, xq16, ad, asum, K, NG, m0, m1, y, N, ncols);
-            } else {
-                if (w.mins) panel_rows<8, true>(panel, sc, mn, xq16, ad, asum, K, NG, m0, m1, y, N, ncols);
-                else panel_rows<8, false>(panel, sc, mn, xq16, ad, asum, K, NG, m0, m1, y, N, ncols);
-            }
-        }
-    };
-    parallel_for(pt.tasks(), task);
+void qgemm_multi_avx2(const float* x, int64_t M, const Segment* segs, int nseg, float* y, int64_t ldy) {
+    run_qgemm<Avx2Kernel>(x, M, segs, nseg, y, ldy);
 }
 
 }  // namespace edgetune

@@ -14,6 +14,7 @@
 
 #include "edgetune/thread_pool.h"
 #include "internal.h"
+#include "qgemm_driver.h"
 #include "qgemm_x86_panel.h"
 
 namespace edgetune {
@@ -103,16 +104,19 @@ void microkernel(const uint8_t* panel, const float* sc, const float* me, const Q
 }
 
 template <int QPG, bool ME>
-void panel_rows(const uint8_t* panel, const float* sc, const float* me, const QuantAct& a,
-                int64_t K, int64_t NG, int64_t m0, int64_t m1, float* y, int64_t ldy, int ncols) {
+void panel_rows(const uint8_t* panel, const float* sc, const float* me, const QuantAct& a, int64_t K,
+                int64_t NG, int64_t m0, int64_t m1, float* y, int64_t ldy, int ncols, const NextPanel& next) {
     const __mmask16 k0 = ncols >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << ncols) - 1);
     const __mmask16 k1 = ncols >= 32 ? 0xFFFF : ncols <= 16 ? 0 : static_cast<__mmask16>((1u << (ncols - 16)) - 1);
+    PanelPrefetcher pf(next, PW, ceil_div(NG, KCG) * ceil_div(m1 - m0, MR));
     for (int64_t g0 = 0; g0 < NG; g0 += KCG) {
         const int64_t g1 = std::min(NG, g0 + KCG);
         const bool first = g0 == 0;
         int64_t m = m0;
-        for (; m + MR <= m1; m += MR)
+        for (; m + MR <= m1; m += MR) {
+            pf.step();
             microkernel<MR, QPG, ME>(panel, sc, me, a, K, NG, m, g0, g1, y, ldy, k0, k1, first);
+        }
         switch (m1 - m) {
             case 5: microkernel<5, QPG, ME>(panel, sc, me, a, K, NG, m, g0, g1, y, ldy, k0, k1, first); break;
             case 4: microkernel<4, QPG, ME>(panel, sc, me, a, K, NG, m, g0, g1, y, ldy, k0, k1, first); break;
@@ -124,72 +128,50 @@ void panel_rows(const uint8_t* panel, const float* sc, const float* me, const Qu
     }
 }
 
+// The avx512 microkernels in the shared driver (qgemm_driver.h).
+struct Avx512Kernel {
+    static constexpr int PW = ::edgetune::PW, MR = ::edgetune::MR;
+    static constexpr bool UNSIGNED_CODES = true;  // vpdpbusd: u8 codes x s8 activations
+    using Act = QuantAct;
+    using Panel = uint8_t;
+
+    static Act quantize(const float* x, int64_t M, int64_t K, int G, const Segment*, int) {
+        const int64_t NG = K / G;
+        char* act = static_cast<char*>(thread_scratch(SCRATCH_ACT, M * K + 2 * sizeof(float) * M * NG + 64));
+        QuantAct a;
+        a.d = reinterpret_cast<float*>(act);
+        a.sum = a.d + M * NG;
+        a.q = reinterpret_cast<int8_t*>(a.sum + M * NG);
+        constexpr int64_t QROWS = 16;
+        auto quant = [&](int64_t t) {
+            for (int64_t m = t * QROWS; m < std::min(M, (t + 1) * QROWS); ++m)
+                quantize_row(x + m * K, K, G, a.q + m * K, a.d + m * NG, a.sum + m * NG);
+        };
+        parallel_for(ceil_div(M, QROWS), quant);
+        return a;
+    }
+    static size_t panel_bytes(int64_t NG, int G) { return NG * G * PW; }
+    static void repack(const QMatrix& w, int64_t n0, uint8_t* dst) { repack_panel(w, n0, dst, 0x80); }
+    static void begin_task(int) {}
+    static void end_task() {}
+    static void rows(const uint8_t* panel, const float* sc, const float* me, bool has_me, const QuantAct& a,
+                     const QMatrix& w, int64_t K, int64_t NG, int64_t, int64_t m0, int64_t m1, float* y,
+                     int64_t ldy, int ncols, const NextPanel& next) {
+        if (w.group == 32) {
+            if (has_me) panel_rows<8, true>(panel, sc, me, a, K, NG, m0, m1, y, ldy, ncols, next);
+            else panel_rows<8, false>(panel, sc, me, a, K, NG, m0, m1, y, ldy, ncols, next);
+        } else {
+            panel_rows<4, true>(panel, sc, me, a, K, NG, m0, m1, y, ldy, ncols, next);  // q8: always
+        }
+    }
+};
+
 }  // namespace
 
-void qgemm_avx512(const Problem& pr) {
-    const Segment seg{pr.w, pr.p, 0};
-    qgemm_multi_avx512(pr.x, pr.M, &seg, 1, pr.y, pr.w.N);
-}
-
-// Several matrices sharing x (same K and group): one activation quantization, one parallel_for
-// over the panels of all segments; segment s writes columns [col, col + N_s) of y (row stride ldy).
-void qgemm_multi_avx512(const float* x, int64_t M, const Segment* segs, int nseg, float* yout, int64_t ldy) {
-    const int64_t K = segs[0].w.K, NG = segs[0].w.n_groups();
-    const int G = segs[0].w.group;
-
-    // 1. quantize activations (rows in parallel)
-    char* act = static_cast<char*>(thread_scratch(SCRATCH_ACT, M * K + 2 * sizeof(float) * M * NG + 64));
-    QuantAct a;
-    a.d = reinterpret_cast<float*>(act);
-    a.sum = a.d + M * NG;
-    a.q = reinterpret_cast<int8_t*>(a.sum + M * NG);
-    constexpr int64_t QROWS = 16;
-    auto quant = [&](int64_t t) {
-        for (int64_t m = t * QROWS; m < std::min(M, (t + 1) * QROWS); ++m)
-            quantize_row(x + m * K, K, G, a.q + m * K, a.d + m * NG, a.sum + m * NG);
-    };
-    parallel_for(ceil_div(M, QROWS), quant);
-
-    // 2. panels of PW weight rows (segment by segment) x ranges of activation rows
-    int64_t first_panel[17];
-    uint64_t keys[16];
-    first_panel[0] = 0;
-    int64_t total_n = 0;
-    for (int s = 0; s < nseg; ++s) {
-        first_panel[s + 1] = first_panel[s] + ceil_div(segs[s].w.N, PW);
-        keys[s] = rng::stream_key(segs[s].p.seed, segs[s].p.tensor_id);
-        total_n += segs[s].w.N;
-    }
-    const Partition pt = partition(first_panel[nseg] * PW, M, PW, MR, pool_num_threads());
-    auto task = [&](int64_t t) {
-        const int64_t pi = t / pt.n_mtasks, mi = t % pt.n_mtasks;
-        const int64_t m0 = mi * pt.m_per_task, m1 = std::min(M, m0 + pt.m_per_task);
-        uint8_t* panel = static_cast<uint8_t*>(thread_scratch(SCRATCH_PANEL, NG * G * PW));
-        float* sc = static_cast<float*>(thread_scratch(SCRATCH_SCALES, sizeof(float) * (2 * NG * PW + NG)));
-        float* me = sc + NG * PW;
-        float* tmp = me + NG * PW;
-        const int64_t p1 = std::min(pt.n_panels, (pi + 1) * pt.panels_per_task);
-        int s = 0;
-        for (int64_t p = pi * pt.panels_per_task; p < p1; ++p) {
-            while (p >= first_panel[s + 1]) ++s;
-            const QMatrix& w = segs[s].w;
-            const Problem pr{x, M, w, segs[s].p, nullptr};
-            const bool has_me = w.bits == 8 || w.offset != 0 || w.mins != nullptr;
-            const int64_t n0 = (p - first_panel[s]) * PW;
-            const int ncols = static_cast<int>(std::min<int64_t>(PW, w.N - n0));
-            repack_panel(w, n0, panel, 0x80);
-            panel_scales(pr, keys[s], n0, sc, me, tmp, has_me);
-            float* y = yout + segs[s].col + n0;
-            if (G == 32) {
-                if (has_me) panel_rows<8, true>(panel, sc, me, a, K, NG, m0, m1, y, ldy, ncols);
-                else panel_rows<8, false>(panel, sc, me, a, K, NG, m0, m1, y, ldy, ncols);
-            } else {
-                panel_rows<4, true>(panel, sc, me, a, K, NG, m0, m1, y, ldy, ncols);
-            }
-        }
-    };
-    parallel_for(pt.tasks(), task);
-    (void)total_n;
+// Several matrices sharing x (same K and group); segment s writes columns [col, col + N_s) of y
+// (row stride ldy).
+void qgemm_multi_avx512(const float* x, int64_t M, const Segment* segs, int nseg, float* y, int64_t ldy) {
+    run_qgemm<Avx512Kernel>(x, M, segs, nseg, y, ldy);
 }
 
 }  // namespace edgetune

@@ -13,6 +13,7 @@
 
 #include "edgetune/thread_pool.h"
 #include "internal.h"
+#include "qgemm_driver.h"
 
 namespace edgetune {
 
@@ -105,60 +106,55 @@ void microkernel(const int8_t* panel, const float* sc, const float* mn, const Qu
 
 template <int Q, bool MINS>
 void panel_rows(const int8_t* panel, const float* sc, const float* mn, const QuantAct& a, int64_t K, int64_t NG,
-                int64_t m0, int64_t m1, float* y, int64_t ldy, int ncols) {
+                int64_t m0, int64_t m1, float* y, int64_t ldy, int ncols, const NextPanel& next) {
+    PanelPrefetcher pf(next, PW, ceil_div(m1 - m0, MR));
     int64_t m = m0;
-    for (; m + MR <= m1; m += MR) microkernel<MR, Q, MINS>(panel, sc, mn, a, K, NG, m, y, ldy, ncols);
+    for (; m + MR <= m1; m += MR) {
+        pf.step();
+        microkernel<MR, Q, MINS>(panel, sc, mn, a, K, NG, m, y, ldy, ncols);
+    }
     for (; m < m1; ++m) microkernel<1, Q, MINS>(panel, sc, mn, a, K, NG, m, y, ldy, ncols);
 }
 
+// The neon microkernels in the shared driver (qgemm_driver.h).
+struct NeonKernel {
+    static constexpr int PW = ::edgetune::PW, MR = ::edgetune::MR;
+    static constexpr bool UNSIGNED_CODES = false;  // int8 codes q - offset; the correction is m
+    using Act = QuantAct;
+    using Panel = int8_t;
+
+    static Act quantize(const float* x, int64_t M, int64_t K, int G, const Segment*, int) {
+        const int64_t NG = K / G;
+        char* act = static_cast<char*>(thread_scratch(SCRATCH_ACT, M * K + 2 * sizeof(float) * M * NG + 64));
+        QuantAct a;
+        a.d = reinterpret_cast<float*>(act);
+        a.sum = a.d + M * NG;
+        a.q = reinterpret_cast<int8_t*>(a.sum + M * NG);
+        auto quant = [&](int64_t m) { quantize_act_row(x + m * K, K, G, a.q + m * K, a.d + m * NG, a.sum + m * NG); };
+        parallel_for(M, quant);
+        return a;
+    }
+    static size_t panel_bytes(int64_t NG, int G) { return NG * G * PW; }
+    static void repack(const QMatrix& w, int64_t n0, int8_t* dst) { repack_panel(w, n0, dst); }
+    static void begin_task(int) {}
+    static void end_task() {}
+    static void rows(const int8_t* panel, const float* sc, const float* mn, bool mins, const QuantAct& a,
+                     const QMatrix& w, int64_t K, int64_t NG, int64_t, int64_t m0, int64_t m1, float* y,
+                     int64_t ldy, int ncols, const NextPanel& next) {
+        if (w.group == 32) {
+            if (mins) panel_rows<8, true>(panel, sc, mn, a, K, NG, m0, m1, y, ldy, ncols, next);
+            else panel_rows<8, false>(panel, sc, mn, a, K, NG, m0, m1, y, ldy, ncols, next);
+        } else {
+            if (mins) panel_rows<4, true>(panel, sc, mn, a, K, NG, m0, m1, y, ldy, ncols, next);
+            else panel_rows<4, false>(panel, sc, mn, a, K, NG, m0, m1, y, ldy, ncols, next);
+        }
+    }
+};
+
 }  // namespace
 
-void qgemm_neon(const Problem& pr) {
-    const QMatrix& w = pr.w;
-    const int64_t M = pr.M, N = w.N, K = w.K, NG = w.n_groups();
-    const int G = w.group;
-
-    char* act = static_cast<char*>(thread_scratch(SCRATCH_ACT, M * K + 2 * sizeof(float) * M * NG + 64));
-    QuantAct a;
-    a.d = reinterpret_cast<float*>(act);
-    a.sum = a.d + M * NG;
-    a.q = reinterpret_cast<int8_t*>(a.sum + M * NG);
-    auto quant = [&](int64_t m) { quantize_act_row(pr.x + m * K, K, G, a.q + m * K, a.d + m * NG, a.sum + m * NG); };
-    parallel_for(M, quant);
-
-    const Partition pt = partition(N, M, PW, MR, pool_num_threads());
-    const uint64_t key = rng::stream_key(pr.p.seed, pr.p.tensor_id);
-    auto task = [&](int64_t t) {
-        const int64_t pi = t / pt.n_mtasks, mi = t % pt.n_mtasks;
-        const int64_t m0 = mi * pt.m_per_task, m1 = std::min(M, m0 + pt.m_per_task);
-        int8_t* panel = static_cast<int8_t*>(thread_scratch(SCRATCH_PANEL, NG * G * PW));
-        float* sc = static_cast<float*>(thread_scratch(SCRATCH_SCALES, sizeof(float) * (2 * NG * PW + NG)));
-        float* mn = sc + NG * PW;
-        float* tmp = mn + NG * PW;
-        const int64_t p1 = std::min(pt.n_panels, (pi + 1) * pt.panels_per_task);
-        for (int64_t p = pi * pt.panels_per_task; p < p1; ++p) {
-            const int64_t n0 = p * PW;
-            const int ncols = static_cast<int>(std::min<int64_t>(PW, N - n0));
-            repack_panel(w, n0, panel);
-            for (int r = 0; r < PW; ++r) {
-                const int64_t n = n0 + r;
-                if (n < N) scale_row(w, pr.p, key, n, tmp);
-                for (int64_t g = 0; g < NG; ++g) {
-                    sc[g * PW + r] = n < N ? tmp[g] : 0.0f;
-                    mn[g * PW + r] = (n < N && w.mins) ? w.mins[n * NG + g] : 0.0f;
-                }
-            }
-            float* y = pr.y + n0;
-            if (G == 32) {
-                if (w.mins) panel_rows<8, true>(panel, sc, mn, a, K, NG, m0, m1, y, N, ncols);
-                else panel_rows<8, false>(panel, sc, mn, a, K, NG, m0, m1, y, N, ncols);
-            } else {
-                if (w.mins) panel_rows<4, true>(panel, sc, mn, a, K, NG, m0, m1, y, N, ncols);
-                else panel_rows<4, false>(panel, sc, mn, a, K, NG, m0, m1, y, N, ncols);
-            }
-        }
-    };
-    parallel_for(pt.tasks(), task);
+void qgemm_multi_neon(const float* x, int64_t M, const Segment* segs, int nseg, float* y, int64_t ldy) {
+    run_qgemm<NeonKernel>(x, M, segs, nseg, y, ldy);
 }
 
 }  // namespace edgetune

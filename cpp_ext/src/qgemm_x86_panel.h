@@ -1,5 +1,5 @@
 // qgemm_x86_panel.h — the AVX-512 pieces shared by the avx512 and amx paths: activation
-// quantization, weight-panel repacking (VNNI layout) and panel scales.  Include only from
+// quantization and weight-panel repacking (VNNI layout).  Include only from
 // translation units compiled with -mavx512f/bw/vl/dq (everything here is TU-local, see internal.h).
 #pragma once
 
@@ -160,30 +160,6 @@ void repack_panel(const QMatrix& w, int64_t n0, uint8_t* dst, uint8_t q8_xor) {
                     for (int d = 0; d < 4; ++d)
                         _mm512_store_si512(dg + (d + 4) * 128 + t * 64, _mm512_xor_si512(o[d], sign));
                 }
-            }
-        }
-    }
-}
-
-// Panel scales sc[g][PW] (perturbed) and group corrections me[g][PW] = m - off*sc.
-void panel_scales(const Problem& pr, uint64_t key, int64_t n0, float* sc, float* me, float* tmp,
-                  bool has_me) {
-    const QMatrix& w = pr.w;
-    const int64_t NG = w.n_groups();
-    const float off = w.bits == 8 ? 128.0f : static_cast<float>(w.offset);
-    for (int nn = 0; nn < PW; ++nn) {
-        const int64_t n = n0 + nn;
-        if (n >= w.N) {
-            for (int64_t g = 0; g < NG; ++g) sc[g * PW + nn] = me[g * PW + nn] = 0.0f;
-            continue;
-        }
-        scale_row(w, pr.p, key, n, tmp);
-        for (int64_t g = 0; g < NG; ++g) sc[g * PW + nn] = tmp[g];
-        if (has_me) {
-            const float* mn = w.mins ? w.mins + n * NG : nullptr;
-            for (int64_t g = 0; g < NG; ++g) {
-                const float t = off * tmp[g];
-                me[g * PW + nn] = (mn ? mn[g] : 0.0f) - t;
             }
         }
     }
