@@ -167,6 +167,13 @@ void panel_block(const uint8_t* panel, const float* sc, const float* me, const A
                  int64_t mt, int nrows, float* y, int64_t ldy, int ncols) {
     alignas(64) int32_t cbuf[2][GB][4][TM * 16];
     alignas(64) float yacc[2 * TM][PW];
+    // the output block's lines are fetched into L2 now, so that its stores at the end do not wait
+    // for memory (rows ldy apart, often a multiple of 4 KB: such a burst of misses measured up to
+    // 40% of the time)
+    for (int r = 0; r < nrows; ++r) {
+        _mm_prefetch(reinterpret_cast<const char*>(y + r * ldy), _MM_HINT_T1);
+        if (ncols > 16) _mm_prefetch(reinterpret_cast<const char*>(y + r * ldy + 16), _MM_HINT_T1);
+    }
     const int8_t* xq0 = aa.q + mt * NG * TM * G;
     const int8_t* xq1 = xq0 + NG * TM * G;
     const int64_t t1 = MB == 2 ? mt + 1 : mt;
