@@ -314,8 +314,28 @@ def test_block_ops_vs_torch():
 # --- the AMX path: bit for bit the avx512 path ----------------------------------------------------
 
 AMX_FORMATS = [("q4", 8, False), ("q4", 0, True), ("q4", 0, False), ("q8", 32, False), ("q8", 16, True)]
-needs_amx = pytest.mark.skipif("amx" not in PATHS, reason="no AMX-INT8 here (CPU without it, or the "
-                               "OS refused the tile state): the amx path cannot run")
+needs_amx = pytest.mark.skipif("amx" not in PATHS, reason="no AMX-INT8 here (CPU without it, the OS "
+                               "refused the tile state, or EDGETUNE_AMX=0): the amx path cannot run")
+
+
+def test_amx_switch_off():
+    """EDGETUNE_AMX=0 removes the amx path (best path falls back to avx512); without it, a CPU that
+    lists amx_int8 in /proc/cpuinfo gets the amx path (the permission request succeeds on Linux)."""
+    import os
+    import subprocess
+    import sys
+    code = "from edgetune import kernels; print(' '.join(kernels.available_paths()))"
+    env = dict(os.environ, EDGETUNE_AMX="0")
+    off = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert "amx" not in off.stdout.split()
+    assert ("avx512" in off.stdout.split()) == ("avx512" in PATHS)
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu_amx = "amx_int8" in f.read().split()
+    except OSError:
+        cpu_amx = False
+    if cpu_amx and "avx512" in PATHS and os.environ.get("EDGETUNE_AMX") != "0":
+        assert "amx" in PATHS and kernels.best_path() == "amx"
 
 
 @needs_amx

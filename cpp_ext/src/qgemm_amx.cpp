@@ -12,15 +12,17 @@
 //  * the same fp32 epilogue per group, in the same order: y = fma(float(dot), s'·d, y), then
 //    y = fma(m - off·s', d·Σq, y) (see qgemm_avx512.cpp).
 // Blocking: 32 activation rows x one 32-row weight panel (2 x 2 tiles), 4 TDPs per group; the C
-// tiles of GB groups are stored to an L1 buffer and folded into the fp32 block (2 KB-4 KB, L1) in
+// tiles of GB groups are stored to an L1 buffer and folded into the fp32 block (32 x 32, L1) in
 // one pass.  A TDP covers one group (K = 32 or 16), so every TDP costs a 1 KB tile store plus the
 // fp32 epilogue: measured on a Sapphire Rapids VM, TMUL and AVX-512 work do not overlap there, and
 // that epilogue (cvt, mul, fma, fma per 16 outputs and group) is what bounds this path.
 // The next panel's codes are prefetched into L2 while the current one computes.
 #include <immintrin.h>
+#include <cpuid.h>
+#if defined(__linux__)
 #include <sys/syscall.h>
 #include <unistd.h>
-#include <cpuid.h>
+#endif
 
 #include <algorithm>
 #include <cstdlib>
@@ -35,8 +37,10 @@ namespace edgetune {
 
 namespace {
 
+#if defined(__linux__)
 constexpr long kArchReqXcompPerm = 0x1023;  // arch_prctl: ARCH_REQ_XCOMP_PERM
 constexpr long kXfeatureXtiledata = 18;
+#endif
 
 bool detect_amx() {
     // EDGETUNE_AMX=0 turns the path off (e.g. to compare with avx512 in a whole-model benchmark)
@@ -52,9 +56,13 @@ bool detect_amx() {
     __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
     const uint64_t xcr0 = (static_cast<uint64_t>(hi) << 32) | lo;
     if ((xcr0 & (3ull << 17)) != (3ull << 17)) return false;  // OS manages XTILECFG + XTILEDATA
+#if defined(__linux__)
     // Linux keeps the tile data disabled (XFD) until the process asks for it; without this a
     // tile instruction faults.  The permission is process-wide and asked for once.
     return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+    return false;  // no known way to ask this OS for the tile state: never risk a fault
+#endif
 }
 
 // LDTILECFG's 64-byte memory operand.
