@@ -390,6 +390,10 @@ PYBIND11_MODULE(_kernels, m) {
           py::arg("cos"), py::arg("sin"), py::arg("neox"), py::arg("scale"), py::arg("out"), py::arg("window") = 0,
           "causal attention with RoPE; q/k/v/out [B*T, heads*hd]; window > 0: key j hidden from query p when "
           "p - j >= window");
+    m.def("ops_simd", &ops_simd, "whether rms_norm/silu_mul/attention run as AVX-512 intrinsics");
+    m.def("ops_set_simd", &ops_set_simd, py::arg("on"),
+          "use the AVX-512 intrinsics (default where the CPU has AVX-512F) or force the portable loops; "
+          "returns whether the intrinsics are used now");
     m.def("block_forward",
           [](py::array h, py::array out, py::tuple cfg, py::list layers, int64_t B, int64_t T, py::array cos,
              py::array sin, const std::string& path_s) {

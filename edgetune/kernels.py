@@ -491,3 +491,15 @@ def available_paths() -> list:
 
 def best_path() -> str:
     return _kernels.best_path() if HAVE_KERNELS else "numpy"
+
+
+def ops_simd() -> bool:
+    """Whether rms_norm / silu_mul / attention and the rng stream run as AVX-512 intrinsics
+    (else as the portable C++ loops; both are bit-identical)."""
+    return bool(_kernels.ops_simd()) if HAVE_KERNELS else False
+
+
+def ops_set_simd(on: bool) -> bool:
+    """Use the AVX-512 intrinsics (the default where the CPU has them) or force the portable
+    loops (tests compare the two); returns whether the intrinsics are used now."""
+    return bool(_kernels.ops_set_simd(bool(on))) if HAVE_KERNELS else False

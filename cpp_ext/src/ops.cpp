@@ -1,14 +1,18 @@
 // ops.cpp — RMSNorm, SiLU*up, causal attention with RoPE (see ops.h).  Plain C++ written so the
 // compiler vectorizes it (no reductions that need reassociation); on x86-64 every entry point is
-// cloned for AVX-512 / AVX2 / baseline and picked at load time (target_clones).
+// cloned for AVX-512 / AVX2 / baseline and picked at load time (target_clones).  These loops
+// define the arithmetic; on CPUs with AVX-512F the row kernels run as ops_avx512.cpp's
+// bit-identical intrinsics instead (ops_set_simd(false) forces the loops, for tests).
 #include "edgetune/ops.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <vector>
 
 #include "edgetune/thread_pool.h"
+#include "ops_internal.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define ET_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -93,16 +97,6 @@ inline void rope_row(const float* src, float* dst, const float* c, const float* 
     for (int64_t i = rd; i < hd; ++i) dst[i] = src[i];
 }
 
-struct AttnArgs {
-    const float *q, *k, *v;
-    int64_t ldq, ldk, ldv, B, T, H, Hkv, hd;
-    const float *cos, *sin;
-    int64_t rd;
-    bool neox;
-    float scale;
-    float* out;
-};
-
 ET_CLONES void attention_task(const AttnArgs& a, int64_t b, int64_t j) {
     const int64_t T = a.T, hd = a.hd, half = a.rd / 2;
     thread_local std::vector<float> buf;
@@ -147,18 +141,46 @@ ET_CLONES void attention_task(const AttnArgs& a, int64_t b, int64_t j) {
     }
 }
 
+#if defined(EDGETUNE_HAVE_AVX512)
+bool simd_default() { return cpu_has_avx512f(); }
+#else
+bool simd_default() { return false; }
+#endif
+std::atomic<bool> g_simd{simd_default()};
+
 }  // namespace
 
+bool ops_simd() { return g_simd.load(std::memory_order_relaxed); }
+
+bool ops_set_simd(bool on) {
+    g_simd.store(on && simd_default(), std::memory_order_relaxed);
+    return ops_simd();
+}
+
 void rms_norm(const float* x, int64_t M, int64_t D, int64_t ldx, const float* w, float eps, float* out) {
+#if defined(EDGETUNE_HAVE_AVX512)
+    const bool simd = ops_simd();
+#endif
     auto task = [&](int64_t t) {
-        rms_rows(x, t * ROWS_PER_TASK, std::min(M, (t + 1) * ROWS_PER_TASK), D, ldx, w, eps, out);
+        const int64_t m0 = t * ROWS_PER_TASK, m1 = std::min(M, (t + 1) * ROWS_PER_TASK);
+#if defined(EDGETUNE_HAVE_AVX512)
+        if (simd) return rms_rows_avx512(x, m0, m1, D, ldx, w, eps, out);
+#endif
+        rms_rows(x, m0, m1, D, ldx, w, eps, out);
     };
     parallel_for((M + ROWS_PER_TASK - 1) / ROWS_PER_TASK, task);
 }
 
 void silu_mul(const float* g, const float* u, int64_t M, int64_t F, int64_t ld, float* out) {
+#if defined(EDGETUNE_HAVE_AVX512)
+    const bool simd = ops_simd();
+#endif
     auto task = [&](int64_t t) {
-        silu_rows(g, u, t * ROWS_PER_TASK, std::min(M, (t + 1) * ROWS_PER_TASK), F, ld, out);
+        const int64_t m0 = t * ROWS_PER_TASK, m1 = std::min(M, (t + 1) * ROWS_PER_TASK);
+#if defined(EDGETUNE_HAVE_AVX512)
+        if (simd) return silu_rows_avx512(g, u, m0, m1, F, ld, out);
+#endif
+        silu_rows(g, u, m0, m1, F, ld, out);
     };
     parallel_for((M + ROWS_PER_TASK - 1) / ROWS_PER_TASK, task);
 }
@@ -167,7 +189,15 @@ void attention(const float* q, const float* k, const float* v, int64_t ldq, int6
                int64_t B, int64_t T, int64_t H, int64_t Hkv, int64_t hd, const float* cos, const float* sin,
                int64_t rope_dim, bool neox, float scale, float* out) {
     const AttnArgs a{q, k, v, ldq, ldk, ldv, B, T, H, Hkv, hd, cos, sin, rope_dim, neox, scale, out};
-    auto task = [&](int64_t t) { attention_task(a, t / Hkv, t % Hkv); };
+#if defined(EDGETUNE_HAVE_AVX512)
+    const bool simd = ops_simd() && attention_avx512_ok(a);
+#endif
+    auto task = [&](int64_t t) {
+#if defined(EDGETUNE_HAVE_AVX512)
+        if (simd) return attention_task_avx512(a, t / Hkv, t % Hkv);
+#endif
+        attention_task(a, t / Hkv, t % Hkv);
+    };
     parallel_for(B * Hkv, task);
 }
 

@@ -22,4 +22,10 @@ void attention(const float* q, const float* k, const float* v, int64_t ldq, int6
                int64_t B, int64_t T, int64_t H, int64_t Hkv, int64_t hd, const float* cos, const float* sin,
                int64_t rope_dim, bool neox, float scale, float* out);
 
+// The row kernels above run as AVX-512 intrinsics on CPUs that have AVX-512F, else as portable
+// loops; both are bit-identical.  ops_set_simd(false) forces the loops (tests compare the two);
+// ops_set_simd(true) restores the default.  Returns whether the intrinsics are now used.
+bool ops_simd();
+bool ops_set_simd(bool on);
+
 }  // namespace edgetune

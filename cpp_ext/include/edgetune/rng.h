@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 #if defined(__GNUC__) || defined(__clang__)
 #define EDGETUNE_ALWAYS_INLINE inline __attribute__((always_inline))
@@ -40,7 +41,14 @@ EDGETUNE_ALWAYS_INLINE uint64_t bits(uint64_t key, uint64_t index) {
     return mix(key + (index + 1) * GOLDEN);
 }
 
-EDGETUNE_ALWAYS_INLINE float rademacher(uint64_t b) { return (b >> 63) ? -1.0f : 1.0f; }
+// +-1.0f from the top bit, built as float bits: branch-free (a branch on a random bit mispredicts
+// half the time, which made regenerating z 4x slower than the Gaussian)
+EDGETUNE_ALWAYS_INLINE float rademacher(uint64_t b) {
+    const uint32_t u = 0x3F800000u | (static_cast<uint32_t>(b >> 63) << 31);
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+}
 
 EDGETUNE_ALWAYS_INLINE float gaussian(uint64_t b) {
     const int64_t s = static_cast<int64_t>((b & 0xFFFF) + ((b >> 16) & 0xFFFF) +
