@@ -291,7 +291,8 @@ class StepBatches:
         self._epoch, self._list = None, None
 
     def get(self, step: int):
-        total = len(self.enc.dataset.split("train"))
+        idx = self.enc.dataset.split_index.get("train")   # O(1): split() copies ~37k records
+        total = len(idx) if idx is not None else len(self.enc.dataset.split("train"))
         pool = min(total, self.limit) if self.limit else total
         n = pool // self.batch_size
         if n == 0:

@@ -190,3 +190,22 @@ def test_rng_stream_bit_exact(path, dist):
             base = np.linspace(-1, 1, n).astype(f32)
             got = kernels.rng_axpy(base.copy(), 0.37, seed, 77, dist, off)
             np.testing.assert_array_equal(got, base + f32(0.37) * z)
+
+
+@pytest.mark.parametrize("dist", ["rademacher", "gaussian"])
+def test_perturb_apply_is_the_numpy_expression(dist):
+    """trainable.Perturb.apply (the LoRA/norm/bias values of a perturbed pass) regenerates z in
+    C++ and adds it in place; the result is the documented numpy expression bit for bit."""
+    from edgetune.zo.trainable import Param, Perturb
+    r = np.random.default_rng(3)
+    for shape in [(8, 576), (576,), (3, 5, 7), ()]:
+        v = r.standard_normal(shape).astype(f32)
+        p = Param("blk.0.attn_norm.weight", "norm", v.copy(), 100003, pscale=0.0371)
+        for seed, sign in [(5, 1), (2**63 + 11, -1)]:
+            pe = Perturb(seed, 1e-3, sign, dist)
+            z = rng.perturbation(seed, p.tensor_id, shape, dist)
+            got = pe.apply(p)
+            assert got.dtype == f32 and got.shape == shape
+            np.testing.assert_array_equal(got, v + f32(pe.eps * pe.sign * p.pscale) * z)
+            np.testing.assert_array_equal(pe.z(p), z)
+            np.testing.assert_array_equal(p.value, v)      # the Param itself is untouched

@@ -81,10 +81,16 @@ class Perturb:
     dist: str = "rademacher"
 
     def z(self, p: Param) -> np.ndarray:
-        return rng.perturbation(self.seed, p.tensor_id, p.value.shape, self.dist)
+        from .. import kernels   # zo.rng's stream, generated in C++ (bit-identical; numpy fallback)
+        return kernels.rng_perturbation(self.seed, p.tensor_id, p.value.shape, self.dist)
 
     def apply(self, p: Param) -> np.ndarray:
-        return p.value + np.float32(self.eps * self.sign * p.pscale) * self.z(p)
+        """p.value + float32(eps * sign * pscale) * z, without materialising z (kernels.rng_axpy
+        rounds exactly like that numpy expression)."""
+        from .. import kernels
+        out = np.array(p.value, dtype=np.float32, order="C")
+        return kernels.rng_axpy(out, float(np.float32(self.eps * self.sign * p.pscale)), self.seed,
+                                p.tensor_id, self.dist)
 
 
 @dataclass
