@@ -209,3 +209,32 @@ def test_perturb_apply_is_the_numpy_expression(dist):
             np.testing.assert_array_equal(got, v + f32(pe.eps * pe.sign * p.pscale) * z)
             np.testing.assert_array_equal(pe.z(p), z)
             np.testing.assert_array_equal(p.value, v)      # the Param itself is untouched
+
+
+@pytest.mark.parametrize("dist", ["rademacher", "gaussian"])
+def test_perturbed_gemm_scales_same_on_both_rng_paths(dist):
+    """The GEMMs regenerate each weight row's perturbed scales with rng_ops' 8-lane loop
+    (internal.h scale_row -> rng_add_scaled): the outputs equal those of the scalar loop bit
+    for bit, and those of the kernel given numpy's perturbed scales (kernels.perturbed_scales)."""
+    from edgetune.quant import QTensor
+    r = np.random.default_rng(5)
+    n, k = 37, 576                      # 18 groups a row: two 8-lane blocks and a scalar tail
+    codes = r.integers(0, 256, size=(n, k // 32, 16), dtype=np.uint8)
+    scales = (0.01 + 0.05 * np.abs(r.standard_normal((n, k // 32)))).astype(f32)
+    qt = QTensor("w", "q4", (n, k), codes=codes, scales=scales, mins=None, group=32, offset=8,
+                 tensor_id=2**63 + 5)
+    x = r.standard_normal((9, k)).astype(f32)
+    p = kernels.Perturbation(seed=2**63 + 77, eps=1e-2, sign=-1, dist=dist)
+    s2 = kernels.perturbed_scales(qt, p)
+    qt2 = QTensor("w", "q4", (n, k), codes=codes, scales=s2, mins=None, group=32, offset=8,
+                  tensor_id=qt.tensor_id)
+    try:
+        for path in kernels.available_paths():
+            ys = []
+            for simd in (True, False):
+                kernels.ops_set_simd(simd)
+                ys.append(kernels.qgemm(x, qt, perturb=p, path=path))
+            np.testing.assert_array_equal(ys[0], ys[1])
+            np.testing.assert_array_equal(ys[0], kernels.qgemm(x, qt2, path=path))
+    finally:
+        kernels.ops_set_simd(True)

@@ -42,6 +42,17 @@ void rng_axpy(float* out, int64_t n, float alpha, uint64_t seed, uint64_t tensor
     parallel_for((n + CHUNK - 1) / CHUNK, task);
 }
 
+void rng_add_scaled(float* out, const float* s, int64_t n, float alpha, uint64_t key, int dist, uint64_t first) {
+    int64_t i = 0;
+#if defined(EDGETUNE_HAVE_AVX512)
+    if (use_simd()) i = rng_add_scaled_avx512(out, s, n, alpha, key, dist, first);
+#endif
+    for (; i < n; ++i) {
+        const float t = alpha * rng::sample(key, first + static_cast<uint64_t>(i), dist);
+        out[i] = s[i] + t;
+    }
+}
+
 void rng_fill(float* out, int64_t n, uint64_t seed, uint64_t tensor_id, int dist, uint64_t offset) {
     const uint64_t key = rng::stream_key(seed, tensor_id);
 #if defined(EDGETUNE_HAVE_AVX512)

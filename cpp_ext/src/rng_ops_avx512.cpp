@@ -63,6 +63,24 @@ int64_t rng_axpy_avx512(float* out, int64_t n, float alpha, uint64_t key, int di
     return i;
 }
 
+int64_t rng_add_scaled_avx512(float* out, const float* s, int64_t n, float alpha, uint64_t key, int dist,
+                              uint64_t first) {
+    const __m512i lane = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
+    __m512i c = _mm512_add_epi64(
+        _mm512_set1_epi64(static_cast<long long>(key)),
+        _mm512_mullo_epi64(_mm512_add_epi64(_mm512_set1_epi64(static_cast<long long>(first + 1)), lane),
+                           _mm512_set1_epi64(static_cast<long long>(rng::GOLDEN))));
+    const __m512i step = _mm512_set1_epi64(static_cast<long long>(8 * rng::GOLDEN));
+    const __m256 a = _mm256_set1_ps(alpha);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 z = sample8(c, dist);
+        c = _mm512_add_epi64(c, step);
+        _mm256_storeu_ps(out + i, _mm256_add_ps(_mm256_loadu_ps(s + i), _mm256_mul_ps(a, z)));
+    }
+    return i;
+}
+
 int64_t rng_fill_avx512(float* out, int64_t n, uint64_t key, int dist, uint64_t first) {
     const __m512i lane = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
     __m512i c = _mm512_add_epi64(
