@@ -49,7 +49,7 @@ inline __mmask16 head_mask(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __m
 
 // ops.cpp's rope_row.  Normal pairs (2i, 2i+1): dst = x*cc + swap(x)*ss with cc = (c, c),
 // ss = (-s, s) per pair — x1*c + x2*(-s) is exactly x1*c - x2*s, and x2*c + x1*s exactly
-// x1*s + x2*c.  neox pairs (i, i + rd/2) are contiguous halves.  cs: [rd] cc then [rd] ss for
+// x1*s + x2*c.  neox pairs (i, i + rd/2) are contiguous halves.  ccss: [rd] cc then [rd] ss for
 // this position (normal) — built once per task.
 inline void rope_row16(const float* src, float* dst, const float* c, const float* s, const float* ccss, int64_t hd,
                        int64_t rd, bool neox) {
