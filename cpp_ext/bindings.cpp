@@ -384,7 +384,7 @@ PYBIND11_MODULE(_kernels, m) {
               const float* sp = static_cast<const float*>(sin.data());
               float* op = static_cast<float*>(out.mutable_data());
               py::gil_scoped_release nogil;
-              attention_window(qp, kp, vp, ldq, ldk, ldv, B, T, H, Hkv, hd, cp, sp, rd, neox, scale, window, op);
+              attention(qp, kp, vp, ldq, ldk, ldv, B, T, H, Hkv, hd, cp, sp, rd, neox, scale, op, window);
           },
           py::arg("q"), py::arg("k"), py::arg("v"), py::arg("B"), py::arg("T"), py::arg("H"), py::arg("Hkv"),
           py::arg("cos"), py::arg("sin"), py::arg("neox"), py::arg("scale"), py::arg("out"), py::arg("window") = 0,

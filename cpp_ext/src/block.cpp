@@ -15,6 +15,7 @@
 
 #include "edgetune/ops.h"
 #include "edgetune/thread_pool.h"
+#include "ops_internal.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define ET_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -139,102 +140,7 @@ void copy_cols(const float* src, int64_t lds, int64_t M, int64_t n, float* dst) 
     for (int64_t m = 0; m < M; ++m) std::memcpy(dst + m * n, src + m * lds, static_cast<size_t>(n) * sizeof(float));
 }
 
-// the ops.cpp twins (same arithmetic: results equal attention() wherever the window hides nothing)
-inline float exp_approx(float x) {
-    x = x < -87.0f ? -87.0f : x;
-    x = x > 88.0f ? 88.0f : x;
-    const float t = x * 1.44269504088896341f;
-    const float fi = (t + 12582912.0f) - 12582912.0f;  // round to nearest integer
-    float r = x - fi * 0.693359375f;
-    r = r - fi * -2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * (r * r) + r + 1.0f;
-    const int32_t e = static_cast<int32_t>(fi) + 127;
-    const uint32_t bits = static_cast<uint32_t>(e) << 23;
-    float sc;
-    std::memcpy(&sc, &bits, 4);
-    return p * sc;
-}
 
-inline void rope_row(const float* src, float* dst, const float* c, const float* s, int64_t hd, int64_t rd,
-                     bool neox) {
-    const int64_t h2 = rd / 2;
-    if (neox) {
-        for (int64_t i = 0; i < h2; ++i) {
-            const float x1 = src[i], x2 = src[i + h2];
-            dst[i] = x1 * c[i] - x2 * s[i];
-            dst[i + h2] = x1 * s[i] + x2 * c[i];
-        }
-    } else {
-        for (int64_t i = 0; i < h2; ++i) {
-            const float x1 = src[2 * i], x2 = src[2 * i + 1];
-            dst[2 * i] = x1 * c[i] - x2 * s[i];
-            dst[2 * i + 1] = x1 * s[i] + x2 * c[i];
-        }
-    }
-    for (int64_t i = rd; i < hd; ++i) dst[i] = src[i];
-}
-
-struct WinArgs {
-    const float *q, *k, *v;
-    int64_t ldq, ldk, ldv, B, T, H, Hkv, hd;
-    const float *cos, *sin;
-    int64_t rd;
-    bool neox;
-    float scale;
-    int64_t window;
-    float* out;
-};
-
-// one (sequence, kv head): query t sees keys max(0, t - window + 1) .. t
-ET_CLONES void window_task(const WinArgs& a, int64_t b, int64_t j) {
-    const int64_t T = a.T, hd = a.hd, half = a.rd / 2;
-    thread_local std::vector<float> buf;
-    buf.resize(static_cast<size_t>(hd * T + 2 * hd + T));
-    float* kt = buf.data();   // [hd][T]: roped keys, transposed
-    float* qr = kt + hd * T;  // one roped query row
-    float* tmp = qr + hd;     // one roped key row
-    float* sc = tmp + hd;     // scores [T]
-    for (int64_t u = 0; u < T; ++u) {
-        rope_row(a.k + (b * T + u) * a.ldk + j * hd, tmp, a.cos + u * half, a.sin + u * half, hd, a.rd, a.neox);
-        for (int64_t d = 0; d < hd; ++d) kt[d * T + u] = tmp[d];
-    }
-    const int64_t group = a.H / a.Hkv;
-    for (int64_t hh = 0; hh < group; ++hh) {
-        const int64_t h = j * group + hh;
-        for (int64_t t = 0; t < T; ++t) {
-            rope_row(a.q + (b * T + t) * a.ldq + h * hd, qr, a.cos + t * half, a.sin + t * half, hd, a.rd, a.neox);
-            const int64_t lo = std::max<int64_t>(0, t - a.window + 1), n = t + 1;
-            for (int64_t u = lo; u < n; ++u) sc[u] = 0.0f;
-            for (int64_t d = 0; d < hd; ++d) {
-                const float qd = qr[d];
-                const float* kr = kt + d * T;
-                for (int64_t u = lo; u < n; ++u) sc[u] += qd * kr[u];
-            }
-            float mx = -INFINITY;
-            for (int64_t u = lo; u < n; ++u) {
-                sc[u] *= a.scale;
-                mx = sc[u] > mx ? sc[u] : mx;
-            }
-            for (int64_t u = lo; u < n; ++u) sc[u] = exp_approx(sc[u] - mx);
-            float sum = 0.0f;
-            for (int64_t u = lo; u < n; ++u) sum += sc[u];
-            const float inv = 1.0f / sum;
-            float* o = a.out + (b * T + t) * (a.H * hd) + h * hd;
-            for (int64_t d = 0; d < hd; ++d) o[d] = 0.0f;
-            for (int64_t u = lo; u < n; ++u) {
-                const float p = sc[u] * inv;
-                const float* vr = a.v + (b * T + u) * a.ldv + j * hd;
-                for (int64_t d = 0; d < hd; ++d) o[d] += p * vr[d];
-            }
-        }
-    }
-}
 
 ET_CLONES void gelu_rows(const float* g, const float* u, int64_t m0, int64_t m1, int64_t F, int64_t ld, float* out) {
     // GELU(tanh) = 0.5 x (1 + tanh(b (x + k x^3))) = x / (1 + exp(-2 b (x + k x^3))): the same
@@ -381,8 +287,8 @@ void block_locked(const BlockConfig& c, const BlockWeights& w, const float* h_in
     }
     const float* lc = w.cos ? w.cos : cos;
     const float* ls = w.sin ? w.sin : sin;
-    attention_window(q, k, qkv + qd + kv, ldq, ldk, nqkv, B, T, c.n_head, c.n_head_kv, hd, lc, ls, c.rope_dim,
-                     c.neox, c.attn_scale, w.window, att);
+    attention(q, k, qkv + qd + kv, ldq, ldk, nqkv, B, T, c.n_head, c.n_head_kv, hd, lc, ls, c.rope_dim, c.neox,
+              c.attn_scale, att, w.window);
     const int64_t o_col = 0;
     gemm_mats(w, {BM_O}, &o_col, att, M, o, D, path, ar);
     matrix_terms(w, BM_O, att, M, o, D, ar);
@@ -420,17 +326,6 @@ void gelu_mul(const float* g, const float* u, int64_t M, int64_t F, int64_t ld, 
     parallel_for((M + R - 1) / R, task);
 }
 
-void attention_window(const float* q, const float* k, const float* v, int64_t ldq, int64_t ldk, int64_t ldv,
-                      int64_t B, int64_t T, int64_t H, int64_t Hkv, int64_t hd, const float* cos, const float* sin,
-                      int64_t rope_dim, bool neox, float scale, int64_t window, float* out) {
-    if (window <= 0 || window >= T) {  // nothing hidden: the plain causal kernel
-        attention(q, k, v, ldq, ldk, ldv, B, T, H, Hkv, hd, cos, sin, rope_dim, neox, scale, out);
-        return;
-    }
-    const WinArgs a{q, k, v, ldq, ldk, ldv, B, T, H, Hkv, hd, cos, sin, rope_dim, neox, scale, window, out};
-    auto task = [&](int64_t t) { window_task(a, t / Hkv, t % Hkv); };
-    parallel_for(B * Hkv, task);
-}
 
 void dense_gemm(const float* x, int64_t M, int64_t K, const float* w, int64_t N, float* y, int64_t ldy) {
     constexpr int64_t NB = 32;

@@ -25,26 +25,6 @@ namespace {
 
 // exp(x) for float (Cephes expf: range reduction by ln 2, degree-6 polynomial; ~1 ulp), written
 // branch-free so loops over it vectorize.
-inline float exp_approx(float x) {
-    x = x < -87.0f ? -87.0f : x;
-    x = x > 88.0f ? 88.0f : x;
-    const float t = x * 1.44269504088896341f;
-    const float fi = (t + 12582912.0f) - 12582912.0f;  // round to nearest integer
-    float r = x - fi * 0.693359375f;
-    r = r - fi * -2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * (r * r) + r + 1.0f;
-    const int32_t e = static_cast<int32_t>(fi) + 127;
-    const uint32_t bits = static_cast<uint32_t>(e) << 23;
-    float sc;
-    std::memcpy(&sc, &bits, 4);
-    return p * sc;
-}
 
 constexpr int64_t ROWS_PER_TASK = 8;
 
@@ -78,24 +58,6 @@ ET_CLONES void silu_rows(const float* g, const float* u, int64_t m0, int64_t m1,
 }
 
 // rotate one head row (hd floats) into dst; pairs as described in ops.h
-inline void rope_row(const float* src, float* dst, const float* c, const float* s, int64_t hd, int64_t rd,
-                     bool neox) {
-    const int64_t h2 = rd / 2;
-    if (neox) {
-        for (int64_t i = 0; i < h2; ++i) {
-            const float x1 = src[i], x2 = src[i + h2];
-            dst[i] = x1 * c[i] - x2 * s[i];
-            dst[i + h2] = x1 * s[i] + x2 * c[i];
-        }
-    } else {
-        for (int64_t i = 0; i < h2; ++i) {
-            const float x1 = src[2 * i], x2 = src[2 * i + 1];
-            dst[2 * i] = x1 * c[i] - x2 * s[i];
-            dst[2 * i + 1] = x1 * s[i] + x2 * c[i];
-        }
-    }
-    for (int64_t i = rd; i < hd; ++i) dst[i] = src[i];
-}
 
 ET_CLONES void attention_task(const AttnArgs& a, int64_t b, int64_t j) {
     const int64_t T = a.T, hd = a.hd, half = a.rd / 2;
@@ -114,25 +76,25 @@ ET_CLONES void attention_task(const AttnArgs& a, int64_t b, int64_t j) {
         const int64_t h = j * group + hh;
         for (int64_t t = 0; t < T; ++t) {
             rope_row(a.q + (b * T + t) * a.ldq + h * hd, qr, a.cos + t * half, a.sin + t * half, hd, a.rd, a.neox);
-            const int64_t n = t + 1;
-            for (int64_t u = 0; u < n; ++u) sc[u] = 0.0f;
+            const int64_t lo = a.window > 0 ? std::max<int64_t>(0, t - a.window + 1) : 0, n = t + 1;
+            for (int64_t u = lo; u < n; ++u) sc[u] = 0.0f;
             for (int64_t d = 0; d < hd; ++d) {
                 const float qd = qr[d];
                 const float* kr = kt + d * T;
-                for (int64_t u = 0; u < n; ++u) sc[u] += qd * kr[u];
+                for (int64_t u = lo; u < n; ++u) sc[u] += qd * kr[u];
             }
             float mx = -INFINITY;
-            for (int64_t u = 0; u < n; ++u) {
+            for (int64_t u = lo; u < n; ++u) {
                 sc[u] *= a.scale;
                 mx = sc[u] > mx ? sc[u] : mx;
             }
-            for (int64_t u = 0; u < n; ++u) sc[u] = exp_approx(sc[u] - mx);
+            for (int64_t u = lo; u < n; ++u) sc[u] = exp_approx(sc[u] - mx);
             float sum = 0.0f;
-            for (int64_t u = 0; u < n; ++u) sum += sc[u];
+            for (int64_t u = lo; u < n; ++u) sum += sc[u];
             const float inv = 1.0f / sum;
             float* o = a.out + (b * T + t) * (a.H * hd) + h * hd;
             for (int64_t d = 0; d < hd; ++d) o[d] = 0.0f;
-            for (int64_t u = 0; u < n; ++u) {
+            for (int64_t u = lo; u < n; ++u) {
                 const float p = sc[u] * inv;
                 const float* vr = a.v + (b * T + u) * a.ldv + j * hd;
                 for (int64_t d = 0; d < hd; ++d) o[d] += p * vr[d];
@@ -187,10 +149,12 @@ void silu_mul(const float* g, const float* u, int64_t M, int64_t F, int64_t ld, 
 
 void attention(const float* q, const float* k, const float* v, int64_t ldq, int64_t ldk, int64_t ldv,
                int64_t B, int64_t T, int64_t H, int64_t Hkv, int64_t hd, const float* cos, const float* sin,
-               int64_t rope_dim, bool neox, float scale, float* out) {
-    const AttnArgs a{q, k, v, ldq, ldk, ldv, B, T, H, Hkv, hd, cos, sin, rope_dim, neox, scale, out};
+               int64_t rope_dim, bool neox, float scale, float* out, int64_t window) {
+    // a window that hides nothing is plain causal attention (the same result, the fast kernel)
+    const AttnArgs a{q, k, v, ldq, ldk, ldv, B, T, H, Hkv, hd, cos, sin, rope_dim, neox, scale, out,
+                     window > 0 && window < T ? window : 0};
 #if defined(EDGETUNE_HAVE_AVX512)
-    const bool simd = ops_simd() && attention_avx512_ok(a);
+    const bool simd = ops_simd() && attention_avx512_ok(a);   // the intrinsics: no window
 #endif
     auto task = [&](int64_t t) {
 #if defined(EDGETUNE_HAVE_AVX512)

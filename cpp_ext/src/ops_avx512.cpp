@@ -19,7 +19,7 @@ bool cpu_has_avx512f() {
     return __builtin_cpu_supports("avx512f");
 }
 
-bool attention_avx512_ok(const AttnArgs& a) { return a.hd % 16 == 0 && a.hd <= 128 && a.hd > 0; }
+bool attention_avx512_ok(const AttnArgs& a) { return a.window == 0 && a.hd % 16 == 0 && a.hd <= 128 && a.hd > 0; }
 
 namespace {
 

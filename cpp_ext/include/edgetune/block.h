@@ -89,10 +89,6 @@ int64_t block_arena_bytes();
 // out[m, j] = gelu_tanh(g[m, j]) * u[m, j] (g, u rows at stride ld, out contiguous [M, F]), as
 // g / (1 + exp(-2 sqrt(2/pi) (g + 0.044715 g^3))) * u: the same function, vectorizable;
 void gelu_mul(const float* g, const float* u, int64_t M, int64_t F, int64_t ld, float* out);
-// attention() of ops.h with a sliding window (window <= 0: plain causal, = attention()).
-void attention_window(const float* q, const float* k, const float* v, int64_t ldq, int64_t ldk, int64_t ldv,
-                      int64_t B, int64_t T, int64_t H, int64_t Hkv, int64_t hd, const float* cos, const float* sin,
-                      int64_t rope_dim, bool neox, float scale, int64_t window, float* out);
 // y[M, N] (row stride ldy) = x[M, K] · W^T for float32 W [N, K]: fp32, 16 lanes, fixed order.
 void dense_gemm(const float* x, int64_t M, int64_t K, const float* w, int64_t N, float* y, int64_t ldy);
 

@@ -18,9 +18,10 @@ void silu_mul(const float* g, const float* u, int64_t M, int64_t F, int64_t ld, 
 // ldq/ldk/ldv, head h at columns [h*hd, (h+1)*hd); q has H heads, k/v Hkv heads (GQA: q head h
 // uses kv head h / (H/Hkv)).  RoPE (cos/sin [T, rope_dim/2]) rotates the first rope_dim dims of q
 // and k: neox=false pairs (2i, 2i+1), neox=true pairs (i, i + rope_dim/2).  out [B*T, H*hd].
+// window > 0: a sliding window, key j hidden from query p when p - j >= window (0: plain causal).
 void attention(const float* q, const float* k, const float* v, int64_t ldq, int64_t ldk, int64_t ldv,
                int64_t B, int64_t T, int64_t H, int64_t Hkv, int64_t hd, const float* cos, const float* sin,
-               int64_t rope_dim, bool neox, float scale, float* out);
+               int64_t rope_dim, bool neox, float scale, float* out, int64_t window = 0);
 
 // The row kernels above run as AVX-512 intrinsics on CPUs that have AVX-512F, else as portable
 // loops; both are bit-identical.  ops_set_simd(false) forces the loops (tests compare the two);
