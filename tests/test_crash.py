@@ -16,7 +16,7 @@ from tests.conftest import LONG
 from tests.test_train import tiny  # noqa: F401  (fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = 300  # 20 kills x <= ~12 steps each stay well inside the run
+STEPS = 2000  # 20 kills x however many steps a fast machine logs between two polls stay inside the run
 
 
 def cmd(tiny, out, resume=False):
