@@ -23,8 +23,6 @@
 namespace edgetune {
 namespace {
 
-// exp(x) for float (Cephes expf: range reduction by ln 2, degree-6 polynomial; ~1 ulp), written
-// branch-free so loops over it vectorize.
 
 constexpr int64_t ROWS_PER_TASK = 8;
 

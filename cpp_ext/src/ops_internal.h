@@ -21,6 +21,8 @@ struct AttnArgs {
 };
 
 // the scalar exp and RoPE row that ops.cpp's loops and block.cpp's GELU use (one definition)
+// exp(x) for float (Cephes expf: range reduction by ln 2, degree-6 polynomial; ~1 ulp), written
+// branch-free so loops over it vectorize.
 inline float exp_approx(float x) {
     x = x < -87.0f ? -87.0f : x;
     x = x > 88.0f ? 88.0f : x;
