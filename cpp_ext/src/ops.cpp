@@ -23,7 +23,6 @@
 namespace edgetune {
 namespace {
 
-
 constexpr int64_t ROWS_PER_TASK = 8;
 
 ET_CLONES void rms_rows(const float* x, int64_t m0, int64_t m1, int64_t D, int64_t ldx, const float* w, float eps,
