@@ -162,3 +162,17 @@ def test_nan_loss_skips_step_not_run(tiny, tmp_path, monkeypatch):
     _, recs, _ = read_log(tmp_path / "nan" / "seedlog.jsonl")
     assert [r["type"] for r in recs] == ["step", "skip", "step", "step"]
     assert run.skipped == 1 and all(np.isfinite(run.losses))
+
+
+def test_budget_schedule_anneals_by_the_last_step_when_steps_run_out_first(tiny, tmp_path):
+    """Under --budget the lr follows the spent fraction of the budget, or of --steps when the
+    steps run out first: a run far inside its time budget still ends its cosine near zero (it
+    used to stay at ~lr when a fast machine finished the steps early)."""
+    run = finetune(cfg_for(tiny, tmp_path / "r", steps=20, budget=3600.0, schedule="cosine",
+                           lr=1e-3, eval_every=0))
+    recs = [r for r in read_log(str(tmp_path / "r" / "seedlog.jsonl"))[1] if "lr" in r]
+    assert len(recs) == 20 and run.skipped == 0
+    lrs = [r["lr"] for r in recs]
+    assert lrs[0] == pytest.approx(1e-3, rel=1e-3)
+    assert lrs[-1] < 0.05 * 1e-3                       # annealed: step 19 of 20 on the cosine
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))   # never rises

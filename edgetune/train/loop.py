@@ -442,7 +442,10 @@ def train(s: Session, start: int):
         if budget_left is not None:
             if elapsed >= budget_left:
                 break
-            frac = (s.prev.get("train_seconds", 0.0) + elapsed) / cfg.budget
+            # the schedule follows whichever limit is nearer: the time budget, or --steps when
+            # they run out first (a fast machine must still anneal the lr by its last step)
+            frac = max((s.prev.get("train_seconds", 0.0) + elapsed) / cfg.budget,
+                       step / max(cfg.steps, 1))
             lr = lr_at(int(frac * 10**6), cfg.lr, 10**6, cfg.schedule,
                        cfg.warmup * 10**6 // max(cfg.steps, 1))
         else:
