@@ -430,8 +430,7 @@ def block_forward(h, cfg: tuple, layers: list, B: int, T: int, cos, sin, out=Non
 def gelu_mul(g, u):
     """gelu_tanh(g) * u (the block's GELU gate, float32 [M, F]; numpy or torch, h's kind out)."""
     torch_in = _is_torch(g)
-    gn = g.detach().contiguous().numpy() if torch_in else np.ascontiguousarray(g, np.float32)
-    un = u.detach().contiguous().numpy() if _is_torch(u) else np.ascontiguousarray(u, np.float32)
+    gn, un = _vec2d(g), _vec2d(u)
     out = np.empty(gn.shape, np.float32)
     _kernels.gelu_mul(gn, un, out)
     if torch_in:

@@ -51,8 +51,8 @@ def sparse_selection(ts) -> dict:
     """The indices a sparse set chose (what mask.npz stores): {array name: int64 array}."""
     arrays = {}
     for name, sp in sorted(ts.sparse.items()):
-        arrays[f"rows:{name}"] = np.asarray(sp.rows).astype(np.int64)
-        arrays[f"cols:{name}"] = np.asarray(sp.cols).astype(np.int64)
+        arrays[f"rows:{name}"] = sp.rows.astype(np.int64)
+        arrays[f"cols:{name}"] = sp.cols.astype(np.int64)
     return arrays
 
 
@@ -291,8 +291,7 @@ class StepBatches:
         self._epoch, self._list = None, None
 
     def get(self, step: int):
-        idx = self.enc.dataset.split_index.get("train")   # O(1): split() copies ~37k records
-        total = len(idx) if idx is not None else len(self.enc.dataset.split("train"))
+        total = len(self.enc.dataset.indices("train"))   # split() would copy ~37k records
         pool = min(total, self.limit) if self.limit else total
         n = pool // self.batch_size
         if n == 0:

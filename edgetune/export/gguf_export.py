@@ -225,9 +225,9 @@ def _tuned_rows(qt, ts, r0: int, r1: int) -> np.ndarray:
         w += np.float32(lo.scale) * (lo.b.value[r0:r1] @ lo.a.value)
     sp = ts.sparse.get(qt.name)
     if sp is not None:
-        rows = np.asarray(sp.rows)
+        rows = sp.rows
         sel = (rows >= r0) & (rows < r1)
-        np.add.at(w, (rows[sel] - r0, np.asarray(sp.cols)[sel]), sp.delta.value[sel])
+        np.add.at(w, (rows[sel] - r0, sp.cols[sel]), sp.delta.value[sel])
     return w
 
 
@@ -366,12 +366,12 @@ def _kquant_plan(name, rt, qt, base_qt, ts, stats):
 
 def _fix_sparse(qtype, blocks, wt, sp, r0, r1, stats, name):
     """Re-encode the blocks of rows r0:r1 that hold sparse deltas (best of re-round / re-encode)."""
-    rows = np.asarray(sp.rows)
+    rows = sp.rows
     sel = (rows >= r0) & (rows < r1)
     if not sel.any():
         return blocks
     n, nb, bs = blocks.shape
-    key = np.unique((rows[sel] - r0) * nb + np.asarray(sp.cols)[sel] // 32)
+    key = np.unique((rows[sel] - r0) * nb + sp.cols[sel] // 32)
     br, bb = np.divmod(key, nb)
     target = wt.reshape(n, nb, 32)[br, bb]                       # [M, 32]
     cur = blocks[br, bb]                                          # [M, bs]

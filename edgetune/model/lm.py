@@ -99,22 +99,6 @@ class Model:
         counting from each sequence's end (-1 = its last token) -> [B, P, V].  Only the requested
         positions go through the output head.  vocab=[ids] computes only those logits (V=len).
         """
-        return self.logits_array(batch, positions, perturb, vocab)
-
-    def logits_multi(self, batch, positions, perturbs: list, vocab=None) -> list:
-        """logits() of one batch under several perturbations, computed layer by layer so
-        every layer's weights are read once for all of them (ZO2's dual forward)."""
-        tokens, lengths = self._pad(batch)
-        pos = self._resolve_positions(positions, lengths)
-        idx = np.asarray(pos, dtype=np.int64)
-        B = tokens.shape[0]
-        out = []
-        for h, p in zip(self.net.hidden_multi(tokens, perturbs), perturbs):
-            out.append(self.net.head(h[np.arange(B)[:, None], idx], p, vocab))
-        return out
-
-    def logits_array(self, batch, positions=None, perturb=None, vocab=None) -> np.ndarray:
-        """logits() itself (float32 numpy)."""
         tokens, lengths = self._pad(batch)
         h = self.net.hidden(tokens, perturb)
         B, T, _ = h.shape
@@ -133,10 +117,22 @@ class Model:
         sel = h[np.arange(B)[:, None], idx]                             # [B, P, d]
         return self.net.head(sel, perturb, vocab)
 
+    def logits_multi(self, batch, positions, perturbs: list, vocab=None) -> list:
+        """logits() of one batch under several perturbations, computed layer by layer so
+        every layer's weights are read once for all of them (ZO2's dual forward)."""
+        tokens, lengths = self._pad(batch)
+        pos = self._resolve_positions(positions, lengths)
+        idx = np.asarray(pos, dtype=np.int64)
+        B = tokens.shape[0]
+        out = []
+        for h, p in zip(self.net.hidden_multi(tokens, perturbs), perturbs):
+            out.append(self.net.head(h[np.arange(B)[:, None], idx], p, vocab))
+        return out
+
     def logits_tensor(self, batch, positions=None, perturb=None, vocab=None):
         """logits() as a torch tensor (imports torch; for callers that compute in torch)."""
         import torch
-        return torch.from_numpy(self.logits_array(batch, positions, perturb, vocab))
+        return torch.from_numpy(self.logits(batch, positions, perturb, vocab))
 
     # -- generation ----------------------------------------------------------------------------
     def generate(self, prompt, max_tokens: int = 32, stop_at_eos: bool = True) -> str:

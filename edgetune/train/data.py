@@ -88,10 +88,14 @@ class Dataset:
     def kind(self) -> str:
         return "classification" if self.format == "classification" else "lm"
 
-    def split(self, name: str) -> list[Record]:
+    def indices(self, name: str) -> list[int]:
+        """The split's record indices (no copy of the records)."""
         if name not in self.split_index:
             raise EdgetuneError(f"unknown split {name!r}; expected one of {', '.join(SPLITS)}")
-        return [self.records[i] for i in self.split_index[name]]
+        return self.split_index[name]
+
+    def split(self, name: str) -> list[Record]:
+        return [self.records[i] for i in self.indices(name)]
 
     def prompt(self, r: Record) -> str:
         return self.template.replace("{text}", r.text) if self.kind == "classification" else r.text
@@ -376,9 +380,7 @@ class Encoded:
 
     def examples(self, split: str, limit: int | None = None) -> list[Example]:
         """The split's examples (the first `limit` only: the rest is not even tokenized)."""
-        idx = self.dataset.split_index.get(split)
-        if idx is None:
-            self.dataset.split(split)  # raises the unknown-split error
+        idx = self.dataset.indices(split)
         want = len(idx) if limit is None else min(int(limit), len(idx))
         have = self._cache.setdefault(split, [])
         for i in range(len(have), want):

@@ -33,6 +33,13 @@ def log_softmax32(logits) -> np.ndarray:
     return z - np.log(np.exp(z).sum(-1, keepdims=True, dtype=np.float32))
 
 
+def log_softmax64(logits) -> np.ndarray:
+    """log_softmax over the last axis in float64: x - (max + log(sum(exp(x - max))))."""
+    lg = np.asarray(logits, np.float64)
+    m = lg.max(-1, keepdims=True)
+    return lg - (m + np.log(np.exp(lg - m).sum(-1, keepdims=True)))
+
+
 def error_rates(logits: np.ndarray, labels) -> np.ndarray:
     """1 - accuracy per pass: logits [P, B, C] -> [P]."""
     return 1.0 - (np.asarray(logits).argmax(-1) == np.asarray(labels)[None]).mean(-1)
@@ -90,9 +97,7 @@ def lm_loss(model, ids, loss_masks, perturb=None) -> float:
     padded, targets = lm_targets(ids, loss_masks)
     if padded is None:
         return 0.0
-    lg = np.asarray(model.logits(ids, positions=padded, perturb=perturb), np.float64)  # [B, W, V]
-    m = lg.max(-1, keepdims=True)
-    logp = lg - (m + np.log(np.exp(lg - m).sum(-1, keepdims=True)))
+    logp = log_softmax64(model.logits(ids, positions=padded, perturb=perturb))  # [B, W, V]
     total, count = 0.0, 0
     for b, tg in enumerate(targets):
         if tg:

@@ -24,7 +24,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import EdgetuneError
-from .objectives import ce_losses, error_rates, lm_targets, log_softmax32  # noqa: F401  (re-exported)
+from .objectives import (ce_losses, error_rates, lm_targets, log_softmax32,  # noqa: F401  (re-exported)
+                         log_softmax64)
 
 
 LM_ROWS = 256   # next-token rows whose full-vocabulary logits are held at once (lm losses)
@@ -194,9 +195,7 @@ class BatchPasses:
         hsel = np.asarray(gather(net.hidden_from(net.hidden_upto(tokens, f), f, [None])[0]),
                           np.float32)
         n = net.rms_norm(hsel, np.ones(hsel.shape[-1], dtype=np.float32))
-        lg = np.asarray(net.head(hsel), np.float64)
-        m = lg.max(-1, keepdims=True)
-        logp = lg - (m + np.log(np.exp(lg - m).sum(-1, keepdims=True)))
+        logp = log_softmax64(net.head(hsel))
         rows = np.arange(len(y))
         loss = float(-logp[rows, y].sum()) / len(y)
         r = np.exp(logp)

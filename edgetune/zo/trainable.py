@@ -165,31 +165,28 @@ class TrainableSet:
                                     dist=pert.dist)
 
     def linear_extra(self, qt, x, y, pert: Perturb | None):
-        """y (= x qt^T) plus LoRA and sparse-delta terms, for the op-by-op blocks: numpy or
-        torch in, the same kind out."""
-        lo = self.lora.get(qt.name)
-        sp = self.sparse.get(qt.name)
-        if lo is None and sp is None:
+        """y (= x qt^T) plus linear_terms' LoRA and sparse-delta terms, applied in Python for the
+        output head and the op-by-op reference blocks: numpy or torch in, the same kind out."""
+        t = self.linear_terms(qt, pert)
+        if t is None:
             return y
         if not isinstance(y, np.ndarray):       # torch reference blocks
             import torch
-            if lo is not None:
-                a = lo.a.value if pert is None else pert.apply(lo.a)
-                b = lo.b.value if pert is None else pert.apply(lo.b)
-                y = y + lo.scale * ((x @ torch.from_numpy(a).T) @ torch.from_numpy(b).T)
-            if sp is not None:
-                d = sp.delta.value if pert is None else pert.apply(sp.delta)
-                contrib = x[:, torch.from_numpy(sp.cols)] * torch.from_numpy(d)
-                y = y.index_add(1, torch.from_numpy(sp.rows), contrib)
+            if t.lora is not None:
+                a, b, scale = t.lora
+                y = y + scale * ((x @ torch.from_numpy(a).T) @ torch.from_numpy(b).T)
+            if t.sparse is not None:
+                rows, cols, d = t.sparse
+                contrib = x[:, torch.from_numpy(cols)] * torch.from_numpy(d)
+                y = y.index_add(1, torch.from_numpy(rows), contrib)
             return y
-        if lo is not None:
-            a = lo.a.value if pert is None else pert.apply(lo.a)
-            b = lo.b.value if pert is None else pert.apply(lo.b)
-            y = y + np.float32(lo.scale) * ((x @ a.T) @ b.T)
-        if sp is not None:
-            d = sp.delta.value if pert is None else pert.apply(sp.delta)
+        if t.lora is not None:
+            a, b, scale = t.lora
+            y = y + np.float32(scale) * ((x @ a.T) @ b.T)
+        if t.sparse is not None:
+            rows, cols, d = t.sparse
             y = np.array(y, np.float32)
-            np.add.at(y, (slice(None), sp.rows), x[:, sp.cols] * d)
+            np.add.at(y, (slice(None), rows), x[:, cols] * d)
         return y
 
     def linear_terms(self, qt, pert: Perturb | None):
@@ -208,7 +205,7 @@ class TrainableSet:
             lora = (a, b, lo.scale)
         if sp is not None:
             d = sp.delta.value if pert is None else pert.apply(sp.delta)
-            sparse = (np.asarray(sp.rows), np.asarray(sp.cols), d)
+            sparse = (sp.rows, sp.cols, d)
         return kernels.LinearTerms(lora=lora, sparse=sparse)
 
     def norm_weight(self, name: str, w: np.ndarray, pert: Perturb | None) -> np.ndarray:
