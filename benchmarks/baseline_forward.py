@@ -30,6 +30,7 @@ import numpy as np  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
+from tests.reference_forward import torch_rope as rope  # noqa: E402,F401  (fo_baseline uses it too)
 
 
 def batch_tokens(n_vocab: int, batch: int, seq: int) -> list:
@@ -48,19 +49,6 @@ def best_time(fn, repeats: int) -> float:
 
 
 # --- torch bf16 ---------------------------------------------------------------------------------
-
-def rope(x, cos, sin, d: int, mode: str):
-    """RoPE on the first d dims of each head of x [..., head_dim] (cos/sin [T, d/2]): "normal"
-    rotates pairs (2i, 2i+1), "neox" pairs (i, i + d/2).  Also used by fo_baseline.DenseLM."""
-    xr, xp = x[..., :d], x[..., d:]
-    if mode == "normal":
-        x1, x2 = xr[..., 0::2], xr[..., 1::2]
-        out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
-    else:
-        x1, x2 = xr[..., : d // 2], xr[..., d // 2:]
-        out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-    return out if xp.shape[-1] == 0 else torch.cat([out, xp], dim=-1)
-
 
 class DenseLlama(torch.nn.Module):
     """Dense llama-family forward (llama/mistral/qwen2/SmolLM) in one dtype, from a Transformer's
@@ -93,8 +81,8 @@ class DenseLlama(torch.nn.Module):
         self.output_norm = vec(net.output_norm)
         d = c.rope_dim
         inv = 1.0 / (c.rope_base ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
-        if getattr(net, "_rope_freq_factors", None) is not None:
-            inv = inv / net._rope_freq_factors.double()
+        if net._rope_factors.get("all") is not None:    # llama3's rope_freqs (numpy)
+            inv = inv / torch.from_numpy(net._rope_factors["all"]).double()
         self.inv_freq = inv
 
     def rms_norm(self, x, w):

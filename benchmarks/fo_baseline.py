@@ -111,8 +111,8 @@ class DenseLM(nn.Module):
         self.register_buffer("head_w", head.contiguous(), persistent=False)
         d = c.rope_dim
         inv = 1.0 / (c.rope_base ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
-        if getattr(net, "_rope_freq_factors", None) is not None:
-            inv = inv / net._rope_freq_factors.double()
+        if net._rope_factors.get("all") is not None:    # llama3's rope_freqs (numpy)
+            inv = inv / torch.from_numpy(net._rope_factors["all"]).double()
         self.register_buffer("inv_freq", inv, persistent=False)
 
     def rms_norm(self, x, w):

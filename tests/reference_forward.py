@@ -80,18 +80,23 @@ def norm(net, x, name: str, weight, perturb=None):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + net.config.rms_eps) * w
 
 
-def apply_rope(net, x, cos, sin):
-    """x: [B, H, T, head_dim]; rotates the first rope_dim dims of each head."""
-    d = net.config.rope_dim
+def torch_rope(x, cos, sin, d: int, mode: str):
+    """RoPE in torch on the first d dims of each head of x [..., head_dim] (cos/sin [T, d/2]):
+    "normal" rotates pairs (2i, 2i+1), "neox" pairs (i, i + d/2).  Also the torch baselines'
+    RoPE (benchmarks/baseline_forward.py, fo_baseline.DenseLM)."""
     xr, xp = x[..., :d], x[..., d:]
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    if net.config.rope_mode == "normal":
+    if mode == "normal":
         x1, x2 = xr[..., 0::2], xr[..., 1::2]
         out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
     else:
         x1, x2 = xr[..., : d // 2], xr[..., d // 2:]
         out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
     return out if xp.shape[-1] == 0 else torch.cat([out, xp], dim=-1)
+
+
+def apply_rope(net, x, cos, sin):
+    """x: [B, H, T, head_dim]; rotates the first rope_dim dims of each head."""
+    return torch_rope(x, cos.to(x.dtype), sin.to(x.dtype), net.config.rope_dim, net.config.rope_mode)
 
 
 def _qkv(net, i, x, perturb):
