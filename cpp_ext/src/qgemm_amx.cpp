@@ -245,25 +245,26 @@ struct AmxKernel {
         aa.corr = reinterpret_cast<int32_t*>(aa.sum + MT * TM * NG);
         aa.q = reinterpret_cast<int8_t*>(aa.corr + MT * TM * NG);
         auto quant = [&](int64_t mt) {
-            int8_t* row = static_cast<int8_t*>(thread_scratch(SCRATCH_ROW, K + 2 * sizeof(float) * NG));
-            float* d = reinterpret_cast<float*>(row + K);
-            float* sum = d + NG;
             int8_t* q = aa.q + mt * NG * TM * G;
             const int64_t tg = mt * NG * TM;  // index of (tile, group 0, row 0) in d/sum/corr
             for (int i = 0; i < TM; ++i) {
                 const int64_t m = mt * TM + i;
-                if (m < M) quantize_row(x + m * K, K, G, row, d, sum);
-                else std::memset(row, 0, K + 2 * sizeof(float) * NG);  // padding rows: all zero
-                for (int64_t g = 0; g < NG; ++g) {
-                    std::memcpy(q + (g * TM + i) * G, row + g * G, G);
-                    aa.d[tg + g * TM + i] = d[g];
-                    aa.sum[tg + g * TM + i] = sum[g];
-                    if (any_q8) {
-                        int32_t s = 0;
-                        for (int j = 0; j < G; ++j) s += row[g * G + j];
-                        aa.corr[tg + g * TM + i] = 128 * s;
+                if (m < M) {
+                    // straight into the tile layout: group g of row i at q[(g·TM + i)·G]
+                    quantize_row(x + m * K, K, G, q + i * G, aa.d + tg + i, aa.sum + tg + i, TM * G, TM);
+                } else {  // padding rows: all zero
+                    for (int64_t g = 0; g < NG; ++g) {
+                        std::memset(q + (g * TM + i) * G, 0, G);
+                        aa.d[tg + g * TM + i] = aa.sum[tg + g * TM + i] = 0.0f;
                     }
                 }
+                if (any_q8)
+                    for (int64_t g = 0; g < NG; ++g) {
+                        const int8_t* qg = q + (g * TM + i) * G;
+                        int32_t s = 0;
+                        for (int j = 0; j < G; ++j) s += qg[j];
+                        aa.corr[tg + g * TM + i] = 128 * s;
+                    }
             }
         };
         parallel_for(MT, quant);

@@ -43,7 +43,11 @@ inline void transpose16x4(const uint8_t* const* rows, __m512i out[4]) {
 }
 
 // quantize_act_row (internal.h) vectorized: identical results (same float ops, round-half-even).
-void quantize_act_row_avx512(const float* x, int64_t K, int G, int8_t* q, float* d, float* sum) {
+// qs: bytes between groups' codes in q; ds: floats between groups in d and sum (contiguous by
+// default; the amx path writes its tile layout directly with qs = 16·G, ds = 16).
+void quantize_act_row_avx512(const float* x, int64_t K, int G, int8_t* q, float* d, float* sum, int64_t qs = -1,
+                             int64_t ds = 1) {
+    if (qs < 0) qs = G;
     const __m512 sign = _mm512_set1_ps(-0.0f);
     const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
     for (int64_t g = 0; g < K / G; ++g) {
@@ -57,10 +61,10 @@ void quantize_act_row_avx512(const float* x, int64_t K, int G, int8_t* q, float*
         __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, id));
         q0 = _mm512_min_epi32(_mm512_max_epi32(q0, lo), hi);
         q1 = _mm512_min_epi32(_mm512_max_epi32(q1, lo), hi);
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(q + g * G), _mm512_cvtepi32_epi8(q0));
-        if (G == 32) _mm_storeu_si128(reinterpret_cast<__m128i*>(q + g * G + 16), _mm512_cvtepi32_epi8(q1));
-        d[g] = dg;
-        sum[g] = dg * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(q + g * qs), _mm512_cvtepi32_epi8(q0));
+        if (G == 32) _mm_storeu_si128(reinterpret_cast<__m128i*>(q + g * qs + 16), _mm512_cvtepi32_epi8(q1));
+        d[g * ds] = dg;
+        sum[g * ds] = dg * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)));
     }
 }
 
@@ -83,7 +87,7 @@ inline V reduce16(V* v, Op op) {
 // 16 groups of one activation row at a time (same results as quantize_act_row_avx512): the
 // per-group max and sum reductions are batched, which removes their latency chains.
 template <int G>
-void quantize_16_groups(const float* x, int8_t* q, float* d, float* sum) {
+void quantize_16_groups(const float* x, int8_t* q, float* d, float* sum, int64_t qs = G, int64_t ds = 1) {
     const __m512 sign = _mm512_set1_ps(-0.0f);
     const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
     __m512 m[16];
@@ -101,28 +105,39 @@ void quantize_16_groups(const float* x, int8_t* q, float* d, float* sum) {
         const __m512 id = _mm512_permutexvar_ps(_mm512_set1_epi32(g), idv);
         __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + g * G), id));
         q0 = _mm512_min_epi32(_mm512_max_epi32(q0, lo), hi);
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(q + g * G), _mm512_cvtepi32_epi8(q0));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(q + g * qs), _mm512_cvtepi32_epi8(q0));
         if (G == 32) {
             __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + g * G + 16), id));
             q1 = _mm512_min_epi32(_mm512_max_epi32(q1, lo), hi);
-            _mm_storeu_si128(reinterpret_cast<__m128i*>(q + g * G + 16), _mm512_cvtepi32_epi8(q1));
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(q + g * qs + 16), _mm512_cvtepi32_epi8(q1));
             q0 = _mm512_add_epi32(q0, q1);
         }
         sv[g] = q0;
     }
-    const __m512i qs = reduce16(sv, [](__m512i a, __m512i b) { return _mm512_add_epi32(a, b); });
-    _mm512_storeu_ps(d, dv);
-    _mm512_storeu_ps(sum, _mm512_mul_ps(dv, _mm512_cvtepi32_ps(qs)));
+    const __m512i qsum = reduce16(sv, [](__m512i a, __m512i b) { return _mm512_add_epi32(a, b); });
+    const __m512 sv_f = _mm512_mul_ps(dv, _mm512_cvtepi32_ps(qsum));
+    if (ds == 1) {
+        _mm512_storeu_ps(d, dv);
+        _mm512_storeu_ps(sum, sv_f);
+    } else {
+        const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                               _mm512_set1_epi32(static_cast<int>(ds)));
+        _mm512_i32scatter_ps(d, idx, dv, 4);
+        _mm512_i32scatter_ps(sum, idx, sv_f, 4);
+    }
 }
 
-void quantize_row(const float* x, int64_t K, int G, int8_t* q, float* d, float* sum) {
+// qs, ds: as quantize_act_row_avx512
+void quantize_row(const float* x, int64_t K, int G, int8_t* q, float* d, float* sum, int64_t qs = -1,
+                  int64_t ds = 1) {
+    if (qs < 0) qs = G;
     const int64_t NG = K / G;
     int64_t g = 0;
     for (; g + 16 <= NG; g += 16) {
-        if (G == 32) quantize_16_groups<32>(x + g * G, q + g * G, d + g, sum + g);
-        else quantize_16_groups<16>(x + g * G, q + g * G, d + g, sum + g);
+        if (G == 32) quantize_16_groups<32>(x + g * G, q + g * qs, d + g * ds, sum + g * ds, qs, ds);
+        else quantize_16_groups<16>(x + g * G, q + g * qs, d + g * ds, sum + g * ds, qs, ds);
     }
-    if (g < NG) quantize_act_row_avx512(x + g * G, K - g * G, G, q + g * G, d + g, sum + g);
+    if (g < NG) quantize_act_row_avx512(x + g * G, K - g * G, G, q + g * qs, d + g * ds, sum + g * ds, qs, ds);
 }
 
 // Repack panel rows [n0, n0+PW) into bytes [NG][QPG][2 tiles][64 B] (16 rows x 4 consecutive k per
