@@ -77,7 +77,8 @@ py::array_t<float> run(py::array x, const QMatrix& wq, py::object out, uint64_t 
     return y;
 }
 
-QMatrix matrix_from(py::array codes, py::array scales, py::object mins, int bits, int offset) {
+QMatrix matrix_from(py::array codes, py::array scales, py::object mins, int bits, int offset,
+                    py::object packed = py::none()) {
     QMatrix w;
     w.bits = bits;
     if (codes.ndim() != 3 || codes.itemsize() != 1 || (codes.dtype().kind() != 'u' && codes.dtype().kind() != 'i'))
@@ -106,6 +107,17 @@ QMatrix matrix_from(py::array codes, py::array scales, py::object mins, int bits
         require_f32_2d(m, "mins", w.N, NG);
         w.mins = static_cast<const float*>(m.data());
     }
+    if (!packed.is_none()) {
+        if (!py::isinstance<py::array>(packed)) throw py::value_error("qgemm: packed must be a numpy array or None");
+        py::array pk = py::reinterpret_borrow<py::array>(packed);
+        const int64_t want = prepack_q4_bytes(w.N, w.K);
+        if (bits != 4 || pk.itemsize() != 1 || pk.ndim() != 1 || pk.shape(0) != want ||
+            (pk.shape(0) > 1 && pk.strides(0) != 1))
+            throw py::value_error("qgemm: packed must be kernels.prepack_q4's contiguous uint8 array of " +
+                                  std::to_string(want) + " bytes for a q4 [" + std::to_string(w.N) + ", " +
+                                  std::to_string(w.K) + "] matrix, got shape " + shape_str(pk));
+        w.packed = static_cast<const uint8_t*>(pk.data());
+    }
     return w;
 }
 
@@ -131,11 +143,12 @@ void run_multi(py::array x, py::list segs, py::array out, const std::string& pat
     int64_t col = 0;
     for (py::handle h : segs) {
         py::tuple t = py::reinterpret_borrow<py::tuple>(h);
-        if (t.size() != 11) throw py::value_error("qgemm_multi: each segment is an 11-tuple");
+        if (t.size() != 11 && t.size() != 12)
+            throw py::value_error("qgemm_multi: each segment is an 11-tuple (+ packed codes or None)");
         const int bits = t[0].cast<int>();
         Segment sg;
         sg.w = matrix_from(t[1].cast<py::array>(), t[2].cast<py::array>(), py::reinterpret_borrow<py::object>(t[3]),
-                           bits, t[4].cast<int>());
+                           bits, t[4].cast<int>(), t.size() == 12 ? py::object(t[11]) : py::object(py::none()));
         sg.p = make_perturbation(t[5].cast<bool>(), t[6].cast<uint64_t>(), t[7].cast<uint64_t>(), t[8].cast<double>(),
                                  t[9].cast<int>(), t[10].cast<int>());
         sg.col = col;
@@ -227,7 +240,8 @@ BlockWeights block_weights_from(const py::handle& layer, const BlockConfig& c, i
             continue;
         }
         py::tuple sg = so.cast<py::tuple>();
-        if (sg.size() != 11) throw py::value_error("block_forward: each segment is an 11-tuple");
+        if (sg.size() != 11 && sg.size() != 12)
+            throw py::value_error("block_forward: each segment is an 11-tuple (+ packed codes or None)");
         const int bits = sg[0].cast<int>();
         if (bits == 32) {
             py::array d = sg[1].cast<py::array>();
@@ -238,7 +252,8 @@ BlockWeights block_weights_from(const py::handle& layer, const BlockConfig& c, i
             w.dense[i] = static_cast<const float*>(d.data());
         } else {
             w.w[i] = matrix_from(sg[1].cast<py::array>(), sg[2].cast<py::array>(),
-                                 py::reinterpret_borrow<py::object>(sg[3]), bits, sg[4].cast<int>());
+                                 py::reinterpret_borrow<py::object>(sg[3]), bits, sg[4].cast<int>(),
+                                 sg.size() == 12 ? py::object(sg[11]) : py::object(py::none()));
             w.p[i] = make_perturbation(sg[5].cast<bool>(), sg[6].cast<uint64_t>(), sg[7].cast<uint64_t>(),
                                        sg[8].cast<double>(), sg[9].cast<int>(), sg[10].cast<int>());
         }
@@ -314,13 +329,43 @@ PYBIND11_MODULE(_kernels, m) {
 
     m.def("qgemm_q4",
           [](py::array x, py::array codes, py::array scales, py::object mins, int offset, py::object out, uint64_t seed,
-             uint64_t tensor_id, double eps, int sign, int dist, bool perturb, const std::string& path) {
-              return run(x, matrix_from(codes, scales, mins, 4, offset), out, seed, tensor_id, eps, sign, dist, perturb, path);
+             uint64_t tensor_id, double eps, int sign, int dist, bool perturb, const std::string& path,
+             py::object packed) {
+              return run(x, matrix_from(codes, scales, mins, 4, offset, packed), out, seed, tensor_id, eps, sign, dist,
+                         perturb, path);
           },
           py::arg("x"), py::arg("codes"), py::arg("scales"), py::arg("mins") = py::none(), py::arg("offset") = 0,
           py::arg("out") = py::none(), py::arg("seed") = 0, py::arg("tensor_id") = 0, py::arg("eps") = 0.0,
           py::arg("sign") = 1, py::arg("dist") = 0, py::arg("perturb") = false, py::arg("path") = "auto",
-          "y[M,N] = x[M,K] @ W^T, W q4: w = s*(q - offset) + m; perturb=True reads s + eps*sign*z(seed, tensor_id)");
+          py::arg("packed") = py::none(),
+          "y[M,N] = x[M,K] @ W^T, W q4: w = s*(q - offset) + m; perturb=True reads s + eps*sign*z(seed, tensor_id); "
+          "packed: prepack_q4(codes), read by the avx512/amx paths");
+    m.def("prepack_q4",
+          [](py::array codes) {
+              if (codes.ndim() != 3 || codes.itemsize() != 1 || codes.shape(2) != 16 ||
+                  (codes.dtype().kind() != 'u' && codes.dtype().kind() != 'i'))
+                  throw py::value_error("prepack_q4: codes must be a uint8 [N, K/32, 16] array, got dtype " +
+                                        std::string(py::str(codes.dtype())) + " shape " + shape_str(codes));
+              if (codes.strides(2) != 1)
+                  throw py::value_error("prepack_q4: the last axis of codes must be contiguous (stride 1)");
+              QMatrix w;
+              w.bits = 4;
+              w.group = 32;
+              w.N = codes.shape(0);
+              w.K = codes.shape(1) * 32;
+              w.codes = static_cast<const uint8_t*>(codes.data());
+              w.row_stride = codes.strides(0);
+              w.block_stride = codes.strides(1);
+              py::array_t<uint8_t> out(static_cast<py::ssize_t>(prepack_q4_bytes(w.N, w.K)));
+              uint8_t* dst = out.mutable_data();
+              {
+                  py::gil_scoped_release nogil;
+                  prepack_q4(w, dst);
+              }
+              return out;
+          },
+          py::arg("codes"),
+          "q4 codes [N, K/32, 16] -> the prepacked panel layout (1-D uint8, see edgetune/qgemm.h prepack_q4)");
     m.def("qgemm_q8",
           [](py::array x, py::array codes, py::array scales, py::object mins, py::object out, uint64_t seed,
              uint64_t tensor_id, double eps, int sign, int dist, bool perturb, const std::string& path) {

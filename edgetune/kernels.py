@@ -212,7 +212,7 @@ def qgemm(x, qt: quant.QTensor, perturb=None, out=None, path: str = "auto"):
             kw.update(perturb=True, seed=int(p.seed) & _MASK64, tensor_id=int(qt.tensor_id) & _MASK64,
                       eps=float(p.eps), sign=int(p.sign), dist=DISTS[p.dist])
         if qt.kind == "q4":
-            y = _kernels.qgemm_q4(x2, qt.codes, scales, mins, int(qt.offset), **kw)
+            y = _kernels.qgemm_q4(x2, qt.codes, scales, mins, int(qt.offset), packed=_packed_of(qt), **kw)
         else:
             y = _kernels.qgemm_q8(x2, qt.codes, scales, mins, **kw)
 
@@ -240,10 +240,39 @@ def _segment(qt: quant.QTensor, perturb) -> tuple:
     bits = 4 if qt.kind == "q4" else 8
     scales = np.ascontiguousarray(qt.scales, dtype=np.float32)
     mins = None if qt.mins is None else np.ascontiguousarray(qt.mins, dtype=np.float32)
+    packed = _packed_of(qt)
     if p is None:
-        return (bits, qt.codes, scales, mins, int(qt.offset), False, 0, 0, 0.0, 1, 0)
+        return (bits, qt.codes, scales, mins, int(qt.offset), False, 0, 0, 0.0, 1, 0, packed)
     return (bits, qt.codes, scales, mins, int(qt.offset), True, int(p.seed) & _MASK64,
-            int(qt.tensor_id) & _MASK64, float(p.eps), int(p.sign), DISTS[p.dist])
+            int(qt.tensor_id) & _MASK64, float(p.eps), int(p.sign), DISTS[p.dist], packed)
+
+
+# the paths that read QTensor.packed (the others read codes)
+_PACKED_PATHS = ("avx512", "amx")
+
+
+def _packed_of(qt: quant.QTensor):
+    """qt.packed if it is set (q4 only): checked against the codes' shape."""
+    pk = getattr(qt, "packed", None)
+    if pk is None or qt.kind != "q4":
+        return None
+    n, k = qt.shape
+    want = -(-n // 32) * 32 * k // 2
+    if pk.dtype != np.uint8 or pk.ndim != 1 or pk.size != want:
+        raise ValueError(f"{qt.name or 'W'}: packed codes must be kernels.prepack's uint8 array of "
+                         f"{want} bytes, got {pk.dtype} {pk.shape}")
+    return pk
+
+
+def prepack(qt: quant.QTensor) -> bool:
+    """Give a resident q4 QTensor its prepacked codes (QTensor.packed) when this CPU's best path
+    reads them (avx512, amx); a no-op elsewhere.  Returns whether packed codes are set.  The codes
+    must not change afterwards (they never do: training changes scales and separate deltas)."""
+    if qt.kind != "q4" or qt.codes is None or not HAVE_KERNELS or best_path() not in _PACKED_PATHS:
+        return False
+    _check_codes(qt)
+    qt.packed = _kernels.prepack_q4(qt.codes)
+    return True
 
 
 def qgemm_multi(x, qts, perturbs=None, path: str = "auto"):

@@ -35,6 +35,9 @@ class QTensor:
     tensor_id: int = 0             # stable id for the perturbation RNG
     source_type: str = ""          # GGUF type name it came from, e.g. "Q4_1"
     meta: dict = field(default_factory=dict)
+    # q4 only, optional: the codes in the C++ kernels' prepacked panel layout (kernels.prepack),
+    # built once for a resident matrix; read instead of `codes` by the avx512/amx paths
+    packed: np.ndarray | None = None
 
     @property
     def n_groups(self) -> int:
@@ -54,6 +57,20 @@ def unpack_q4(codes: np.ndarray) -> np.ndarray:
     lo = c & 0x0F
     hi = c >> 4
     return np.concatenate([lo, hi], axis=-1).reshape(c.shape[0], -1)
+
+
+def prepack_q4_reference(codes: np.ndarray) -> np.ndarray:
+    """[N, K/32, 16] packed nibbles -> the kernels' prepacked panel layout (numpy reference of
+    kernels.prepack): panels of 32 rows (zero rows past N), per panel and group two halves of 16
+    rows, per half 4 chunks of 64 bytes, chunk d = bytes 4d..4d+3 of each of the 16 rows' blocks."""
+    c = np.asarray(codes, dtype=np.uint8)
+    n, ng, _ = c.shape
+    p = -(-n // 32)
+    pad = np.zeros((p * 32, ng, 16), np.uint8)
+    pad[:n] = c
+    # [panel, half, row, group, d, byte] -> [panel, group, half, d, row, byte]
+    v = pad.reshape(p, 2, 16, ng, 4, 4).transpose(0, 3, 1, 4, 2, 5)
+    return np.ascontiguousarray(v).reshape(-1)
 
 
 def pack_q4(q: np.ndarray) -> np.ndarray:

@@ -384,3 +384,64 @@ def test_amx_multi_bitwise_equals_avx512(group):
                 assert a.view(np.uint32).tolist() == b.view(np.uint32).tolist(), f"M={m} threads {threads}"
     finally:
         kernels.set_num_threads(old)
+
+
+# -- prepacked q4 codes (QTensor.packed, kernels.prepack) ------------------------------------------
+
+@pytest.mark.parametrize("n", [2, 31, 32, 67])
+def test_prepack_matches_numpy_reference_on_strided_codes(n):
+    """kernels' prepack_q4 lays out exactly the bytes quant.prepack_q4_reference describes, from a
+    GGUF-like strided view (row padding, 20-byte blocks), zero rows past N."""
+    k = 320
+    _, codes = fake_q4_1_buffer(n, k, seed=n)
+    got = kernels._kernels.prepack_q4(codes)
+    want = quant.prepack_q4_reference(codes)
+    assert got.dtype == np.uint8 and got.shape == want.shape == (-(-n // 32) * 32 * k // 2,)
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("path", [p for p in PATHS if p in ("avx512", "amx")])
+@pytest.mark.parametrize("offset,mins", [(0, True), (8, False)])
+def test_packed_codes_are_bit_identical_to_codes(path, offset, mins):
+    """The avx512/amx paths reading QTensor.packed give every bit the codes give: qgemm, qgemm_multi
+    and perturbed, M from 1 to 130, N not a multiple of 32, strided codes."""
+    k = 576
+    for n in (67, 32, 5):
+        _, codes = fake_q4_1_buffer(n, k, seed=n)
+        base = make_qt("q4", n, k, offset, mins, seed=n)
+        plain = QTensor("w", "q4", (n, k), codes=codes, scales=base.scales, mins=base.mins, offset=offset,
+                        tensor_id=7)
+        packed = QTensor("w", "q4", (n, k), codes=codes, scales=base.scales, mins=base.mins, offset=offset,
+                         tensor_id=7, packed=quant.prepack_q4_reference(codes))
+        other = make_qt("q4", 40, k, offset, mins, seed=99)
+        for m in (1, 17, 130):
+            x = make_x(m, k, seed=m)
+            for p in (None, kernels.Perturbation(5, 1e-2, -1, "gaussian")):
+                a = kernels.qgemm(x, packed, perturb=p, path=path)
+                b = kernels.qgemm(x, plain, perturb=p, path=path)
+                assert a.view(np.uint32).tolist() == b.view(np.uint32).tolist(), f"N={n} M={m} {p}"
+            a = kernels.qgemm_multi(x, [packed, other], [None, kernels.Perturbation(3, 1e-2)], path=path)
+            b = kernels.qgemm_multi(x, [plain, other], [None, kernels.Perturbation(3, 1e-2)], path=path)
+            assert a.view(np.uint32).tolist() == b.view(np.uint32).tolist(), f"multi N={n} M={m}"
+
+
+def test_prepack_is_used_and_checked():
+    """kernels.prepack sets packed exactly when the best path reads it; a wrong packed array is a
+    ValueError naming the tensor, never a silent wrong result; the packed bytes are what the
+    kernels read (corrupting them changes the output)."""
+    qt = make_qt("q4", 40, 320, 0, True)
+    done = kernels.prepack(qt)
+    assert done == (kernels.best_path() in ("avx512", "amx"))
+    if not done:
+        return
+    np.testing.assert_array_equal(qt.packed, quant.prepack_q4_reference(qt.codes))
+    x = make_x(4, 320)
+    y = kernels.qgemm(x, qt)
+    bad = QTensor("w1", "q4", (40, 320), codes=qt.codes, scales=qt.scales, mins=qt.mins,
+                  packed=qt.packed[:-64])
+    with pytest.raises(ValueError, match="w1.*packed"):
+        kernels.qgemm(x, bad)
+    flipped = QTensor("w", "q4", (40, 320), codes=qt.codes, scales=qt.scales, mins=qt.mins,
+                      packed=qt.packed ^ np.uint8(0x11))
+    assert not np.array_equal(kernels.qgemm(x, flipped), y)
+    assert kernels.prepack(make_qt("q8", 8, 64, 32, False)) is False

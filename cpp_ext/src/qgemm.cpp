@@ -1,5 +1,6 @@
 // qgemm.cpp — qgemm() entry: argument checks, CPU dispatch, scratch memory, and the scalar
 // reference path (plain fp32 dequantize-and-dot, no activation quantization).
+#include <cstring>
 #include <cstdlib>
 #include <memory>
 #include <stdexcept>
@@ -108,6 +109,28 @@ Path path_from_name(const std::string& name) {
         if (name == path_name(p)) return p;
     throw std::invalid_argument("qgemm: unknown path '" + name +
                                 "' (choose auto, scalar, avx2, avx512, amx, neon)");
+}
+
+int64_t prepack_q4_bytes(int64_t N, int64_t K) { return (N + 31) / 32 * 32 * (K / 32) * 16; }
+
+void prepack_q4(const QMatrix& w, uint8_t* dst) {
+    if (w.bits != 4 || w.group != 32 || w.K % 32 != 0 || w.N < 0)
+        throw std::invalid_argument("prepack_q4: a q4 matrix with group 32 and K a multiple of 32 is required");
+    const int64_t NG = w.n_groups(), P = (w.N + 31) / 32;
+    auto task = [&](int64_t p) {
+        for (int64_t g = 0; g < NG; ++g)
+            for (int h = 0; h < 2; ++h) {
+                uint8_t* o = dst + ((p * NG + g) * 2 + h) * 256;
+                for (int n = 0; n < 16; ++n) {
+                    const int64_t row = 32 * p + 16 * h + n;
+                    for (int d = 0; d < 4; ++d) {
+                        if (row < w.N) std::memcpy(o + d * 64 + 4 * n, w.block(row, g) + 4 * d, 4);
+                        else std::memset(o + d * 64 + 4 * n, 0, 4);
+                    }
+                }
+            }
+    };
+    parallel_for(P, task);
 }
 
 void set_num_threads(int n) { pool_set_num_threads(n); }

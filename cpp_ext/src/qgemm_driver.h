@@ -34,7 +34,8 @@ struct NextPanel {
 };
 
 inline void prefetch_panel_rows(const NextPanel& next, int pw, int64_t r0, int64_t r1) {
-    if (!next.w) return;
+    // a prepacked panel is one contiguous run that the hardware prefetcher follows
+    if (!next.w || next.w->packed) return;
     const QMatrix& w = *next.w;
     const int64_t bytes = (w.n_groups() - 1) * w.block_stride + (w.bits == 4 ? 16 : w.group);
     for (int64_t r = r0; r < std::min<int64_t>(r1, pw) && next.n0 + r < w.N; ++r) {

@@ -149,17 +149,23 @@ void repack_panel(const QMatrix& w, int64_t n0, uint8_t* dst, uint8_t q8_xor) {
     const __m512i lo4 = _mm512_set1_epi8(0x0F);
     const __m512i sign = _mm512_set1_epi8(static_cast<char>(q8_xor));
     const uint8_t* rows[16];
+    // panels are PW = 32 rows, the prepacked layout's panel (n0 is a multiple of 32)
+    const uint8_t* pk = w.packed && w.bits == 4 ? w.packed + (n0 / 32) * NG * 512 : nullptr;
     for (int64_t g = 0; g < NG; ++g) {
         uint8_t* dg = dst + g * QPG * 128;
         for (int t = 0; t < 2; ++t) {
-            for (int r = 0; r < 16; ++r) {
+            for (int r = 0; r < 16 && !pk; ++r) {
                 const int64_t n = n0 + 16 * t + r;
                 rows[r] = n < w.N ? w.block(n, g) : kZeroRow;
                 // 16-32 row streams defeat the hardware prefetcher: fetch a few groups ahead
                 if (n < w.N && g + 4 < NG) _mm_prefetch(reinterpret_cast<const char*>(w.block(n, g + 4)), _MM_HINT_T0);
             }
             __m512i o[4];
-            transpose16x4(rows, o);
+            if (pk) {  // prepacked at load: the transpose's result as stored
+                for (int d = 0; d < 4; ++d) o[d] = _mm512_loadu_si512(pk + (g * 2 + t) * 256 + d * 64);
+            } else {
+                transpose16x4(rows, o);
+            }
             if (w.bits == 4) {
                 for (int d = 0; d < 4; ++d) {
                     _mm512_store_si512(dg + d * 128 + t * 64, _mm512_and_si512(o[d], lo4));

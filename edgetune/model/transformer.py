@@ -192,7 +192,7 @@ class Transformer:
             if i in to_stream:  # no scales yet: converted per use, or kept if trained
                 w = {n: self._q_shell(g, f"blk.{i}.{n}.weight") for n in c.layer_weights}
             else:
-                w = {n: self._q(g, f"blk.{i}.{n}.weight") for n in c.layer_weights}
+                w = {n: self._q_resident(g, f"blk.{i}.{n}.weight") for n in c.layer_weights}
             bias = {}
             if c.qkv_bias:
                 for n in ("attn_q", "attn_k", "attn_v"):
@@ -203,7 +203,7 @@ class Transformer:
         if to_stream:
             self._setup_stream(g, to_stream, stream_reader)
         self.output_norm = self._vec(g, "output_norm.weight")
-        self.output = self.embed if c.tied_embeddings else self._q(g, "output.weight")
+        self.output = self.embed if c.tied_embeddings else self._q_resident(g, "output.weight")
         self._check_shapes()
         self._rope_cache = {}
         # per-dimension frequency divisors: llama3's rope_freqs, phi3's short/long factors
@@ -221,6 +221,16 @@ class Transformer:
     def _q(self, g: GGUFFile, name: str) -> QTensor:
         qt = g.qtensor(name, tensor_id=len(self.tensor_names))
         self.tensor_names.append(name)
+        return qt
+
+    def _q_resident(self, g: GGUFFile, name: str) -> QTensor:
+        """A resident matrix: q4 codes prepacked for this CPU's kernels (kernels.prepack) when its
+        best path reads them; the mapped file pages then leave RSS (export and the other paths
+        still read `codes`, which maps them in again), so the weights are counted once."""
+        qt = self._q(g, name)
+        if kernels.prepack(qt):
+            rt = g.tensors[name]
+            _drop_pages(g, rt.offset, int(rt.data.nbytes))
         return qt
 
     def _q_shell(self, g: GGUFFile, name: str) -> QTensor:

@@ -26,6 +26,10 @@ struct QMatrix {
     const float* scales = nullptr;  // [N, K/group] C-contiguous
     const float* mins = nullptr;    // [N, K/group] C-contiguous, or nullptr (= 0)
     int offset = 0;                 // q4 only: 0 or 8
+    // q4 only, optional: the codes in prepack_q4's layout (built once at load); the AVX-512 and AMX
+    // paths then read whole panels with 4 aligned loads per 16 rows and group instead of gathering
+    // 16-byte blocks from 32 rows.  Must hold the same codes as `codes` (which other paths read).
+    const uint8_t* packed = nullptr;
 
     int64_t n_groups() const { return K / group; }
     const uint8_t* block(int64_t n, int64_t g) const { return codes + n * row_stride + g * block_stride; }
@@ -58,6 +62,13 @@ constexpr int kMaxSegments = 16;
 // panels of every segment.  y: [M, ldy] C-contiguous; bit-identical to separate qgemm() calls.
 void qgemm_multi(const float* x, int64_t M, const std::vector<Segment>& segs, float* y, int64_t ldy,
                  Path path = Path::Auto);
+
+// The prepacked q4 layout: panels of 32 rows (rows >= N are zeros), per panel and group two
+// halves of 16 rows, per half 4 x 64 bytes: chunk d holds, for row n = 0..15 of the half, bytes
+// 4d..4d+3 of that row's 16-byte code block (still two 4-bit codes per byte, as stored).
+// byte index = (((panel·NG + g)·2 + half)·4 + d)·64 + 4n + b  holds block(32·panel + 16·half + n, g)[4d + b].
+int64_t prepack_q4_bytes(int64_t N, int64_t K);
+void prepack_q4(const QMatrix& w, uint8_t* dst);  // w.bits == 4; dst: prepack_q4_bytes(N, K) bytes
 
 // Validation only (same checks as qgemm), so callers can report errors before releasing locks.
 void qgemm_check(const QMatrix& w, Path path);
