@@ -434,7 +434,12 @@ PYBIND11_MODULE(_kernels, m) {
                                                 std::to_string(kp[i]) + " is outside 0.." +
                                                 std::to_string(B * T - 1) + " (B*T rows)");
               }
-              require_f32_2d(out, "block_forward out", kp ? n_keep : B * T, c.n_embd);
+              if (kp && n_keep == 0) {  // numpy gives an empty array zero strides: check its shape only
+                  if (!is_f32(out) || out.ndim() != 2 || out.shape(0) != 0 || out.shape(1) != c.n_embd)
+                      throw py::value_error("block_forward: out must be a float32 [0, n_embd] array for no keep_rows");
+              } else {
+                  require_f32_2d(out, "block_forward out", kp ? n_keep : B * T, c.n_embd);
+              }
               if (!out.writeable()) throw py::value_error("block_forward: out is read-only");
               require_f32_2d(cos, "block_forward cos", T, c.rope_dim / 2);
               require_f32_2d(sin, "block_forward sin", T, c.rope_dim / 2);
