@@ -636,3 +636,39 @@ def test_bad_keep_rows_are_refused(tiny):
         raw(*args, np.array([0, 1, 2], np.int64))
     raw(*args, np.array([9, 0], np.int64))   # the right shape goes through
     np.testing.assert_array_equal(out, net.layer_forward(0, x.reshape(B, T, -1), None).reshape(B * T, -1)[[9, 0]])
+
+
+def test_batch_passes_compute_only_the_rows_they_read(tmp_path):
+    """BatchPasses' label-word states (answer positions) and LM losses (loss-mask positions),
+    frozen prefix + passes layer by layer: the same bits as the full hidden states gathered."""
+    from edgetune.train.data import Batch
+    from edgetune.train.objectives import lm_targets, log_softmax32
+    from edgetune.train.passes import LM_ROWS, BatchPasses
+    m = edgetune.load(write_synthetic("tiny", "q4_1", tmp_path / "m.gguf", seed=4, progress=False))
+    net = m.net
+    ts = build_trainable(net, "scales,norms", layers="top:2")
+    try:
+        r = np.random.default_rng(2)
+        ids = [list(r.integers(3, 500, n)) for n in (9, 14, 6)]
+        masks = [[0] * 3 + [1] * (len(s) - 3) for s in ids]
+        b = Batch(ids, [8, 10, 5], [0, 1, 0], masks, [0, 1, 2])
+        tokens, _ = m._pad(ids)
+        B = len(ids)
+        perts = [None, Perturb(3, 1e-2, 1), Perturb(3, 1e-2, -1)]
+        bp = BatchPasses(m, ts, [300, 301], chunk=2)
+        states, _ = bp._compute_states(ids, b.answer_pos, perts)
+        padded, targets = lm_targets(ids, masks)
+        y = np.asarray([t for tg in targets for t in tg])
+        losses = bp.lm_losses(b, perts)
+        assert kernels.block_last_ffn_rows() == len(y)
+        for p, x, loss in zip(perts, states, losses):
+            h = net.hidden(tokens, p)
+            np.testing.assert_array_equal(x, net.final_norm(h[np.arange(B), b.answer_pos], p))
+            hs = np.concatenate([h[i, padded[i][:len(tg)]] for i, tg in enumerate(targets)])
+            total = 0.0
+            for r0 in range(0, len(y), LM_ROWS):
+                lp = log_softmax32(net.head(hs[r0:r0 + LM_ROWS], p))
+                total += float(-lp[np.arange(lp.shape[0]), y[r0:r0 + LM_ROWS]].astype(np.float64).sum())
+            assert loss == total / len(y)
+    finally:
+        net.hooks = NoHooks()
