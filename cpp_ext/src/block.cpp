@@ -411,8 +411,8 @@ void blocks_forward(const BlockConfig& c, const BlockWeights* layers, int n, con
     bool skip = keep_rows != nullptr;
     for (int i = BM_O; i <= BM_DOWN; ++i)
         if (layers[n - 1].input_sq[i]) skip = false;
-    float* h = h_out;  // the full rows between layers
-    if (keep_rows) {
+    float* h = h_out;  // the full rows between layers (h_out holds only the kept ones)
+    if (keep_rows && (n > 1 || !skip)) {
         Arena::fit(ar.h, M * D);
         h = ar.h.data();
     }
