@@ -578,6 +578,14 @@ def test_model_logits_at_positions_read_only_those_rows(arch):
             for lg, p in zip(multi, [None, pert]):
                 np.testing.assert_array_equal(lg, m.logits(batch, positions=positions, perturb=p,
                                                            vocab=[3, 17, 99]))
+        # positions=None: every real position, the padding rows skipped in the last block
+        for p in (None, pert):
+            h = net.hidden(tokens, p)
+            got = m.logits(batch, perturb=p)
+            assert kernels.block_last_ffn_rows() == sum(lengths)
+            for i, n in enumerate(lengths):
+                np.testing.assert_array_equal(got[i, :n], net.head(h[i, :n], p))
+                assert not got[i, n:].any()
     finally:
         net.hooks = NoHooks()
 

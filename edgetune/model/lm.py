@@ -105,10 +105,10 @@ class Model:
             rows = self._rows(positions, lengths, T)
             h = self.net.hidden(tokens, perturb, rows=rows)
             return self.net.head(h.reshape(B, -1, h.shape[-1]), perturb, vocab)
-        h = self.net.hidden(tokens, perturb)
-        V = self.config.n_vocab if vocab is None else len(vocab)
-        rows = np.concatenate([h[i, :n] for i, n in enumerate(lengths)])
-        lg = self.net.head(rows, perturb, vocab)
+        # every real position: the padding rows are skipped in the last block too
+        rows = np.concatenate([np.arange(n, dtype=np.int64) + i * T for i, n in enumerate(lengths)])
+        lg = self.net.head(self.net.hidden(tokens, perturb, rows=rows), perturb, vocab)
+        V = lg.shape[-1]
         out = np.zeros((B, T, V), dtype=np.float32)
         o = 0
         for i, n in enumerate(lengths):
