@@ -430,7 +430,7 @@ def block_forward(h, cfg: tuple, layers: list, B: int, T: int, cos, sin, out=Non
         bad = (keep < 0) | (keep >= n)
         if bad.any():
             i = int(np.argmax(bad))
-            raise ValueError(f"block_forward: keep_rows[{i}] = {int(keep_rows[i])} is outside "
+            raise ValueError(f"block_forward: keep_rows[{i}] = {int(keep[i])} is outside "
                              f"0..{n - 1} (B*T = {n} rows)")
     if out is None:
         on = np.empty_like(hn) if keep is None else np.empty((keep.size, hn.shape[-1]), np.float32)
