@@ -508,7 +508,8 @@ class Transformer:
     def hidden_from(self, h, start: int, perturbs: list, rows=None) -> list:
         """Blocks start..n-1 on the same input h under several perturbations, layer by layer
         (ZO2 generalised to any number of passes): each block's weights are read once for all
-        of them.  rows: only those flat rows b*T + t of each result (layers_forward)."""
+        of them.  Before the first perturbation-dependent block the passes are identical and
+        run once.  rows: only those flat rows b*T + t of each result (layers_forward)."""
         n = self.config.n_layer
         if len(perturbs) == 1:      # one pass: the whole range in one C++ call when resident
             return [self.layers_forward(start, n, h, perturbs[0], rows)]
