@@ -441,7 +441,7 @@ PYBIND11_MODULE(_kernels, m) {
           "returns whether the intrinsics are used now");
     m.def("block_forward",
           [](py::array h, py::array out, py::tuple cfg, py::list layers, int64_t B, int64_t T, py::array cos,
-             py::array sin, const std::string& path_s) {
+             py::array sin, const std::string& path_s, py::object keep_rows) {
               if (cfg.size() != 10)
                   throw py::value_error("block_forward: cfg is (n_embd, n_head, n_head_kv, head_dim, n_ff, rope_dim, "
                                         "neox, rms_eps, attn_scale, act)");
@@ -458,7 +458,33 @@ PYBIND11_MODULE(_kernels, m) {
               c.act = cfg[9].cast<int>();
               const Path path = path_from_name(path_s);
               require_f32_2d(h, "block_forward h", B * T, c.n_embd);
-              require_f32_2d(out, "block_forward out", B * T, c.n_embd);
+              // keep_rows: None or a 1-D int64 array of row indices into B*T (out is then [n_keep, n_embd])
+              const int64_t* kp = nullptr;
+              int64_t n_keep = 0;
+              if (!keep_rows.is_none()) {
+                  py::array k = py::reinterpret_borrow<py::array>(keep_rows);
+                  if (!py::isinstance<py::array>(keep_rows) || k.ndim() != 1 || k.dtype().kind() != 'i' ||
+                      k.itemsize() != 8 || (k.shape(0) > 1 && k.strides(0) != 8))
+                      throw py::value_error("block_forward: keep_rows must be a contiguous 1-D int64 array of row "
+                                            "indices into B*T" +
+                                            (py::isinstance<py::array>(keep_rows)
+                                                 ? ", got dtype " + std::string(py::str(k.dtype())) + " shape " +
+                                                       shape_str(k)
+                                                 : std::string()));
+                  n_keep = k.shape(0);
+                  kp = static_cast<const int64_t*>(k.data());
+                  for (int64_t i = 0; i < n_keep; ++i)
+                      if (kp[i] < 0 || kp[i] >= B * T)
+                          throw py::value_error("block_forward: keep_rows[" + std::to_string(i) + "] = " +
+                                                std::to_string(kp[i]) + " is outside 0.." +
+                                                std::to_string(B * T - 1) + " (B*T rows)");
+              }
+              if (kp && n_keep == 0) {  // numpy gives an empty array zero strides: check its shape only
+                  if (!is_f32(out) || out.ndim() != 2 || out.shape(0) != 0 || out.shape(1) != c.n_embd)
+                      throw py::value_error("block_forward: out must be a float32 [0, n_embd] array for no keep_rows");
+              } else {
+                  require_f32_2d(out, "block_forward out", kp ? n_keep : B * T, c.n_embd);
+              }
               if (!out.writeable()) throw py::value_error("block_forward: out is read-only");
               require_f32_2d(cos, "block_forward cos", T, c.rope_dim / 2);
               require_f32_2d(sin, "block_forward sin", T, c.rope_dim / 2);
@@ -473,12 +499,32 @@ PYBIND11_MODULE(_kernels, m) {
               const float* cp = static_cast<const float*>(cos.data());
               const float* sp = static_cast<const float*>(sin.data());
               py::gil_scoped_release nogil;
-              blocks_forward(c, ws.data(), static_cast<int>(ws.size()), hp, op, B, T, cp, sp, path);
+              blocks_forward(c, ws.data(), static_cast<int>(ws.size()), hp, op, B, T, cp, sp, path, kp, n_keep);
           },
           py::arg("h"), py::arg("out"), py::arg("cfg"), py::arg("layers"), py::arg("B"), py::arg("T"), py::arg("cos"),
-          py::arg("sin"), py::arg("path") = "auto",
+          py::arg("sin"), py::arg("path") = "auto", py::arg("keep_rows") = py::none(),
           "transformer blocks in order on h [B*T, n_embd] -> out (may be h); layers: list of 10-tuples (segments, "
-          "attn_norm, ffn_norm, biases, terms, head_norms, post_norms, window, cos, sin)");
+          "attn_norm, ffn_norm, biases, terms, head_norms, post_norms, window, cos, sin); keep_rows: None or int64 "
+          "row indices: out is [len, n_embd], those rows only (the last layer skips the others after attention)");
+    m.def("add_rms_norm",
+          [](py::array a, py::array b, py::array w, float eps, py::array sum, py::array out) {
+              const int64_t lda = rows_f32(a, "add_rms_norm: a"), ldb = rows_f32(b, "add_rms_norm: b");
+              const int64_t M = a.shape(0), D = a.shape(1);
+              if (b.shape(0) != M || b.shape(1) != D) throw py::value_error("add_rms_norm: a and b shapes differ");
+              if (!is_f32(w) || w.ndim() != 1 || w.shape(0) != D || (D > 1 && w.strides(0) != 4))
+                  throw py::value_error("add_rms_norm: w must be a contiguous float32 vector of length D");
+              require_f32_2d(sum, "add_rms_norm sum", M, D);
+              require_f32_2d(out, "add_rms_norm out", M, D);
+              const float* ap = static_cast<const float*>(a.data());
+              const float* bp = static_cast<const float*>(b.data());
+              const float* wp = static_cast<const float*>(w.data());
+              float* sp = static_cast<float*>(sum.mutable_data());
+              float* op = static_cast<float*>(out.mutable_data());
+              py::gil_scoped_release nogil;
+              add_rms_norm(ap, lda, bp, ldb, M, D, wp, eps, sp, op);
+          },
+          py::arg("a"), py::arg("b"), py::arg("w"), py::arg("eps"), py::arg("sum"), py::arg("out"),
+          "sum = a + b, out = rms_norm(sum) * w, one pass over the rows (the block's residual + next norm)");
     m.def("gelu_mul",
           [](py::array g, py::array u, py::array out) {
               const int64_t ld = rows_f32(g, "gelu_mul: g");
@@ -494,6 +540,8 @@ PYBIND11_MODULE(_kernels, m) {
           },
           py::arg("g"), py::arg("u"), py::arg("out"), "out = gelu_tanh(g) * u (the block's GELU gate)");
     m.def("block_arena_bytes", &block_arena_bytes, "bytes held by the block scratch arena");
+    m.def("block_last_ffn_rows", &block_last_ffn_rows,
+          "rows the last layer of the latest block_forward call ran its o-projection and FFN on");
     m.def("rng_perturbation",
           [](uint64_t seed, uint64_t tensor_id, int64_t n, int dist, uint64_t offset) {
               if (n < 0) throw py::value_error("rng_perturbation: n < 0");

@@ -428,21 +428,41 @@ def block_layer(mats, perturbs, attn_norm, ffn_norm, biases=None, terms=None, he
             int(window), cos, sin)
 
 
-def block_forward(h, cfg: tuple, layers: list, B: int, T: int, cos, sin, out=None, path: str = "auto"):
+def block_forward(h, cfg: tuple, layers: list, B: int, T: int, cos, sin, out=None, path: str = "auto",
+                  keep_rows=None):
     """Transformer blocks (block_layer tuples, applied in order) on h [B*T, n_embd] float32 in one
     C++ call (edgetune/block.h): RMSNorm, q/k/v (+biases, head norms, LoRA, sparse), RoPE, GQA
     causal (or sliding-window) attention, o, post norm, residual, RMSNorm, gate/up, SiLU or
     GELU(tanh) gate * up, down, post norm, residual.  cfg: (n_embd, n_head, n_head_kv, head_dim,
     n_ff, rope_dim, neox, rms_eps, attn_scale, act) with act 0 = SiLU, 1 = GELU(tanh); cos/sin
     [T, rope_dim/2] (numpy or torch).  h and out are numpy arrays or torch tensors (out may be h);
-    returns out (new, h's kind, when None)."""
+    returns out (new, h's kind, when None).
+
+    keep_rows: None, or a 1-D integer array of row indices into B*T (any order, repeats allowed):
+    only those rows are wanted and out is [len(keep_rows), n_embd], in that order.  The last layer
+    then runs its o-projection, residual and FFN on those rows only (its q/k/v and attention still
+    cover every row); each row is bit-identical to the full forward's.  A last layer with
+    calibration sums (LinearTerms.input_sq) on o/gate/up/down runs in full (the sums see every row)."""
     if not HAVE_KERNELS:
         raise RuntimeError(f"the transformer forward runs in the C++ extension edgetune._kernels, "
                            f"which does not import ({_IMPORT_ERROR}); rebuild it with `make install`")
     torch_in = _is_torch(h)
     hn = h.detach().contiguous().numpy() if torch_in else np.ascontiguousarray(h, np.float32)
+    keep = None
+    if keep_rows is not None:
+        keep = np.asarray(keep_rows.numpy() if _is_torch(keep_rows) else keep_rows)
+        if keep.ndim != 1 or not (keep.dtype.kind in "iu" or keep.size == 0):
+            raise ValueError(f"block_forward: keep_rows must be a 1-D array of integer row indices "
+                             f"into B*T, got dtype {keep.dtype} shape {keep.shape}")
+        keep = np.ascontiguousarray(keep, np.int64)
+        n = int(B) * int(T)
+        bad = (keep < 0) | (keep >= n)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(f"block_forward: keep_rows[{i}] = {int(keep[i])} is outside "
+                             f"0..{n - 1} (B*T = {n} rows)")
     if out is None:
-        on = np.empty_like(hn)
+        on = np.empty_like(hn) if keep is None else np.empty((keep.size, hn.shape[-1]), np.float32)
         if torch_in:
             import torch
             res = torch.from_numpy(on)
@@ -452,8 +472,17 @@ def block_forward(h, cfg: tuple, layers: list, B: int, T: int, cos, sin, out=Non
         on = out.numpy() if _is_torch(out) else out
         res = out
     _kernels.block_forward(hn, on, tuple(cfg), list(layers), int(B), int(T), _vec2d(cos), _vec2d(sin),
-                           path)
+                           path, keep)
     return res
+
+
+def add_rms_norm(a, b, w, eps: float):
+    """(s, n): s = a + b and n = rms_norm(s, w, eps) in one pass over the rows (the block's residual
+    add fused with the RMSNorm after it; bit-identical to the two ops).  float32 numpy [M, D]."""
+    a2, b2 = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    s, n = np.empty(a2.shape, np.float32), np.empty(a2.shape, np.float32)
+    _kernels.add_rms_norm(a2, b2, _vec32(w), float(eps), s, n)
+    return s, n
 
 
 def gelu_mul(g, u):
@@ -470,6 +499,12 @@ def gelu_mul(g, u):
 
 def block_arena_bytes() -> int:
     return int(_kernels.block_arena_bytes()) if HAVE_KERNELS else 0
+
+
+def block_last_ffn_rows() -> int:
+    """Rows the last layer of the latest block_forward call ran its o-projection and FFN on:
+    B*T, or len(keep_rows) when it skipped the rows nobody reads (tests check the skip)."""
+    return int(_kernels.block_last_ffn_rows())
 
 
 def _dist_id(dist) -> int:

@@ -427,3 +427,256 @@ def test_arena_stops_growing_and_bad_input_is_refused(tiny):
             net.layer_forward(0, h, None)
     finally:
         net.hooks = NoHooks()
+
+
+# -- keep_rows: the last layer computes only the rows the caller reads --------------------------
+
+def kept_rows_cases(B, T):
+    """Row lists into B*T: the last position of each sequence, an unordered list with a repeat,
+    every row reversed, and none."""
+    M = B * T
+    return [np.arange(1, B + 1, dtype=np.int64) * T - 1,
+            np.array([M - 1, 0, T - 1, T - 1, T + 4, 5], np.int64),
+            np.arange(M, dtype=np.int64)[::-1].copy(),
+            np.zeros(0, np.int64)]
+
+
+def check_kept_rows(net, pert, B=3, T=13, seed=0):
+    """For single layers and the whole range, resident: the kept rows are the full forward's rows,
+    bit for bit, and the last layer really ran its FFN on those rows only."""
+    h = hidden_in(net, B, T, seed).numpy()
+    D, n = net.config.n_embd, net.config.n_layer
+    for i0, i1 in ((0, n), (n - 1, n), (0, 1)):
+        full = net.layers_forward(i0, i1, h, pert).reshape(-1, D)
+        assert kernels.block_last_ffn_rows() == B * T
+        for rows in kept_rows_cases(B, T):
+            got = net.layers_forward(i0, i1, h, pert, rows=rows)
+            assert got.shape == (len(rows), D)
+            np.testing.assert_array_equal(got, full[rows])
+            assert kernels.block_last_ffn_rows() == len(rows)
+
+
+def test_kept_rows_are_the_full_forwards_rows(tiny):
+    net = tiny.net
+    check_kept_rows(net, None)
+    build_trainable(net, "scales,norms")
+    try:
+        for sign in (1, -1):
+            check_kept_rows(net, Perturb(seed=31, eps=1e-2, sign=sign), seed=1)
+    finally:
+        net.hooks = NoHooks()
+
+
+def test_arch_kept_rows_are_the_full_forwards_rows(arch):
+    """Every arch (q/k head norms, post norms, fused matrices, sliding windows: T = 13 > 8)."""
+    net = arch.net
+    check_kept_rows(net, None)
+    build_trainable(net, "scales,norms")
+    try:
+        check_kept_rows(net, Perturb(seed=32, eps=1e-2, sign=-1, dist="gaussian"), seed=2)
+    finally:
+        net.hooks = NoHooks()
+
+
+def test_kept_rows_with_lora_and_sparse_terms(arch):
+    """LoRA on every matrix and sparse deltas act on the kept rows exactly as on all rows."""
+    net = arch.net
+    ts = build_trainable(net, "lora", lora_targets=("q", "k", "v", "o", "gate", "up", "down"),
+                         lora_rank=4)
+    r = np.random.default_rng(1)
+    try:
+        for p in ts.params:
+            p.value[...] = r.standard_normal(p.value.shape).astype(np.float32) * 0.3
+        check_kept_rows(net, None)
+        check_kept_rows(net, Perturb(seed=4, eps=1e-2, sign=1), seed=3)
+        sparse_set(net, seed=2)
+        check_kept_rows(net, Perturb(seed=5, eps=1e-2, sign=-1), seed=4)
+    finally:
+        net.hooks = NoHooks()
+
+
+class _QKVRecorder:
+    """Calibration sums on the attention inputs only (q/k/v, or phi3's fused qkv)."""
+
+    def __init__(self):
+        from edgetune.zo.trainable import _NormRecorder
+        self.rec = _NormRecorder()
+
+    def __getattr__(self, name):
+        return getattr(self.rec, name)
+
+    def linear_terms(self, qt, pert):
+        if qt.name.split(".")[-2] in ("attn_q", "attn_k", "attn_v", "attn_qkv"):
+            return self.rec.linear_terms(qt, pert)
+        return None
+
+
+def test_calibration_sums_see_every_row_when_rows_are_kept(arch):
+    """input_sq on the last layer's o/gate/up/down needs every row: that layer runs in full (and
+    the sums are those of the full forward, bit for bit); sums on q/k/v only (every row runs
+    there anyway) still let the last layer skip."""
+    from edgetune.zo.trainable import _NormRecorder
+    net = arch.net
+    B, T = 3, 13
+    h = hidden_in(net, B, T, seed=7).numpy()
+    D, n = net.config.n_embd, net.config.n_layer
+    rows = kept_rows_cases(B, T)[1]
+    for make, skips in ((_NormRecorder, False), (_QKVRecorder, True)):
+        for i0 in (0, n - 1):
+            full_rec, kept_rec = make(), make()
+            net.hooks = full_rec
+            try:
+                full = net.layers_forward(i0, n, h, None).reshape(-1, D)
+                net.hooks = kept_rec
+                got = net.layers_forward(i0, n, h, None, rows=rows)
+            finally:
+                net.hooks = NoHooks()
+            np.testing.assert_array_equal(got, full[rows])
+            assert kernels.block_last_ffn_rows() == (len(rows) if skips else B * T)
+            assert set(full_rec.sq) == set(kept_rec.sq) and full_rec.sq
+            for name, v in full_rec.sq.items():
+                np.testing.assert_array_equal(kept_rec.sq[name], v, err_msg=name)
+
+
+def test_gemm_rows_do_not_depend_on_the_other_rows(tiny):
+    """What keep_rows relies on: on every kernel path, a row of qgemm's result is the same bits
+    whichever rows share the call (activations are quantized per row; the AMX path pads tiles of
+    16 rows), perturbed or not."""
+    qt = tiny.net.layers[0].w["attn_q"]
+    r = np.random.default_rng(0)
+    x = r.standard_normal((40, qt.shape[1])).astype(np.float32)
+    subsets = [np.array([7]), np.array([39, 0, 16, 3, 3]), np.arange(17), np.arange(40)[::-1]]
+    for path in kernels.available_paths():
+        for pert in (None, Perturb(seed=3, eps=1e-2, sign=1)):
+            p = None if pert is None else (pert.seed, pert.eps, pert.sign, pert.dist)
+            full = kernels.qgemm(x, qt, perturb=p, path=path)
+            for rows in subsets:
+                got = kernels.qgemm(np.ascontiguousarray(x[rows]), qt, perturb=p, path=path)
+                np.testing.assert_array_equal(got, full[rows], err_msg=f"{path} {qt.kind}")
+
+
+def test_model_logits_at_positions_read_only_those_rows(arch):
+    """Model.logits(positions=...) and logits_multi: the same bits as the full hidden states
+    gathered at those positions then sent through the head (their old definition)."""
+    m, net = arch, arch.net
+    r = np.random.default_rng(5)
+    batch = [list(r.integers(3, 500, n)) for n in (13, 7, 11)]
+    tokens, lengths = m._pad(batch)
+    B = len(batch)
+    build_trainable(net, "scales,norms")
+    try:
+        pert = Perturb(seed=9, eps=1e-2, sign=1)
+        for positions in ([-1], [[12], [3], [10]], [0, -1, 2, -1], [[0, 6], [6, 0], [1, 1]]):
+            idx = np.asarray(m._resolve_positions(positions, lengths), np.int64)
+            for p, vocab in ((None, None), (pert, None), (pert, [3, 17, 99])):
+                h = net.hidden(tokens, p)
+                want = net.head(h[np.arange(B)[:, None], idx], p, vocab)
+                got = m.logits(batch, positions=positions, perturb=p, vocab=vocab)
+                np.testing.assert_array_equal(got, want)
+                assert kernels.block_last_ffn_rows() == idx.size
+            multi = m.logits_multi(batch, positions, [None, pert], vocab=[3, 17, 99])
+            for lg, p in zip(multi, [None, pert]):
+                np.testing.assert_array_equal(lg, m.logits(batch, positions=positions, perturb=p,
+                                                           vocab=[3, 17, 99]))
+        # positions=None: every real position, the padding rows skipped in the last block
+        for p in (None, pert):
+            h = net.hidden(tokens, p)
+            got = m.logits(batch, perturb=p)
+            assert kernels.block_last_ffn_rows() == sum(lengths)
+            for i, n in enumerate(lengths):
+                np.testing.assert_array_equal(got[i, :n], net.head(h[i, :n], p))
+                assert not got[i, n:].any()
+    finally:
+        net.hooks = NoHooks()
+
+
+def test_streamed_last_layer_keeps_rows_too(arch, tmp_path):
+    """Streamed layers run one call per layer: the last one gets the rows; same bits as resident,
+    one pass and several (ZO2 layer by layer)."""
+    path = arch.net.path
+    n = arch.config.n_layer
+    ids = [[1] + list(range(5, 20)), [1] + list(range(30, 41))]
+    full = arch.logits(ids, positions=[-1, 2])
+    m = edgetune.load(path, streamed_layers=[0, n - 1])
+    try:
+        np.testing.assert_array_equal(m.logits(ids, positions=[-1, 2]), full)
+        assert kernels.block_last_ffn_rows() == 4
+        tokens, _ = m._pad(ids)
+        rows = np.array([15, 16 + 11, 3], np.int64)
+        perts = [None, Perturb(seed=1, eps=1e-2, sign=1), Perturb(seed=1, eps=1e-2, sign=-1)]
+        for net in (arch.net, m.net):
+            build_trainable(net, "scales,norms")
+        try:
+            h0 = arch.net.hidden_upto(tokens, 1)
+            want = [h.reshape(-1, h.shape[-1])[rows] for h in arch.net.hidden_from(h0, 1, perts)]
+            for net in (arch.net, m.net):
+                got = net.hidden_from(h0, 1, perts, rows)
+                assert kernels.block_last_ffn_rows() == len(rows)
+                for g, w in zip(got, want):
+                    np.testing.assert_array_equal(g, w)
+        finally:
+            arch.net.hooks = m.net.hooks = NoHooks()
+    finally:
+        m.net.close()
+
+
+def test_bad_keep_rows_are_refused(tiny):
+    net = tiny.net
+    B, T = 2, 5
+    x = hidden_in(net, B, T).numpy().reshape(B * T, -1)
+    lay = [net.block_layer(0, None, T)]
+    cos, sin = net.rope(T)
+    cfg = net.block_config()
+    for bad, msg in ((np.zeros((2, 1), np.int64), "1-D"), (np.array([0.0, 1.0]), "integer"),
+                     (np.array([0, B * T]), r"keep_rows\[1\] = 10 is outside 0..9"),
+                     (np.array([-1]), r"keep_rows\[0\] = -1 is outside")):
+        with pytest.raises(ValueError, match=msg):
+            kernels.block_forward(x, cfg, lay, B, T, cos, sin, keep_rows=bad)
+    # the extension checks them too (dtype, range) and the out shape they imply
+    raw = kernels._kernels.block_forward
+    out = np.empty((2, x.shape[1]), np.float32)
+    args = (x, out, cfg, lay, B, T, cos, sin, "auto")
+    with pytest.raises(ValueError, match="int64"):
+        raw(*args, np.array([0, 1], np.int32))
+    with pytest.raises(ValueError, match="outside 0..9"):
+        raw(*args, np.array([0, 10], np.int64))
+    with pytest.raises(ValueError, match=r"block_forward out .*expected \(3, "):
+        raw(*args, np.array([0, 1, 2], np.int64))
+    raw(*args, np.array([9, 0], np.int64))   # the right shape goes through
+    np.testing.assert_array_equal(out, net.layer_forward(0, x.reshape(B, T, -1), None).reshape(B * T, -1)[[9, 0]])
+
+
+def test_batch_passes_compute_only_the_rows_they_read(tmp_path):
+    """BatchPasses' label-word states (answer positions) and LM losses (loss-mask positions),
+    frozen prefix + passes layer by layer: the same bits as the full hidden states gathered."""
+    from edgetune.train.data import Batch
+    from edgetune.train.objectives import lm_targets, log_softmax32
+    from edgetune.train.passes import LM_ROWS, BatchPasses
+    m = edgetune.load(write_synthetic("tiny", "q4_1", tmp_path / "m.gguf", seed=4, progress=False))
+    net = m.net
+    ts = build_trainable(net, "scales,norms", layers="top:2")
+    try:
+        r = np.random.default_rng(2)
+        ids = [list(r.integers(3, 500, n)) for n in (9, 14, 6)]
+        masks = [[0] * 3 + [1] * (len(s) - 3) for s in ids]
+        b = Batch(ids, [8, 10, 5], [0, 1, 0], masks, [0, 1, 2])
+        tokens, _ = m._pad(ids)
+        B = len(ids)
+        perts = [None, Perturb(3, 1e-2, 1), Perturb(3, 1e-2, -1)]
+        bp = BatchPasses(m, ts, [300, 301], chunk=2)
+        states, _ = bp._compute_states(ids, b.answer_pos, perts)
+        padded, targets = lm_targets(ids, masks)
+        y = np.asarray([t for tg in targets for t in tg])
+        losses = bp.lm_losses(b, perts)
+        assert kernels.block_last_ffn_rows() == len(y)
+        for p, x, loss in zip(perts, states, losses):
+            h = net.hidden(tokens, p)
+            np.testing.assert_array_equal(x, net.final_norm(h[np.arange(B), b.answer_pos], p))
+            hs = np.concatenate([h[i, padded[i][:len(tg)]] for i, tg in enumerate(targets)])
+            total = 0.0
+            for r0 in range(0, len(y), LM_ROWS):
+                lp = log_softmax32(net.head(hs[r0:r0 + LM_ROWS], p))
+                total += float(-lp[np.arange(lp.shape[0]), y[r0:r0 + LM_ROWS]].astype(np.float64).sum())
+            assert loss == total / len(y)
+    finally:
+        net.hooks = NoHooks()

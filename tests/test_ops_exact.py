@@ -137,6 +137,33 @@ def test_rms_norm_bit_exact(path, M, D):
                                                    1e-5).numpy(), want)
 
 
+@pytest.mark.parametrize("M,D", [(37, 576), (5, 17), (8, 4096), (3, 16), (2, 15), (1, 1)])
+def test_add_rms_norm_is_the_add_then_rms_norm_bit_for_bit(path, M, D):
+    """The block's residual add fused with the RMSNorm after it: the same bits as numpy's float32
+    a + b followed by rms_norm (the unfused kernel and its numpy twin), strided inputs included."""
+    r = np.random.default_rng(M * 1000 + D)
+    a = (r.standard_normal((M, D)) * 3).astype(f32)
+    b = (r.standard_normal((M, D)) * 0.7).astype(f32)
+    w = r.standard_normal(D).astype(f32)
+    want_sum = a + b
+    want = kernels.rms_norm(want_sum, w, 1e-5)
+    np.testing.assert_array_equal(want, rms_norm_ref(want_sum, w, 1e-5))
+    wide = np.zeros((M, D + 5), f32)   # rows of b at a wider stride
+    wide[:, 2:2 + D] = b
+    for nt in (1, 2):
+        kernels.set_num_threads(nt)
+        for bb in (b, wide[:, 2:2 + D]):
+            s, n = kernels.add_rms_norm(a, bb, w, 1e-5)
+            np.testing.assert_array_equal(s, want_sum)
+            np.testing.assert_array_equal(n, want)
+    # in place (sum written over a, as the block does with h_out = h_in)
+    a2 = a.copy()
+    out = np.empty_like(a)
+    kernels._kernels.add_rms_norm(a2, b, w, 1e-5, a2, out)
+    np.testing.assert_array_equal(a2, want_sum)
+    np.testing.assert_array_equal(out, want)
+
+
 @pytest.mark.parametrize("M,F", [(37, 1536), (3, 17), (9, 16), (1, 5)])
 def test_silu_mul_bit_exact(path, M, F):
     r = np.random.default_rng(F)

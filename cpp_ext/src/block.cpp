@@ -28,19 +28,22 @@ namespace {
 
 // Grows to the largest problem seen and stays: steady-state calls allocate nothing.
 struct Arena {
-    std::vector<float> x, qkv, qn, kn, tmp, att, o, o2, gu, act, lora_t, lora_u;
+    std::vector<float> x, qkv, qn, kn, tmp, att, o, o2, gu, act, lora_t, lora_u, h, kept_att, kept_h;
     std::vector<Segment> segs;
     static void fit(std::vector<float>& v, int64_t n) {
         if (static_cast<int64_t>(v.size()) < n) v.resize(static_cast<size_t>(n));
     }
     int64_t bytes() const {
         size_t n = 0;
-        for (const auto* v : {&x, &qkv, &qn, &kn, &tmp, &att, &o, &o2, &gu, &act, &lora_t, &lora_u}) n += v->size();
+        for (const auto* v : {&x, &qkv, &qn, &kn, &tmp, &att, &o, &o2, &gu, &act, &lora_t, &lora_u, &h, &kept_att,
+                              &kept_h})
+            n += v->size();
         return static_cast<int64_t>(n * sizeof(float));
     }
 };
 Arena g_arena;
 std::mutex g_arena_mutex;  // one block call at a time (the kernels' pool is shared anyway)
+int64_t g_ffn_rows = 0;    // rows the last layer of the latest call ran after its attention
 
 constexpr int64_t LORA_ROWS = 4;
 constexpr int64_t ROWS = 16;
@@ -138,6 +141,12 @@ void add_bias(float* y, int64_t ldy, int64_t M, int64_t N, const float* bias) {
 // dst [M, n] contiguous = columns [0, n) of src rows at stride lds
 void copy_cols(const float* src, int64_t lds, int64_t M, int64_t n, float* dst) {
     for (int64_t m = 0; m < M; ++m) std::memcpy(dst + m * n, src + m * lds, static_cast<size_t>(n) * sizeof(float));
+}
+
+// dst [n, D] contiguous = rows idx[0..n) of src [*, D]
+void gather_rows(const float* src, const int64_t* idx, int64_t n, int64_t D, float* dst) {
+    for (int64_t i = 0; i < n; ++i)
+        std::memcpy(dst + i * D, src + idx[i] * D, static_cast<size_t>(D) * sizeof(float));
 }
 
 
@@ -247,27 +256,41 @@ void matrix_terms(const BlockWeights& w, int i, const float* x, int64_t M, float
     if (w.sparse[i].n > 0) add_sparse(w.sparse[i], x, M, K, y, ldy);
 }
 
+// What a block_locked call does besides h_out = block(h_in) (blocks_forward sets it per layer):
+struct LayerIO {
+    bool x_ready = false;             // ar.x already holds rms_norm(h_in, attn_norm) (see next_norm)
+    const float* next_norm = nullptr;  // non-null: the last residual add also leaves rms_norm(h_out,
+                                       // next_norm) in ar.x, the next layer's attention input
+    const int64_t* keep = nullptr;     // non-null: only rows keep[0..n_keep) of the attention output
+    int64_t n_keep = 0;                // go on (o, residual, MLP); h_out is [n_keep, D] in that order
+};
+
 void block_locked(const BlockConfig& c, const BlockWeights& w, const float* h_in, float* h_out, int64_t B,
-                  int64_t T, const float* cos, const float* sin, Path path, Arena& ar) {
+                  int64_t T, const float* cos, const float* sin, Path path, Arena& ar, const LayerIO& io) {
     const int64_t M = B * T, D = c.n_embd, qd = c.q_dim(), kv = c.n_head_kv * c.head_dim, F = c.n_ff;
     const int64_t hd = c.head_dim, nqkv = qd + 2 * kv;
-    Arena::fit(ar.x, M * D);
+    const int64_t Mk = io.keep ? io.n_keep : M;  // rows after the attention
+    Arena::fit(ar.x, std::max(M, Mk) * D);        // (resize keeps a ready x)
     Arena::fit(ar.qkv, M * nqkv);
     Arena::fit(ar.att, M * qd);
-    Arena::fit(ar.o, M * D);
-    Arena::fit(ar.gu, M * 2 * F);
-    Arena::fit(ar.act, M * F);
+    Arena::fit(ar.o, Mk * D);
+    Arena::fit(ar.gu, Mk * 2 * F);
+    Arena::fit(ar.act, Mk * F);
     if (w.q_norm) {
         Arena::fit(ar.qn, M * qd);
         Arena::fit(ar.kn, M * kv);
         Arena::fit(ar.tmp, M * std::max(qd, kv));
     }
-    if (w.post_attn_norm || w.post_ffn_norm) Arena::fit(ar.o2, M * D);
+    if (w.post_attn_norm || w.post_ffn_norm) Arena::fit(ar.o2, Mk * D);
+    if (io.keep) {
+        Arena::fit(ar.kept_att, Mk * qd);
+        Arena::fit(ar.kept_h, Mk * D);
+    }
     float *x = ar.x.data(), *qkv = ar.qkv.data(), *att = ar.att.data(), *o = ar.o.data(), *gu = ar.gu.data(),
           *act = ar.act.data();
 
-    // attention half: q | k | v columns of qkv (one fused matrix or three)
-    rms_norm(h_in, M, D, D, w.attn_norm, c.rms_eps, x);
+    // attention half: q | k | v columns of qkv (one fused matrix or three), every row
+    if (!io.x_ready) rms_norm(h_in, M, D, D, w.attn_norm, c.rms_eps, x);
     const int64_t qkv_cols[3] = {0, qd, qd + kv};
     gemm_mats(w, {BM_Q, BM_K, BM_V}, qkv_cols, x, M, qkv, nqkv, path, ar);
     for (int i = BM_Q; i <= BM_V; ++i) matrix_terms(w, i, x, M, qkv + qkv_cols[i], nqkv, ar);
@@ -289,33 +312,47 @@ void block_locked(const BlockConfig& c, const BlockWeights& w, const float* h_in
     const float* ls = w.sin ? w.sin : sin;
     attention(q, k, qkv + qd + kv, ldq, ldk, nqkv, B, T, c.n_head, c.n_head_kv, hd, lc, ls, c.rope_dim, c.neox,
               c.attn_scale, att, w.window);
+
+    // from here on, Mk rows: every row, or the kept ones (row results do not depend on the others:
+    // activations are quantized per row, every later op is per row)
+    const float* a_in = att;  // attention output rows that go on
+    const float* res = h_in;  // and their residual rows (read before h_out is written: it may alias)
+    if (io.keep) {
+        gather_rows(att, io.keep, Mk, qd, ar.kept_att.data());
+        gather_rows(h_in, io.keep, Mk, D, ar.kept_h.data());
+        a_in = ar.kept_att.data();
+        res = ar.kept_h.data();
+    }
     const int64_t o_col = 0;
-    gemm_mats(w, {BM_O}, &o_col, att, M, o, D, path, ar);
-    matrix_terms(w, BM_O, att, M, o, D, ar);
+    gemm_mats(w, {BM_O}, &o_col, a_in, Mk, o, D, path, ar);
+    matrix_terms(w, BM_O, a_in, Mk, o, D, ar);
     const float* branch = o;
     if (w.post_attn_norm) {
-        rms_norm(o, M, D, D, w.post_attn_norm, c.rms_eps, ar.o2.data());
+        rms_norm(o, Mk, D, D, w.post_attn_norm, c.rms_eps, ar.o2.data());
         branch = ar.o2.data();
     }
-    add_rows(h_in, D, branch, D, M, D, h_out);  // h_out may alias h_in: element-wise, read before write
+    // residual + the FFN's RMSNorm in one pass (h_out may alias res: element-wise, read before write)
+    add_rms_norm(res, D, branch, D, Mk, D, w.ffn_norm, c.rms_eps, h_out, x);
 
     // MLP half: gate | up columns of gu (one fused [gate; up] matrix or two)
-    rms_norm(h_out, M, D, D, w.ffn_norm, c.rms_eps, x);
     const int64_t gu_cols[2] = {0, fused_gate_up(w) ? 0 : F};
-    gemm_mats(w, {BM_GATE, BM_UP}, gu_cols, x, M, gu, 2 * F, path, ar);
-    for (int i = BM_GATE; i <= BM_UP; ++i) matrix_terms(w, i, x, M, gu + gu_cols[i - BM_GATE], 2 * F, ar);
+    gemm_mats(w, {BM_GATE, BM_UP}, gu_cols, x, Mk, gu, 2 * F, path, ar);
+    for (int i = BM_GATE; i <= BM_UP; ++i) matrix_terms(w, i, x, Mk, gu + gu_cols[i - BM_GATE], 2 * F, ar);
     if (c.act == ACT_GELU_TANH)
-        gelu_mul(gu, gu + F, M, F, 2 * F, act);
+        gelu_mul(gu, gu + F, Mk, F, 2 * F, act);
     else
-        silu_mul(gu, gu + F, M, F, 2 * F, act);
-    gemm_mats(w, {BM_DOWN}, &o_col, act, M, o, D, path, ar);
-    matrix_terms(w, BM_DOWN, act, M, o, D, ar);
+        silu_mul(gu, gu + F, Mk, F, 2 * F, act);
+    gemm_mats(w, {BM_DOWN}, &o_col, act, Mk, o, D, path, ar);
+    matrix_terms(w, BM_DOWN, act, Mk, o, D, ar);
     branch = o;
     if (w.post_ffn_norm) {
-        rms_norm(o, M, D, D, w.post_ffn_norm, c.rms_eps, ar.o2.data());
+        rms_norm(o, Mk, D, D, w.post_ffn_norm, c.rms_eps, ar.o2.data());
         branch = ar.o2.data();
     }
-    add_rows(h_out, D, branch, D, M, D, h_out);
+    if (io.next_norm)  // the next layer's attention RMSNorm in the same pass
+        add_rms_norm(h_out, D, branch, D, Mk, D, io.next_norm, c.rms_eps, h_out, x);
+    else
+        add_rows(h_out, D, branch, D, Mk, D, h_out);
 }
 
 }  // namespace
@@ -343,22 +380,70 @@ void block_forward(const BlockConfig& c, const BlockWeights& w, const float* h_i
 }
 
 void blocks_forward(const BlockConfig& c, const BlockWeights* layers, int n, const float* h_in, float* h_out,
-                    int64_t B, int64_t T, const float* cos, const float* sin, Path path) {
+                    int64_t B, int64_t T, const float* cos, const float* sin, Path path, const int64_t* keep_rows,
+                    int64_t n_keep) {
     if (B < 0 || T <= 0) throw std::invalid_argument("block_forward: B >= 0 and T > 0 required");
     for (int i = 0; i < n; ++i) check(c, layers[i]);
+    const int64_t M = B * T, D = c.n_embd;
+    if (keep_rows) {
+        if (n_keep < 0) throw std::invalid_argument("block_forward: n_keep < 0");
+        for (int64_t i = 0; i < n_keep; ++i)
+            if (keep_rows[i] < 0 || keep_rows[i] >= M)
+                throw std::invalid_argument("block_forward: keep row " + std::to_string(keep_rows[i]) +
+                                            " is outside the " + std::to_string(M) + " rows (B*T)");
+    }
     if (n <= 0 || B == 0) {
-        if (n <= 0 && h_out != h_in) std::copy(h_in, h_in + B * T * c.n_embd, h_out);
+        if (n > 0) return;  // B == 0: no rows (and no kept rows)
+        if (keep_rows) {    // no layer: the kept rows of h_in (through a copy: h_out may alias h_in)
+            std::vector<float> kept(static_cast<size_t>(n_keep * D));
+            gather_rows(h_in, keep_rows, n_keep, D, kept.data());
+            std::copy(kept.begin(), kept.end(), h_out);
+        } else if (h_out != h_in) {
+            std::copy(h_in, h_in + M * D, h_out);
+        }
         return;
     }
     std::lock_guard<std::mutex> lk(g_arena_mutex);
-    // layer 0 reads h_in; every later layer updates h_out in place (add_rows is element-wise)
-    block_locked(c, layers[0], h_in, h_out, B, T, cos, sin, path, g_arena);
-    for (int i = 1; i < n; ++i) block_locked(c, layers[i], h_out, h_out, B, T, cos, sin, path, g_arena);
+    Arena& ar = g_arena;
+    // The last layer computes only the kept rows after its attention, unless a calibration sum
+    // must see every row of its o/gate/up/down inputs: then it runs in full and the kept rows are
+    // copied out (the sums and the kept rows are the same either way).
+    bool skip = keep_rows != nullptr;
+    for (int i = BM_O; i <= BM_DOWN; ++i)
+        if (layers[n - 1].input_sq[i]) skip = false;
+    float* h = h_out;  // the full rows between layers (h_out holds only the kept ones)
+    if (keep_rows && (n > 1 || !skip)) {
+        Arena::fit(ar.h, M * D);
+        h = ar.h.data();
+    }
+    // layer 0 reads h_in; every later layer updates h in place (element-wise), its attention
+    // RMSNorm already done by the previous layer's last residual add
+    const float* cur = h_in;
+    for (int i = 0; i < n; ++i) {
+        LayerIO io;
+        io.x_ready = i > 0;
+        io.next_norm = i + 1 < n ? layers[i + 1].attn_norm : nullptr;
+        float* dst = h;
+        if (i + 1 == n && skip) {
+            io.keep = keep_rows;
+            io.n_keep = n_keep;
+            dst = h_out;
+        }
+        block_locked(c, layers[i], cur, dst, B, T, cos, sin, path, ar, io);
+        cur = dst;
+    }
+    if (keep_rows && !skip) gather_rows(h, keep_rows, n_keep, D, h_out);
+    g_ffn_rows = skip ? n_keep : M;
 }
 
 int64_t block_arena_bytes() {
     std::lock_guard<std::mutex> lk(g_arena_mutex);
     return g_arena.bytes();
+}
+
+int64_t block_last_ffn_rows() {
+    std::lock_guard<std::mutex> lk(g_arena_mutex);
+    return g_ffn_rows;
 }
 
 }  // namespace edgetune

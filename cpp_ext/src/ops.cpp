@@ -42,6 +42,35 @@ ET_CLONES void rms_rows(const float* x, int64_t m0, int64_t m1, int64_t D, int64
     }
 }
 
+// rms_rows of the row sum = a + b, written as it is formed: the squares are accumulated from the
+// rounded sums in rms_rows' lane order (16 partial sums, summed in lane order, then the tail)
+ET_CLONES void add_rms_rows(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t m0, int64_t m1,
+                            int64_t D, const float* w, float eps, float* sum, float* out) {
+    for (int64_t m = m0; m < m1; ++m) {
+        const float* ar = a + m * lda;
+        const float* br = b + m * ldb;
+        float* sr = sum + m * D;
+        float acc[16] = {};
+        int64_t i = 0;
+        for (; i + 16 <= D; i += 16)
+            for (int j = 0; j < 16; ++j) {
+                const float v = ar[i + j] + br[i + j];
+                sr[i + j] = v;
+                acc[j] += v * v;
+            }
+        float ss = 0.0f;
+        for (int j = 0; j < 16; ++j) ss += acc[j];
+        for (; i < D; ++i) {
+            const float v = ar[i] + br[i];
+            sr[i] = v;
+            ss += v * v;
+        }
+        const float r = 1.0f / std::sqrt(ss / static_cast<float>(D) + eps);
+        float* o = out + m * D;
+        for (int64_t j = 0; j < D; ++j) o[j] = (sr[j] * r) * w[j];
+    }
+}
+
 ET_CLONES void silu_rows(const float* g, const float* u, int64_t m0, int64_t m1, int64_t F, int64_t ld, float* out) {
     for (int64_t m = m0; m < m1; ++m) {
         const float* gr = g + m * ld;
@@ -126,6 +155,21 @@ void rms_norm(const float* x, int64_t M, int64_t D, int64_t ldx, const float* w,
         if (simd) return rms_rows_avx512(x, m0, m1, D, ldx, w, eps, out);
 #endif
         rms_rows(x, m0, m1, D, ldx, w, eps, out);
+    };
+    parallel_for((M + ROWS_PER_TASK - 1) / ROWS_PER_TASK, task);
+}
+
+void add_rms_norm(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t M, int64_t D, const float* w,
+                  float eps, float* sum, float* out) {
+#if defined(EDGETUNE_HAVE_AVX512)
+    const bool simd = ops_simd();
+#endif
+    auto task = [&](int64_t t) {
+        const int64_t m0 = t * ROWS_PER_TASK, m1 = std::min(M, (t + 1) * ROWS_PER_TASK);
+#if defined(EDGETUNE_HAVE_AVX512)
+        if (simd) return add_rms_rows_avx512(a, lda, b, ldb, m0, m1, D, w, eps, sum, out);
+#endif
+        add_rms_rows(a, lda, b, ldb, m0, m1, D, w, eps, sum, out);
     };
     parallel_for((M + ROWS_PER_TASK - 1) / ROWS_PER_TASK, task);
 }

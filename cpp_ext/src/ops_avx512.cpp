@@ -279,4 +279,38 @@ void rms_rows_avx512(const float* x, int64_t m0, int64_t m1, int64_t D, int64_t 
     }
 }
 
+void add_rms_rows_avx512(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t m0, int64_t m1, int64_t D,
+                         const float* w, float eps, float* sum, float* out) {
+    for (int64_t m = m0; m < m1; ++m) {
+        const float* ar = a + m * lda;
+        const float* br = b + m * ldb;
+        float* sr = sum + m * D;
+        __m512 acc = _mm512_setzero_ps();  // lane j = ops.cpp's acc[j]
+        int64_t i = 0;
+        for (; i + 16 <= D; i += 16) {
+            const __m512 v = _mm512_add_ps(_mm512_loadu_ps(ar + i), _mm512_loadu_ps(br + i));
+            _mm512_storeu_ps(sr + i, v);
+            acc = _mm512_add_ps(acc, _mm512_mul_ps(v, v));
+        }
+        alignas(64) float a16[16];
+        _mm512_store_ps(a16, acc);
+        float ss = 0.0f;
+        for (int j = 0; j < 16; ++j) ss += a16[j];
+        for (; i < D; ++i) {
+            const float v = ar[i] + br[i];
+            sr[i] = v;
+            ss += v * v;
+        }
+        const float r = 1.0f / std::sqrt(ss / static_cast<float>(D) + eps);
+        const __m512 rv = set1(r);
+        float* o = out + m * D;
+        for (int64_t j = 0; j < D; j += 16) {
+            const __mmask16 k = head_mask(D - j);
+            const __m512 y = _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, sr + j), rv),
+                                           _mm512_maskz_loadu_ps(k, w + j));
+            _mm512_mask_storeu_ps(o + j, k, y);
+        }
+    }
+}
+
 }  // namespace edgetune

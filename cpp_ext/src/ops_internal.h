@@ -71,5 +71,7 @@ void attention_task_avx512(const AttnArgs& a, int64_t b, int64_t j);
 void silu_rows_avx512(const float* g, const float* u, int64_t m0, int64_t m1, int64_t F, int64_t ld, float* out);
 void rms_rows_avx512(const float* x, int64_t m0, int64_t m1, int64_t D, int64_t ldx, const float* w, float eps,
                      float* out);
+void add_rms_rows_avx512(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t m0, int64_t m1, int64_t D,
+                         const float* w, float eps, float* sum, float* out);
 
 }  // namespace edgetune

@@ -34,9 +34,8 @@ def extract_features(model, examples, label_tokens, batch_size: int = 32, progre
         for b in range(0, n, batch_size):
             idx = order[b:b + batch_size]
             tokens, _ = model._pad([list(examples[i].input_ids) for i in idx])
-            h = net.hidden(tokens)
             pos = np.asarray([examples[i].answer_pos for i in idx], dtype=np.int64)
-            sel = h[np.arange(len(idx)), pos]
+            sel = net.hidden(tokens, rows=np.arange(len(idx)) * tokens.shape[1] + pos)
             xn = np.asarray(net.norm(sel, "output_norm.weight", net.output_norm), np.float32)
             x[idx] = xn
             base[idx] = xn @ rows.T

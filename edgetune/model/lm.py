@@ -100,33 +100,36 @@ class Model:
         positions go through the output head.  vocab=[ids] computes only those logits (V=len).
         """
         tokens, lengths = self._pad(batch)
-        h = self.net.hidden(tokens, perturb)
-        B, T, _ = h.shape
-        V = self.config.n_vocab if vocab is None else len(vocab)
-        if positions is None:
-            rows = np.concatenate([h[i, :n] for i, n in enumerate(lengths)])
-            lg = self.net.head(rows, perturb, vocab)
-            out = np.zeros((B, T, V), dtype=np.float32)
-            o = 0
-            for i, n in enumerate(lengths):
-                out[i, :n] = lg[o:o + n]
-                o += n
-            return out
-        pos = self._resolve_positions(positions, lengths)
-        idx = np.asarray(pos, dtype=np.int64)                           # [B, P]
-        sel = h[np.arange(B)[:, None], idx]                             # [B, P, d]
-        return self.net.head(sel, perturb, vocab)
+        B, T = tokens.shape
+        if positions is not None:   # the last block computes only the rows the head reads
+            rows = self._rows(positions, lengths, T)
+            h = self.net.hidden(tokens, perturb, rows=rows)
+            return self.net.head(h.reshape(B, -1, h.shape[-1]), perturb, vocab)
+        # every real position: the padding rows are skipped in the last block too
+        rows = np.concatenate([np.arange(n, dtype=np.int64) + i * T for i, n in enumerate(lengths)])
+        lg = self.net.head(self.net.hidden(tokens, perturb, rows=rows), perturb, vocab)
+        V = lg.shape[-1]
+        out = np.zeros((B, T, V), dtype=np.float32)
+        o = 0
+        for i, n in enumerate(lengths):
+            out[i, :n] = lg[o:o + n]
+            o += n
+        return out
+
+    def _rows(self, positions, lengths, T: int) -> np.ndarray:
+        """Flat hidden-state rows b*T + p of the requested positions, [B*P] in (b, p) order."""
+        idx = np.asarray(self._resolve_positions(positions, lengths), dtype=np.int64)   # [B, P]
+        return (np.arange(len(lengths), dtype=np.int64)[:, None] * T + idx).reshape(-1)
 
     def logits_multi(self, batch, positions, perturbs: list, vocab=None) -> list:
         """logits() of one batch under several perturbations, computed layer by layer so
         every layer's weights are read once for all of them (ZO2's dual forward)."""
         tokens, lengths = self._pad(batch)
-        pos = self._resolve_positions(positions, lengths)
-        idx = np.asarray(pos, dtype=np.int64)
-        B = tokens.shape[0]
+        B, T = tokens.shape
+        rows = self._rows(positions, lengths, T)
         out = []
-        for h, p in zip(self.net.hidden_multi(tokens, perturbs), perturbs):
-            out.append(self.net.head(h[np.arange(B)[:, None], idx], p, vocab))
+        for h, p in zip(self.net.hidden_multi(tokens, perturbs, rows=rows), perturbs):
+            out.append(self.net.head(h.reshape(B, -1, h.shape[-1]), p, vocab))
         return out
 
     def logits_tensor(self, batch, positions=None, perturb=None, vocab=None):

@@ -367,10 +367,10 @@ class Transformer:
             rows *= np.float32(math.sqrt(self.config.n_embd))
         return rows.reshape(*tokens.shape, self.config.n_embd)
 
-    def layer_forward(self, i: int, h, perturb=None):
+    def layer_forward(self, i: int, h, perturb=None, rows=None):
         """One transformer block on hidden states h [B, T, n_embd] (float32 array): one C++ call
-        (kernels.block_forward)."""
-        return self._blocks(i, i + 1, h, perturb)
+        (kernels.block_forward).  rows: see layers_forward."""
+        return self._blocks(i, i + 1, h, perturb, rows)
 
     def block_config(self) -> tuple:
         """The model's shape as kernels.block_forward's cfg tuple."""
@@ -422,24 +422,30 @@ class Transformer:
             head_norms, post_norms, c.swa_window if swa else 0,
             self.rope(T, i) if swa and T is not None else None)
 
-    def layers_forward(self, i0: int, i1: int, h, perturb=None):
+    def layers_forward(self, i0: int, i1: int, h, perturb=None, rows=None):
         """Layers i0..i1-1 on h [B, T, n_embd]: one C++ call for the whole range when every layer
-        is resident, else layer by layer (a streamed layer is read in for its call)."""
+        is resident, else layer by layer (a streamed layer is read in for its call).
+
+        rows: None -> [B, T, n_embd]; or flat row indices b*T + t of the only states the caller
+        reads -> just those, [len(rows), n_embd] (bit-identical to the same rows of the full
+        result): the last layer skips the others after its attention (kernels.block_forward's
+        keep_rows)."""
         if i1 <= i0:
-            return h
+            return h if rows is None else h.reshape(-1, h.shape[-1])[rows]
         if self.stream is not None and any(i in self.streamed for i in range(i0, i1)):
             for i in range(i0, i1):
-                h = self._run_layer(i, [h], [perturb])[0]
+                h = self._run_layer(i, [h], [perturb], rows if i == i1 - 1 else None)[0]
             return h
-        return self._blocks(i0, i1, h, perturb)
+        return self._blocks(i0, i1, h, perturb, rows)
 
-    def _blocks(self, i0: int, i1: int, h, perturb):
+    def _blocks(self, i0: int, i1: int, h, perturb, rows=None):
         """Layers i0..i1-1 (resident) on h [B, T, n_embd] in one kernels.block_forward call."""
         B, T, D = h.shape
         cos, sin = self.rope(T)
         layers = [self.block_layer(i, perturb, T) for i in range(i0, i1)]
-        out = kernels.block_forward(h.reshape(B * T, D), self.block_config(), layers, B, T, cos, sin)
-        return out.reshape(B, T, D)
+        out = kernels.block_forward(h.reshape(B * T, D), self.block_config(), layers, B, T, cos, sin,
+                                    keep_rows=rows)
+        return out.reshape(B, T, D) if rows is None else out
 
     def final_norm(self, h, perturb=None) -> np.ndarray:
         return self.norm(h, "output_norm.weight", self.output_norm, perturb)
@@ -488,41 +494,48 @@ class Transformer:
     def _layer_qtensors(self, i: int) -> dict:
         return {qt.name: qt for qt in self.layers[i].w.values()}
 
-    def _run_layer(self, i: int, hs: list, perturbs: list) -> list:
+    def _run_layer(self, i: int, hs: list, perturbs: list, rows=None) -> list:
         """Layer i on one or more hidden states, each under its own perturbation, while the
-        layer's weights are resident (a streamed layer is read once for all of them)."""
+        layer's weights are resident (a streamed layer is read once for all of them).  rows: as
+        in layers_forward (for the last layer of a range)."""
         streamed = self.stream is not None and i in self.streamed
         if streamed:
             self.stream.acquire(i, self._layer_qtensors(i))
         try:
-            return [self.layer_forward(i, h, p) for h, p in zip(hs, perturbs)]
+            return [self.layer_forward(i, h, p, rows) for h, p in zip(hs, perturbs)]
         finally:
             if streamed:
                 self.stream.release(i, self._layer_qtensors(i))
 
-    def hidden(self, tokens, perturb=None) -> np.ndarray:
-        return self.hidden_multi(tokens, [perturb])[0]
+    def hidden(self, tokens, perturb=None, rows=None) -> np.ndarray:
+        """Final hidden states [B, T, n_embd], or only flat rows b*T + t of them (layers_forward)."""
+        return self.hidden_multi(tokens, [perturb], rows=rows)[0]
 
     def hidden_upto(self, tokens, end: int) -> np.ndarray:
         """Unperturbed hidden states after blocks 0..end-1 (the frozen prefix of a step)."""
         return self.layers_forward(0, end, self.embed_tokens(tokens), None)
 
-    def hidden_from(self, h, start: int, perturbs: list) -> list:
+    def hidden_from(self, h, start: int, perturbs: list, rows=None) -> list:
         """Blocks start..n-1 on the same input h under several perturbations, layer by layer
         (ZO2 generalised to any number of passes): each block's weights are read once for all
         of them.  Before the first perturbation-dependent block the passes are identical and
-        run once."""
+        run once.  rows: only those flat rows b*T + t of each result (layers_forward)."""
+        n = self.config.n_layer
         if len(perturbs) == 1:      # one pass: the whole range in one C++ call when resident
-            return [self.layers_forward(start, self.config.n_layer, h, perturbs[0])]
+            return [self.layers_forward(start, n, h, perturbs[0], rows)]
+        if start >= n:
+            return [self.layers_forward(start, n, h, None, rows)] * len(perturbs)
         hs = [h] * len(perturbs)
-        for i in range(start, self.config.n_layer):
-            hs = self._run_layer(i, hs, perturbs)
+        for i in range(start, n):
+            hs = self._run_layer(i, hs, perturbs, rows if i == n - 1 else None)
         return hs
 
-    def hidden_multi(self, tokens, perturbs: list, frozen_below: int = 0) -> list:
+    def hidden_multi(self, tokens, perturbs: list, frozen_below: int = 0, rows=None) -> list:
         """Hidden states of the same tokens under several perturbations: blocks below
-        `frozen_below` once, unperturbed; the rest layer by layer for every perturbation."""
-        return self.hidden_from(self.hidden_upto(tokens, frozen_below), frozen_below, perturbs)
+        `frozen_below` once, unperturbed; the rest layer by layer for every perturbation.
+        rows: only those flat rows b*T + t of each result (layers_forward)."""
+        return self.hidden_from(self.hidden_upto(tokens, frozen_below), frozen_below, perturbs,
+                                rows)
 
     def close(self):
         if self.stream is not None:

@@ -103,11 +103,12 @@ class BatchPasses:
         if f >= net.config.n_layer and frozen_norm:
             x = net.final_norm(h0[np.arange(B), idx])
             return [x] * len(perturbs), True
+        rows = np.arange(B, dtype=np.int64) * tokens.shape[1] + idx   # the answer positions only
         out = []
         for c in range(0, len(perturbs), self.chunk):
             part = perturbs[c:c + self.chunk]
-            for h, p in zip(net.hidden_from(h0, f, part), part):
-                out.append(net.final_norm(h[np.arange(B), idx], p))
+            for h, p in zip(net.hidden_from(h0, f, part, rows), part):
+                out.append(net.final_norm(h, p))
         return out, False
 
     def class_logits(self, batch, perturbs, split: str | None = None):
@@ -138,8 +139,9 @@ class BatchPasses:
 
     # -- language modelling --------------------------------------------------------------------
     def _lm_rows(self, batch):
-        """(tokens, first block to run, gather, targets [N]) for a batch's next-token rows, or
-        None when no token carries the loss; gather(h) -> the final states [N, d] of those rows."""
+        """(tokens, first block to run, rows, targets [N]) for a batch's next-token rows, or None
+        when no token carries the loss; rows: their flat indices b*T + t into the hidden states
+        (the last block computes only those: Transformer.hidden_from's rows)."""
         padded, targets = lm_targets(batch.input_ids, batch.loss_masks)
         if padded is None:
             return None
@@ -150,10 +152,8 @@ class BatchPasses:
                           dtype=np.int64)
         y = np.asarray([t for tg in targets for t in tg], dtype=np.int64)
         self.forwards += B
-
-        def gather(h):
-            return h[np.arange(B)[:, None], idx].reshape(-1, h.shape[-1])[ridx]
-        return tokens, min(self.first_layer, self.model.net.config.n_layer), gather, y
+        rows = (np.arange(B, dtype=np.int64)[:, None] * tokens.shape[1] + idx).reshape(-1)[ridx]
+        return tokens, min(self.first_layer, self.model.net.config.n_layer), rows, y
 
     def lm_losses(self, batch, perturbs) -> list:
         """Mean next-token CE over loss-mask tokens under each perturbation (full vocabulary,
@@ -162,14 +162,13 @@ class BatchPasses:
         rows = self._lm_rows(batch)
         if rows is None:
             return [0.0] * len(perturbs)
-        tokens, f, gather, y = rows
+        tokens, f, rows, y = rows
         net = self.model.net
         out = []
         h0 = net.hidden_upto(tokens, f)
         for c in range(0, len(perturbs), self.chunk):
             part = perturbs[c:c + self.chunk]
-            for h, p in zip(net.hidden_from(h0, f, part), part):
-                hs = gather(h)
+            for hs, p in zip(net.hidden_from(h0, f, part, rows), part):
                 total = 0.0
                 for r in range(0, len(y), LM_ROWS):
                     lp = log_softmax32(net.head(hs[r:r + LM_ROWS], p))
@@ -190,9 +189,9 @@ class BatchPasses:
         rows = self._lm_rows(batch)
         if rows is None:
             return 0.0, {param.name: np.zeros_like(param.value)}
-        tokens, f, gather, y = rows
+        tokens, f, rows, y = rows
         net = self.model.net
-        hsel = np.asarray(gather(net.hidden_from(net.hidden_upto(tokens, f), f, [None])[0]),
+        hsel = np.asarray(net.hidden_from(net.hidden_upto(tokens, f), f, [None], rows)[0],
                           np.float32)
         n = net.rms_norm(hsel, np.ones(hsel.shape[-1], dtype=np.float32))
         logp = log_softmax64(net.head(hsel))

@@ -79,11 +79,23 @@ void block_forward(const BlockConfig& c, const BlockWeights& w, const float* h_i
                    int64_t T, const float* cos, const float* sin, Path path = Path::Auto);
 
 // Layers [0, n) in order: h_out = block_{n-1}(... block_0(h_in)); one call for a layer range.
+// keep_rows (optional, n_keep row indices into B*T, any order, repeats allowed): only those rows
+// of the result are wanted, and h_out is [n_keep, n_embd] in that order.  The last layer then
+// computes q/k/v and attention for every row (the kept rows attend to all earlier positions) but
+// its o-projection, residual, FFN and their terms only for the kept rows (llama.cpp's output ids);
+// each kept row is bit-identical to the same row of the full forward.  If the last layer has a
+// calibration sum (input_sq) on o/gate/up/down, which must see every row, it runs in full.
+// Throws std::invalid_argument on a keep row outside [0, B*T).
 void blocks_forward(const BlockConfig& c, const BlockWeights* layers, int n, const float* h_in, float* h_out,
-                    int64_t B, int64_t T, const float* cos, const float* sin, Path path = Path::Auto);
+                    int64_t B, int64_t T, const float* cos, const float* sin, Path path = Path::Auto,
+                    const int64_t* keep_rows = nullptr, int64_t n_keep = 0);
 
 // Bytes the block arena holds now (it grows to the largest B*T seen, then stays).
 int64_t block_arena_bytes();
+
+// Rows the last layer of the latest blocks_forward call (with layers and rows) ran its
+// o-projection and FFN on: B*T, or n_keep when it skipped the rows nobody reads.
+int64_t block_last_ffn_rows();
 
 // The block's own pieces beyond ops.h, exposed for the op-by-op reference:
 // out[m, j] = gelu_tanh(g[m, j]) * u[m, j] (g, u rows at stride ld, out contiguous [M, F]), as

@@ -11,6 +11,13 @@ namespace edgetune {
 // out[m, :] = (x[m, :] * rsqrt(mean(x[m, :]^2) + eps)) * w;  x rows at stride ldx, out contiguous.
 void rms_norm(const float* x, int64_t M, int64_t D, int64_t ldx, const float* w, float eps, float* out);
 
+// The residual add and the RMSNorm after it in one pass over the rows: sum[m, :] = a[m, :] + b[m, :]
+// (a, b rows at strides lda/ldb, sum contiguous [M, D]; sum may be a when lda == D), then
+// out[m, :] = rms_norm(sum[m, :]) as above — the same float32 operations in the same order as the
+// add followed by rms_norm, so bit-identical to them.
+void add_rms_norm(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t M, int64_t D, const float* w,
+                  float eps, float* sum, float* out);
+
 // out[m, j] = silu(g[m, j]) * u[m, j], j < F;  g, u rows at stride ld, out contiguous [M, F].
 void silu_mul(const float* g, const float* u, int64_t M, int64_t F, int64_t ld, float* out);
 
