@@ -133,7 +133,10 @@ def run_torch(a, path):
     t = best_time(lambda: m.last_logits(tokens), a.repeats)
     if a.save_logits:
         np.save(a.save_logits, m.last_logits(tokens[:2]).numpy())
-    return t, {"threads": torch.get_num_threads(), "omp_wait_policy": OMP_WAIT_POLICY_AT_LOAD}
+    info = {"threads": torch.get_num_threads(), "omp_wait_policy": OMP_WAIT_POLICY_AT_LOAD}
+    if os.environ.get("ONEDNN_MAX_CPU_ISA"):   # forward.py's "without AMX" run
+        info["onednn_max_cpu_isa"] = os.environ["ONEDNN_MAX_CPU_ISA"]
+    return t, info
 
 
 # --- llama.cpp ----------------------------------------------------------------------------------

@@ -8,8 +8,11 @@ same explicit thread count (--threads, default all cores) and the same best-of-N
 one warm-up); all compute logits for the last position of each sequence only.  The two baselines
 run in their own processes (benchmarks/baseline_forward.py): torch with its default OpenMP settings
 (not the OMP_WAIT_POLICY=PASSIVE that edgetune sets for itself), llama.cpp with all sequences in
-one llama_batch (distinct seq_ids, n_batch = n_ubatch >= 512).  Prints tokens/s for each; the last
-line is `forward: vs_torch_bf16=R1 vs_llamacpp=R2` (ratios of edgetune's tokens/s).
+one llama_batch (distinct seq_ids, n_batch = n_ubatch >= 512).  Informative, not in the contract
+line: the same torch baseline once more with oneDNN capped at AVX-512 BF16 (torch_matmul.NO_AMX_ENV:
+torch bf16 as on a CPU without AMX).  Prints tokens/s for each; the last line is
+`forward: vs_torch_bf16=R1 vs_llamacpp=R2` (ratios of edgetune's tokens/s; R1 against torch's
+default, with AMX where the CPU has it).
 """
 import argparse
 import json
@@ -28,13 +31,15 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 import edgetune  # noqa: E402
 from edgetune import assets, kernels  # noqa: E402
 from baseline_forward import batch_tokens, best_time  # noqa: E402
+from torch_matmul import NO_AMX_ENV, NO_AMX_LABEL  # noqa: E402
 
 
-def run_baseline(engine: str, a, path: str, logits_file: str) -> dict:
+def run_baseline(engine: str, a, path: str, logits_file: str, extra_env=None) -> dict:
     env = dict(os.environ)
     env.pop("OMP_WAIT_POLICY", None)
     if USER_OMP_WAIT_POLICY is not None:
         env["OMP_WAIT_POLICY"] = USER_OMP_WAIT_POLICY
+    env.update(extra_env or {})
     cmd = [sys.executable, os.path.join(HERE, "baseline_forward.py"), engine, "--model", path,
            "--threads", str(a.threads), "--batch", str(a.batch), "--seq", str(a.seq),
            "--repeats", str(a.repeats), "--save-logits", logits_file]
@@ -73,15 +78,20 @@ def main():
 
     tps = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for engine, label in (("torch", "torch bf16 dense  "), ("llamacpp", "llama.cpp batched ")):
-            f = os.path.join(tmp, f"{engine}.npy")
-            r = run_baseline(engine, a, path, f)
-            tps[engine] = ntok / r["seconds"]
+        for key, engine, label, env in (
+                ("torch", "torch", "torch bf16 dense  ", None),
+                ("llamacpp", "llamacpp", "llama.cpp batched ", None),
+                ("torch_no_amx", "torch", "torch bf16 no AMX ", NO_AMX_ENV)):
+            f = os.path.join(tmp, f"{key}.npy")
+            r = run_baseline(engine, a, path, f, env)
+            tps[key] = ntok / r["seconds"]
             info = ", ".join(f"{k} {v}" for k, v in r.items() if k not in ("engine", "seconds"))
-            print(f"{label}: {tps[engine]:8.1f} tok/s  ({r['seconds'] * 1e3:.1f} ms per batch; "
+            print(f"{label}: {tps[key]:8.1f} tok/s  ({r['seconds'] * 1e3:.1f} ms per batch; "
                   f"{info}; own process)")
-            print(f"  (edgetune vs {engine} last-position logits cosine "
+            print(f"  (edgetune vs {key} last-position logits cosine "
                   f"{cosine(lg_et, np.load(f)):.5f})")
+    print(f"informative: {NO_AMX_LABEL}: edgetune / it = {tps_et / tps['torch_no_amx']:.2f} "
+          f"(it runs at {tps['torch_no_amx'] / tps['torch']:.2f}x torch bf16 with AMX here)")
     print(f"forward: vs_torch_bf16={tps_et / tps['torch']:.2f} "
           f"vs_llamacpp={tps_et / tps['llamacpp']:.2f}")
 

@@ -3,7 +3,10 @@
 Main shape M=512, N=K=4096 (q4, offset 0, with mins, random codes); then the SmolLM2-135M shapes.
 Every engine writes into a preallocated output (edgetune's out=, torch's out=) with the same
 thread count.  Besides the bf16 headline, the main shape prints torch's fp32 matmul and its int8
-GEMM (torch._int_mm: int8 x int8 -> int32, no scales, so an upper bound for any int8 path).
+GEMM (torch._int_mm: int8 x int8 -> int32, no scales, so an upper bound for any int8 path), and
+torch's bf16 matmul without AMX (benchmarks/torch_matmul.py in its own process, with oneDNN capped
+at AVX512_CORE_BF16: what torch runs on a CPU without AMX) against edgetune's best path and its
+avx512 path.  The headline baseline stays torch's default (AMX where the CPU has it).
 Prints GFLOP/s (2·M·N·K / time, best of several runs after warm-up) and ratios; the LAST line is
 `qgemm: vs_torch_bf16=R` (edgetune int4 / torch bf16 GFLOP/s on the main shape).
 Never pass/fail on time.  Usage: python benchmarks/qgemm.py [--quick]
@@ -12,27 +15,20 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
-import numpy as np
-import torch
+# the user's own setting (if any), before edgetune's import chooses PASSIVE for this process
+USER_OMP_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")
 
-from edgetune import kernels
-from edgetune.quant import QTensor
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
-
-def best_time(fn, reps: int, min_time: float = 0.3) -> float:
-    """Best wall time of fn over >= reps runs (and >= min_time seconds) after two warm-up runs."""
-    fn()
-    fn()  # warm-up (also sizes the scratch buffers)
-    best, i = float("inf"), 0
-    t_end = time.perf_counter() + min_time
-    while (i < reps or time.perf_counter() < t_end) and i < 50 * reps:
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-        i += 1
-    return best
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch_matmul  # noqa: E402
+from edgetune import kernels  # noqa: E402
+from edgetune.quant import QTensor  # noqa: E402
+from torch_matmul import best_time  # noqa: E402  (one timing rule for every engine)
 
 
 def best_time_after_torch(fn, torch_fn, reps: int) -> float:
@@ -113,6 +109,18 @@ def main():
         print(f"main M={m} N={n} K={k}: {name} {g:.1f} GFLOP/s")
     for base in ("torch_fp32", "torch_int8_int_mm"):
         print(f"main: edgetune_q4 / {base} = {r['edgetune_q4'] / r[base]:.2f}")
+    # informative: torch bf16 as on a CPU without AMX (own process, oneDNN capped at AVX-512 BF16)
+    na = torch_matmul.run(m, n, k, args.threads, "bf16", reps, env=torch_matmul.NO_AMX_ENV,
+                          omp_wait_policy=USER_OMP_WAIT_POLICY)
+    print(f"main M={m} N={n} K={k}: {torch_matmul.NO_AMX_LABEL}: {na['gflops']:.1f} GFLOP/s "
+          f"(own process, {na['threads']} threads, oneDNN {na['onednn_impl']}; "
+          f"{na['gflops'] / r['torch_bf16']:.2f}x torch bf16 with AMX in this run)")
+    avx512 = r.get("edgetune_q4_avx512",
+                   r["edgetune_q4"] if kernels.best_path() == "avx512" else None)
+    print(f"main: edgetune_q4 ({kernels.best_path()}) / torch_bf16_without_amx = "
+          f"{r['edgetune_q4'] / na['gflops']:.2f}")
+    if avx512 is not None:
+        print(f"main: edgetune_q4_avx512 / torch_bf16_without_amx = {avx512 / na['gflops']:.2f}")
     print(f"qgemm: vs_torch_bf16={r['edgetune_q4'] / r['torch_bf16']:.2f}")
 
 
