@@ -70,6 +70,7 @@ demo: install
 # builds synthetic 7B/13B GGUFs once)
 bench: install
 	$(PYTHON) benchmarks/qgemm.py
+	$(PYTHON) benchmarks/amx_floor.py
 	$(PYTHON) benchmarks/forward.py
 	$(PYTHON) benchmarks/arch_forward.py
 	$(PYTHON) benchmarks/zo_step.py

@@ -1,6 +1,6 @@
 """AMX floor: the fastest an exact per-32-group int4 GEMM could be on this CPU, vs torch bf16.
 
-    python benchmarks/amx_floor.py [--quick] [--threads N]
+    python benchmarks/amx_floor.py [--quick] [--threads N] [--cpuinfo /proc/cpuinfo]
 
 edgetune keeps GGUF's numerics exact: every 32-element group has its own activation and weight
 scales, so each 16x16 output tile needs one TDPBSSD with K=32 (half the TMUL's int8 width) and one
@@ -41,11 +41,11 @@ NEEDED_FLAGS = ("amx_tile", "amx_int8", "amx_bf16")
 M, N, K = 512, 4096, 4096
 
 
-def cpu_info() -> tuple[set, str, float | None]:
-    """(flags, model name, "cpu MHz") of the first CPU in /proc/cpuinfo (empty set if unreadable)."""
+def cpu_info(path: str = "/proc/cpuinfo") -> tuple[set, str, float | None]:
+    """(flags, model name, "cpu MHz") of the first CPU in a cpuinfo file (empty set if unreadable)."""
     flags, model, mhz = set(), "unknown CPU", None
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(path) as f:
             for line in f:
                 key, _, val = line.partition(":")
                 key = key.strip()
@@ -118,10 +118,12 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (for tests)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2,
                     help="threads of the ceiling and of torch (default: all CPUs)")
+    ap.add_argument("--cpuinfo", default="/proc/cpuinfo",
+                    help="where to read the CPU flags (tests point it at a CPU without AMX)")
     a = ap.parse_args()
     if a.threads <= 0:
         ap.error("--threads must be positive")
-    flags, model, mhz = cpu_info()
+    flags, model, mhz = cpu_info(a.cpuinfo)
     missing = [f for f in NEEDED_FLAGS if f not in flags]
     if missing:
         not_available(f"{model}: /proc/cpuinfo lacks {' '.join(missing)}")
