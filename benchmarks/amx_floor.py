@@ -126,7 +126,7 @@ def main():
     flags, model, mhz = cpu_info(a.cpuinfo)
     missing = [f for f in NEEDED_FLAGS if f not in flags]
     if missing:
-        not_available(f"{model}: /proc/cpuinfo lacks {' '.join(missing)}")
+        not_available(f"{model}: {a.cpuinfo} lacks {' '.join(missing)}")
 
     reps, rounds, torch_reps = (100, 5, 3) if a.quick else (300, 40, 30)
     f = build_and_run(reps, rounds)
@@ -156,12 +156,12 @@ def main():
           f"({f['int8_k64_store'] / 2:.2f} cycles per 32 of K)")
     print(f"(c) bf16 TDPBF16PS K=32, accumulate over all K, one store  : "
           f"{f['bf16_k32_accum']:6.2f} cycles  {gf(f['bf16_k32_accum']):7.1f} GFLOP/s")
+    print(f"    (a) on {nt} threads at once (slowest thread)             : {cyc_a_all:6.2f} cycles  "
+          f"{gf(cyc_a_all, nt):7.1f} GFLOP/s for {nt} threads")
     dpbf16, dpbusd = f["avx512_dpbf16"], f["avx512_dpbusd"]
     print(f"AVX-512, one thread: VDPBF16PS zmm every {dpbf16:.2f} cycles = "
           f"{64 * hz / dpbf16 / 1e9:.1f} GFLOP/s bf16; VPDPBUSD zmm every {dpbusd:.2f} cycles = "
           f"{128 * hz / dpbusd / 1e9:.1f} GOP/s int8")
-    print(f"    (a) on {nt} threads at once (slowest thread)             : {cyc_a_all:6.2f} cycles  "
-          f"{gf(cyc_a_all, nt):7.1f} GFLOP/s for {nt} threads")
     ceiling = gf(cyc_a, a.threads)
     print(f"ceiling of (a) for {a.threads} threads: {a.threads} x {FLOPS_PER_TILE_GROUP} flops x "
           f"{hz / 1e9:.3f} GHz / {cyc_a:.2f} cycles = {ceiling:.1f} GFLOP/s "
@@ -169,8 +169,8 @@ def main():
 
     tb = torch_matmul.run(M, N, K, a.threads, "bf16", torch_reps,
                           omp_wait_policy=USER_OMP_WAIT_POLICY)
-    print(f"torch bf16 matmul {M}x{N}x{K} (out=, {tb['threads']} threads, own process, "
-          f"AMX on): {tb['gflops']:.1f} GFLOP/s ({tb['gflops'] / gf(f['bf16_k32_accum'], a.threads):.2f}"
+    print(f"torch bf16 matmul {M}x{N}x{K} (out=, {tb['threads']} threads, own process, oneDNN "
+          f"{tb['onednn_impl']}): {tb['gflops']:.1f} GFLOP/s ({tb['gflops'] / gf(f['bf16_k32_accum'], a.threads):.2f}"
           f" of the bf16 (c) peak)")
     et = edgetune_q4_gflops(a.threads, torch_reps)
     if et is None:
