@@ -6,7 +6,10 @@ thread count.  Besides the bf16 headline, the main shape prints torch's fp32 mat
 GEMM (torch._int_mm: int8 x int8 -> int32, no scales, so an upper bound for any int8 path), and
 torch's bf16 matmul without AMX (benchmarks/torch_matmul.py in its own process, with oneDNN capped
 at AVX512_CORE_BF16: what torch runs on a CPU without AMX) against edgetune's best path and its
-avx512 path.  The headline baseline stays torch's default (AMX where the CPU has it).
+avx512 path.  The headline baseline stays torch's default (AMX where the CPU has it).  That
+baseline is only as strong as this CPU's AVX-512 BF16: on the Sapphire Rapids VM it was measured on
+(2026-12-01) one VDPBF16PS zmm issues every ~1.6 TSC cycles, ~82 GFLOP/s per core (amx_floor.py
+prints it), well under the ~200 per core torch reached on Zen4 (FACTS.md).
 Prints GFLOP/s (2·M·N·K / time, best of several runs after warm-up) and ratios; the LAST line is
 `qgemm: vs_torch_bf16=R` (edgetune int4 / torch bf16 GFLOP/s on the main shape).
 Never pass/fail on time.  Usage: python benchmarks/qgemm.py [--quick]
