@@ -246,6 +246,24 @@ void gemm_mats(const BlockWeights& w, std::initializer_list<int> mats, const int
     flush();
 }
 
+// whether matrix i has a trainable-set term (LoRA, sparse deltas, calibration sums): they read its
+// input as floats
+bool has_terms(const BlockWeights& w, int i) {
+    return w.input_sq[i] || w.lora[i].a || w.sparse[i].n > 0;
+}
+
+// The MLP's activation rows act(gate)·up, one at a time (the down projection's RowSource)
+struct ActRows {
+    const float *g, *u;
+    int64_t ld, F;
+    bool gelu;
+    static void make(const void* ctx, int64_t m, float* row) {
+        const ActRows& a = *static_cast<const ActRows*>(ctx);
+        if (a.gelu) gelu_rows(a.g + m * a.ld, a.u + m * a.ld, 0, 1, a.F, a.F, row);
+        else silu_mul_row(a.g + m * a.ld, a.u + m * a.ld, a.F, row);
+    }
+};
+
 // what the trainable set adds to matrix i's output y (LoRA, then sparse deltas, as the reference's
 // linear_extra), and the calibration sums of its input x [M, K]
 void matrix_terms(const BlockWeights& w, int i, const float* x, int64_t M, float* y, int64_t ldy, Arena& ar) {
@@ -338,12 +356,28 @@ void block_locked(const BlockConfig& c, const BlockWeights& w, const float* h_in
     const int64_t gu_cols[2] = {0, fused_gate_up(w) ? 0 : F};
     gemm_mats(w, {BM_GATE, BM_UP}, gu_cols, x, Mk, gu, 2 * F, path, ar);
     for (int i = BM_GATE; i <= BM_UP; ++i) matrix_terms(w, i, x, Mk, gu + gu_cols[i - BM_GATE], 2 * F, ar);
-    if (c.act == ACT_GELU_TANH)
-        gelu_mul(gu, gu + F, Mk, F, 2 * F, act);
-    else
-        silu_mul(gu, gu + F, Mk, F, 2 * F, act);
-    gemm_mats(w, {BM_DOWN}, &o_col, act, Mk, o, D, path, ar);
-    matrix_terms(w, BM_DOWN, act, Mk, o, D, ar);
+    if (!w.dense[BM_DOWN] && !has_terms(w, BM_DOWN)) {
+        // nothing reads the [Mk, F] activations but the down projection's quantizer: it makes
+        // each row from gu on its own thread (same operations: bit-identical) instead of a pass
+        // writing them out and a second one reading them back
+        const ActRows rows{gu, gu + F, 2 * F, F, c.act == ACT_GELU_TANH};
+        RowSource src;
+        src.make = ActRows::make;
+        src.ctx = &rows;
+        ar.segs.clear();
+        Segment s;
+        s.w = w.w[BM_DOWN];
+        s.p = w.p[BM_DOWN];
+        ar.segs.push_back(s);
+        qgemm_multi_rows(src, Mk, ar.segs, o, D, path);
+    } else {
+        if (c.act == ACT_GELU_TANH)
+            gelu_mul(gu, gu + F, Mk, F, 2 * F, act);
+        else
+            silu_mul(gu, gu + F, Mk, F, 2 * F, act);
+        gemm_mats(w, {BM_DOWN}, &o_col, act, Mk, o, D, path, ar);
+        matrix_terms(w, BM_DOWN, act, Mk, o, D, ar);
+    }
     branch = o;
     if (w.post_ffn_norm) {
         rms_norm(o, Mk, D, D, w.post_ffn_norm, c.rms_eps, ar.o2.data());

@@ -28,7 +28,8 @@ struct Problem {
 // Per-thread 64-byte-aligned scratch that is reused across calls (slot = independent buffer).
 // Defined in qgemm.cpp (plain x86-64 code).
 void* thread_scratch(int slot, size_t bytes);
-enum ScratchSlot { SCRATCH_PANEL = 0, SCRATCH_SCALES = 1, SCRATCH_ROW = 2, SCRATCH_ACT = 3 };
+enum ScratchSlot { SCRATCH_PANEL = 0, SCRATCH_SCALES = 1, SCRATCH_ROW = 2, SCRATCH_ACT = 3, SCRATCH_XROW = 4 };
+constexpr int kScratchSlots = 5;
 
 // Activations quantized to int8 per group of G (shared by all the integer paths).
 struct QuantAct {
@@ -40,10 +41,10 @@ struct QuantAct {
 // Path entry points (each in its own translation unit).  The SIMD paths share one driver
 // (qgemm_driver.h): y[:, col_s + n) = x · W_s^T for every segment, row stride ldy.
 void qgemm_scalar(const Problem& pr);
-void qgemm_multi_avx2(const float* x, int64_t M, const Segment* segs, int nseg, float* y, int64_t ldy);
-void qgemm_multi_avx512(const float* x, int64_t M, const Segment* segs, int nseg, float* y, int64_t ldy);
-void qgemm_multi_amx(const float* x, int64_t M, const Segment* segs, int nseg, float* y, int64_t ldy);
-void qgemm_multi_neon(const float* x, int64_t M, const Segment* segs, int nseg, float* y, int64_t ldy);
+void qgemm_multi_avx2(const RowSource& src, int64_t M, const Segment* segs, int nseg, float* y, int64_t ldy);
+void qgemm_multi_avx512(const RowSource& src, int64_t M, const Segment* segs, int nseg, float* y, int64_t ldy);
+void qgemm_multi_amx(const RowSource& src, int64_t M, const Segment* segs, int nseg, float* y, int64_t ldy);
+void qgemm_multi_neon(const RowSource& src, int64_t M, const Segment* segs, int nseg, float* y, int64_t ldy);
 bool cpu_has_avx2();
 bool cpu_has_avx512();
 bool cpu_has_amx();  // AMX-INT8 in the CPU, enabled by the OS and granted to this process

@@ -174,6 +174,13 @@ void add_rms_norm(const float* a, int64_t lda, const float* b, int64_t ldb, int6
     parallel_for((M + ROWS_PER_TASK - 1) / ROWS_PER_TASK, task);
 }
 
+void silu_mul_row(const float* g, const float* u, int64_t F, float* out) {
+#if defined(EDGETUNE_HAVE_AVX512)
+    if (ops_simd()) return silu_rows_avx512(g, u, 0, 1, F, F, out);
+#endif
+    silu_rows(g, u, 0, 1, F, F, out);
+}
+
 void silu_mul(const float* g, const float* u, int64_t M, int64_t F, int64_t ld, float* out) {
 #if defined(EDGETUNE_HAVE_AVX512)
     const bool simd = ops_simd();

@@ -22,7 +22,7 @@ struct Scratch {
     size_t size = 0;
     ~Scratch() { std::free(ptr); }
 };
-thread_local Scratch t_scratch[4];
+thread_local Scratch t_scratch[kScratchSlots];
 }  // namespace
 
 void* thread_scratch(int slot, size_t bytes) {
@@ -40,32 +40,32 @@ void* thread_scratch(int slot, size_t bytes) {
 // CPU features and dispatch
 
 #if !defined(EDGETUNE_HAVE_AVX2)
-void qgemm_multi_avx2(const float*, int64_t, const Segment*, int, float*, int64_t) {
+void qgemm_multi_avx2(const RowSource&, int64_t, const Segment*, int, float*, int64_t) {
     throw std::invalid_argument("qgemm: AVX2 path not compiled");
 }
 bool cpu_has_avx2() { return false; }
 #endif
 #if !defined(EDGETUNE_HAVE_AVX512)
-void qgemm_multi_avx512(const float*, int64_t, const Segment*, int, float*, int64_t) {
+void qgemm_multi_avx512(const RowSource&, int64_t, const Segment*, int, float*, int64_t) {
     throw std::invalid_argument("qgemm: AVX512 path not compiled");
 }
 bool cpu_has_avx512() { return false; }
 #endif
 #if !defined(EDGETUNE_HAVE_AMX)
-void qgemm_multi_amx(const float*, int64_t, const Segment*, int, float*, int64_t) {
+void qgemm_multi_amx(const RowSource&, int64_t, const Segment*, int, float*, int64_t) {
     throw std::invalid_argument("qgemm: AMX path not compiled");
 }
 bool cpu_has_amx() { return false; }
 #endif
 #if !defined(EDGETUNE_HAVE_NEON)
-void qgemm_multi_neon(const float*, int64_t, const Segment*, int, float*, int64_t) {
+void qgemm_multi_neon(const RowSource&, int64_t, const Segment*, int, float*, int64_t) {
     throw std::invalid_argument("qgemm: NEON path not compiled");
 }
 bool cpu_has_neon_dotprod() { return false; }
 #endif
 
 namespace {
-using MultiFn = void (*)(const float*, int64_t, const Segment*, int, float*, int64_t);
+using MultiFn = void (*)(const RowSource&, int64_t, const Segment*, int, float*, int64_t);
 // The shared-driver entry of a SIMD path; nullptr for the scalar reference.
 MultiFn multi_fn(Path p) {
     switch (p) {
@@ -165,7 +165,9 @@ void qgemm(const float* x, int64_t M, const QMatrix& w, const Perturbation& p, f
     if (M == 0 || w.N == 0) return;
     if (const MultiFn f = multi_fn(path == Path::Auto ? best_path() : path)) {
         const Segment seg{w, p, 0};
-        f(x, M, &seg, 1, y, w.N);
+        RowSource src;
+        src.x = x;
+        f(src, M, &seg, 1, y, w.N);
     } else {
         qgemm_scalar(Problem{x, M, w, p, y});
     }
@@ -173,6 +175,13 @@ void qgemm(const float* x, int64_t M, const QMatrix& w, const Perturbation& p, f
 
 void qgemm_multi(const float* x, int64_t M, const std::vector<Segment>& segs, float* y, int64_t ldy,
                  Path path) {
+    RowSource src;
+    src.x = x;
+    qgemm_multi_rows(src, M, segs, y, ldy, path);
+}
+
+void qgemm_multi_rows(const RowSource& src, int64_t M, const std::vector<Segment>& segs, float* y, int64_t ldy,
+                      Path path) {
     if (segs.empty()) return;
     if (segs.size() > static_cast<size_t>(kMaxSegments))
         throw std::invalid_argument("qgemm_multi: at most " + std::to_string(kMaxSegments) + " segments");
@@ -189,8 +198,17 @@ void qgemm_multi(const float* x, int64_t M, const std::vector<Segment>& segs, fl
     if (M == 0 || cols == 0) return;
     const Path p = path == Path::Auto ? best_path() : path;
     if (const MultiFn f = multi_fn(p)) {
-        f(x, M, segs.data(), static_cast<int>(segs.size()), y, ldy);
+        f(src, M, segs.data(), static_cast<int>(segs.size()), y, ldy);
         return;
+    }
+    // the scalar reference reads plain rows: produced rows are materialized first
+    const int64_t K = segs[0].w.K;
+    thread_local std::vector<float> xs;
+    const float* x = src.x;
+    if (src.make) {
+        xs.resize(static_cast<size_t>(M * K));
+        for (int64_t m = 0; m < M; ++m) src.make(src.ctx, m, xs.data() + m * K);
+        x = xs.data();
     }
     // the scalar reference: one call per segment into a scratch buffer (kept per thread: no
     // allocation in the steady state), then scatter the columns

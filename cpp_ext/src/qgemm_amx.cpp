@@ -233,7 +233,7 @@ struct AmxKernel {
     using Panel = uint8_t;
 
     // the avx512 path's quantize_row, written into the tile layout (one tile of TM rows per task)
-    static Act quantize(const float* x, int64_t M, int64_t K, int G, const Segment* segs, int nseg) {
+    static Act quantize(const RowSource& src, int64_t M, int64_t K, int G, const Segment* segs, int nseg) {
         const int64_t NG = K / G, MT = ceil_div(M, TM);
         bool any_q8 = false;
         for (int s = 0; s < nseg; ++s) any_q8 = any_q8 || segs[s].w.bits == 8;
@@ -246,12 +246,13 @@ struct AmxKernel {
         aa.q = reinterpret_cast<int8_t*>(aa.corr + MT * TM * NG);
         auto quant = [&](int64_t mt) {
             int8_t* q = aa.q + mt * NG * TM * G;
+            float* xb = src.make ? static_cast<float*>(thread_scratch(SCRATCH_XROW, sizeof(float) * K)) : nullptr;
             const int64_t tg = mt * NG * TM;  // index of (tile, group 0, row 0) in d/sum/corr
             for (int i = 0; i < TM; ++i) {
                 const int64_t m = mt * TM + i;
                 if (m < M) {
                     // straight into the tile layout: group g of row i at q[(g·TM + i)·G]
-                    quantize_row(x + m * K, K, G, q + i * G, aa.d + tg + i, aa.sum + tg + i, TM * G, TM);
+                    quantize_row(src.row(m, K, xb), K, G, q + i * G, aa.d + tg + i, aa.sum + tg + i, TM * G, TM);
                 } else {  // padding rows: all zero
                     for (int64_t g = 0; g < NG; ++g) {
                         std::memset(q + (g * TM + i) * G, 0, G);
@@ -300,8 +301,8 @@ bool cpu_has_amx() {
     return ok;
 }
 
-void qgemm_multi_amx(const float* x, int64_t M, const Segment* segs, int nseg, float* y, int64_t ldy) {
-    run_qgemm<AmxKernel>(x, M, segs, nseg, y, ldy);
+void qgemm_multi_amx(const RowSource& src, int64_t M, const Segment* segs, int nseg, float* y, int64_t ldy) {
+    run_qgemm<AmxKernel>(src, M, segs, nseg, y, ldy);
 }
 
 }  // namespace edgetune

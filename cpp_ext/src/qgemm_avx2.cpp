@@ -121,7 +121,7 @@ struct Avx2Kernel {
     using Act = Avx2Act;
     using Panel = int16_t;
 
-    static Act quantize(const float* x, int64_t M, int64_t K, int G, const Segment*, int) {
+    static Act quantize(const RowSource& src, int64_t M, int64_t K, int G, const Segment*, int) {
         const int64_t NG = K / G;
         char* act = static_cast<char*>(thread_scratch(SCRATCH_ACT, 3 * M * K + 2 * sizeof(float) * M * NG + 64));
         float* ad = reinterpret_cast<float*>(act);
@@ -129,7 +129,8 @@ struct Avx2Kernel {
         int16_t* xq16 = reinterpret_cast<int16_t*>(asum + M * NG);
         int8_t* xq8 = reinterpret_cast<int8_t*>(xq16 + M * K);
         auto quant = [&](int64_t m) {
-            quantize_act_row(x + m * K, K, G, xq8 + m * K, ad + m * NG, asum + m * NG);
+            float* xb = src.make ? static_cast<float*>(thread_scratch(SCRATCH_XROW, sizeof(float) * K)) : nullptr;
+            quantize_act_row(src.row(m, K, xb), K, G, xq8 + m * K, ad + m * NG, asum + m * NG);
             for (int64_t k = 0; k < K; ++k) xq16[m * K + k] = xq8[m * K + k];
         };
         parallel_for(M, quant);
@@ -154,8 +155,8 @@ struct Avx2Kernel {
 
 }  // namespace
 
-void qgemm_multi_avx2(const float* x, int64_t M, const Segment* segs, int nseg, float* y, int64_t ldy) {
-    run_qgemm<Avx2Kernel>(x, M, segs, nseg, y, ldy);
+void qgemm_multi_avx2(const RowSource& src, int64_t M, const Segment* segs, int nseg, float* y, int64_t ldy) {
+    run_qgemm<Avx2Kernel>(src, M, segs, nseg, y, ldy);
 }
 
 }  // namespace edgetune

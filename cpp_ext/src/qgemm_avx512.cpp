@@ -135,7 +135,7 @@ struct Avx512Kernel {
     using Act = QuantAct;
     using Panel = uint8_t;
 
-    static Act quantize(const float* x, int64_t M, int64_t K, int G, const Segment*, int) {
+    static Act quantize(const RowSource& src, int64_t M, int64_t K, int G, const Segment*, int) {
         const int64_t NG = K / G;
         char* act = static_cast<char*>(thread_scratch(SCRATCH_ACT, M * K + 2 * sizeof(float) * M * NG + 64));
         QuantAct a;
@@ -144,8 +144,9 @@ struct Avx512Kernel {
         a.q = reinterpret_cast<int8_t*>(a.sum + M * NG);
         constexpr int64_t QROWS = 16;
         auto quant = [&](int64_t t) {
+            float* xb = src.make ? static_cast<float*>(thread_scratch(SCRATCH_XROW, sizeof(float) * K)) : nullptr;
             for (int64_t m = t * QROWS; m < std::min(M, (t + 1) * QROWS); ++m)
-                quantize_row(x + m * K, K, G, a.q + m * K, a.d + m * NG, a.sum + m * NG);
+                quantize_row(src.row(m, K, xb), K, G, a.q + m * K, a.d + m * NG, a.sum + m * NG);
         };
         parallel_for(ceil_div(M, QROWS), quant);
         return a;
@@ -170,8 +171,8 @@ struct Avx512Kernel {
 
 // Several matrices sharing x (same K and group); segment s writes columns [col, col + N_s) of y
 // (row stride ldy).
-void qgemm_multi_avx512(const float* x, int64_t M, const Segment* segs, int nseg, float* y, int64_t ldy) {
-    run_qgemm<Avx512Kernel>(x, M, segs, nseg, y, ldy);
+void qgemm_multi_avx512(const RowSource& src, int64_t M, const Segment* segs, int nseg, float* y, int64_t ldy) {
+    run_qgemm<Avx512Kernel>(src, M, segs, nseg, y, ldy);
 }
 
 }  // namespace edgetune

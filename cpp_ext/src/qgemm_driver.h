@@ -9,7 +9,7 @@
 //                                          correction is m - off·s'; else codes are q - offset and
 //                                          the correction is the plain min m
 //   using Act, Panel;                      quantized activations; repacked code element type
-//   static Act quantize(x, M, K, G, segs, nseg)   (runs its own parallel_for)
+//   static Act quantize(src, M, K, G, segs, nseg) (runs its own parallel_for; row m = src.row(m, ...))
 //   static size_t panel_bytes(NG, G);  static void repack(w, n0, Panel* dst)
 //   static void begin_task(G), end_task()         per-thread state (AMX tile configuration)
 //   static void rows(panel, sc, corr, has_corr, act, w, K, NG, M, m0, m1, y, ldy, ncols, next)
@@ -93,13 +93,13 @@ void panel_scales(const QMatrix& w, const Perturbation& p, uint64_t key, int64_t
 
 // y[:, col_s + n) = x · W_s^T for every segment s (all share K and the group size).
 template <class Kernel>
-void run_qgemm(const float* x, int64_t M, const Segment* segs, int nseg, float* yout, int64_t ldy) {
+void run_qgemm(const RowSource& src, int64_t M, const Segment* segs, int nseg, float* yout, int64_t ldy) {
     constexpr int PW = Kernel::PW;
     using Panel = typename Kernel::Panel;
     const int64_t K = segs[0].w.K, NG = segs[0].w.n_groups();
     const int G = segs[0].w.group;
 
-    const typename Kernel::Act act = Kernel::quantize(x, M, K, G, segs, nseg);
+    const typename Kernel::Act act = Kernel::quantize(src, M, K, G, segs, nseg);
 
     int64_t first_panel[kMaxSegments + 1];
     uint64_t keys[kMaxSegments];

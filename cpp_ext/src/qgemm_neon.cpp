@@ -123,14 +123,17 @@ struct NeonKernel {
     using Act = QuantAct;
     using Panel = int8_t;
 
-    static Act quantize(const float* x, int64_t M, int64_t K, int G, const Segment*, int) {
+    static Act quantize(const RowSource& src, int64_t M, int64_t K, int G, const Segment*, int) {
         const int64_t NG = K / G;
         char* act = static_cast<char*>(thread_scratch(SCRATCH_ACT, M * K + 2 * sizeof(float) * M * NG + 64));
         QuantAct a;
         a.d = reinterpret_cast<float*>(act);
         a.sum = a.d + M * NG;
         a.q = reinterpret_cast<int8_t*>(a.sum + M * NG);
-        auto quant = [&](int64_t m) { quantize_act_row(x + m * K, K, G, a.q + m * K, a.d + m * NG, a.sum + m * NG); };
+        auto quant = [&](int64_t m) {
+            float* xb = src.make ? static_cast<float*>(thread_scratch(SCRATCH_XROW, sizeof(float) * K)) : nullptr;
+            quantize_act_row(src.row(m, K, xb), K, G, a.q + m * K, a.d + m * NG, a.sum + m * NG);
+        };
         parallel_for(M, quant);
         return a;
     }
@@ -153,8 +156,8 @@ struct NeonKernel {
 
 }  // namespace
 
-void qgemm_multi_neon(const float* x, int64_t M, const Segment* segs, int nseg, float* y, int64_t ldy) {
-    run_qgemm<NeonKernel>(x, M, segs, nseg, y, ldy);
+void qgemm_multi_neon(const RowSource& src, int64_t M, const Segment* segs, int nseg, float* y, int64_t ldy) {
+    run_qgemm<NeonKernel>(src, M, segs, nseg, y, ldy);
 }
 
 }  // namespace edgetune

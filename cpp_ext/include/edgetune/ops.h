@@ -20,6 +20,8 @@ void add_rms_norm(const float* a, int64_t lda, const float* b, int64_t ldb, int6
 
 // out[m, j] = silu(g[m, j]) * u[m, j], j < F;  g, u rows at stride ld, out contiguous [M, F].
 void silu_mul(const float* g, const float* u, int64_t M, int64_t F, int64_t ld, float* out);
+// One row of silu_mul on the calling thread (same operations, same SIMD choice: same bits).
+void silu_mul_row(const float* g, const float* u, int64_t F, float* out);
 
 // Causal self-attention of B sequences of T tokens.  q/k/v: token rows (b*T + t) at strides
 // ldq/ldk/ldv, head h at columns [h*hd, (h+1)*hd); q has H heads, k/v Hkv heads (GQA: q head h

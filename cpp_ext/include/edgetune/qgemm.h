@@ -70,6 +70,24 @@ void qgemm_multi(const float* x, int64_t M, const std::vector<Segment>& segs, fl
 int64_t prepack_q4_bytes(int64_t N, int64_t K);
 void prepack_q4(const QMatrix& w, uint8_t* dst);  // w.bits == 4; dst: prepack_q4_bytes(N, K) bytes
 
+// The rows of a GEMM input: x (C-contiguous [M, K]) or, when make is set, row m produced on
+// demand into a K-float buffer — e.g. silu(gate)·up of an MLP, so that its [M, K] floats are never
+// written out and read back (the quantizer reads each row once, straight from L1).
+struct RowSource {
+    const float* x = nullptr;
+    void (*make)(const void* ctx, int64_t m, float* row) = nullptr;
+    const void* ctx = nullptr;
+    const float* row(int64_t m, int64_t K, float* buf) const {
+        if (!make) return x + m * K;
+        make(ctx, m, buf);
+        return buf;
+    }
+};
+
+// qgemm_multi on rows from a RowSource (bit-identical to qgemm_multi on the materialized rows).
+void qgemm_multi_rows(const RowSource& src, int64_t M, const std::vector<Segment>& segs, float* y, int64_t ldy,
+                      Path path = Path::Auto);
+
 // Validation only (same checks as qgemm), so callers can report errors before releasing locks.
 void qgemm_check(const QMatrix& w, Path path);
 
