@@ -10,9 +10,12 @@ avx512 path.  The headline baseline stays torch's default (AMX where the CPU has
 baseline is only as strong as this CPU's AVX-512 BF16: on the Sapphire Rapids VM it was measured on
 (2026-12-01) one VDPBF16PS zmm issues every ~1.6 TSC cycles, ~82 GFLOP/s per core (amx_floor.py
 prints it), well under the ~200 per core torch reached on Zen4 (FACTS.md).
+edgetune's matrices are prepacked (kernels.prepack) as a loaded model's are; the main shape also
+prints the same GEMM reading the unpacked codes.  Every engine runs in turn, --rounds times (default
+3), and keeps its best round.
 Prints GFLOP/s (2·M·N·K / time, best of several runs after warm-up) and ratios; the LAST line is
 `qgemm: vs_torch_bf16=R` (edgetune int4 / torch bf16 GFLOP/s on the main shape).
-Never pass/fail on time.  Usage: python benchmarks/qgemm.py [--quick]
+Never pass/fail on time.  Usage: python benchmarks/qgemm.py [--quick] [--rounds 3]
 """
 from __future__ import annotations
 
@@ -57,8 +60,11 @@ def gflops(m, n, k, t):
     return 2.0 * m * n * k / t / 1e9
 
 
-def bench_shape(m, n, k, reps, extra=False):
+def bench_shape(m, n, k, reps, rounds, extra=False):
     qt = random_q4(n, k)
+    codes_only = QTensor(qt.name, qt.kind, qt.shape, codes=qt.codes, scales=qt.scales, mins=qt.mins,
+                         tensor_id=qt.tensor_id)
+    kernels.prepack(qt)  # as every resident q4 matrix of a loaded model (a no-op where unused)
     x = torch.randn(m, k)
     xb, wb = x.to(torch.bfloat16), torch.randn(n, k).to(torch.bfloat16)
     out, outb = torch.empty(m, n), torch.empty(m, n, dtype=torch.bfloat16)
@@ -77,10 +83,17 @@ def bench_shape(m, n, k, reps, extra=False):
             "torch_int8_int_mm": lambda: torch._int_mm(xi, wit, out=outi),
             "edgetune_q4_perturbed": lambda: kernels.qgemm(x, qt, perturb=p, out=out),
             "edgetune_q4_perturbed_gauss": lambda: kernels.qgemm(x, qt, perturb=pg, out=out)})
+        if qt.packed is not None:
+            fns["edgetune_q4_codes_not_prepacked"] = lambda: kernels.qgemm(x, codes_only, out=out)
         for path in kernels.available_paths():
             if path not in (kernels.best_path(), "scalar"):
                 fns[f"edgetune_q4_{path}"] = lambda path=path: kernels.qgemm(x, qt, out=out, path=path)
-    times = {name: best_time(fn, reps) for name, fn in fns.items()}
+    # every engine in turn, `rounds` times; each keeps its best (a neighbour's burst on a shared
+    # machine then slows one round, not one engine)
+    times = {}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name] = min(times.get(name, float("inf")), best_time(fn, reps))
     if extra:
         small = torch.randn(m, 64)
         times["edgetune_q4_right_after_a_torch_op"] = best_time_after_torch(
@@ -92,8 +105,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="for every engine")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="rounds of every engine in turn, best round kept (1 with --quick)")
     args = ap.parse_args()
     reps = 3 if args.quick else 10
+    rounds = 1 if args.quick else max(1, args.rounds)
     kernels.set_num_threads(args.threads)
     torch.set_num_threads(args.threads)
     print(f"# threads: torch {torch.get_num_threads()}, edgetune {kernels.get_num_threads()}; "
@@ -102,12 +118,12 @@ def main():
     print("# SmolLM2-135M shapes (M, N, K): GFLOP/s edgetune q4 vs torch bf16")
     for m, n, k in [(512, 576, 576), (512, 192, 576), (512, 1536, 576), (512, 576, 1536),
                     (16, 49152, 576)]:
-        r = bench_shape(m, n, k, reps)
+        r = bench_shape(m, n, k, reps, rounds)
         print(f"smollm2 M={m} N={n} K={k}: edgetune_q4 {r['edgetune_q4']:.1f}  "
               f"torch_bf16 {r['torch_bf16']:.1f}  ratio {r['edgetune_q4'] / r['torch_bf16']:.2f}")
 
     m, n, k = 512, 4096, 4096
-    r = bench_shape(m, n, k, reps, extra=True)
+    r = bench_shape(m, n, k, reps, rounds, extra=True)
     for name, g in r.items():
         print(f"main M={m} N={n} K={k}: {name} {g:.1f} GFLOP/s")
     for base in ("torch_fp32", "torch_int8_int_mm"):
