@@ -6,6 +6,7 @@
 // and merged by the linker — possibly keeping the AVX-512 copy for the scalar path.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -100,7 +101,9 @@ inline Partition partition(int64_t N, int64_t M, int64_t panel, int64_t m_align,
     // several tasks per thread: tasks are claimed dynamically, so a thread slowed down by another
     // process (e.g. torch's OpenMP workers still spinning after their op) is compensated
     const int64_t want = threads <= 1 ? 1 : 8 * threads;
-    pt.panels_per_task = pt.n_panels >= want ? ceil_div(pt.n_panels, want) : 1;
+    // rounded down (at least `want` tasks): e.g. 18 panels on 2 threads are 18 tasks, 9 per thread,
+    // not 9 tasks of 2 that leave one thread a task more (10% of the call idle on the other)
+    pt.panels_per_task = std::max<int64_t>(1, pt.n_panels / want);
     pt.n_ptasks = ceil_div(pt.n_panels, pt.panels_per_task);
     int64_t mt = 1;
     if (pt.n_ptasks < 2 * threads && M >= 2 * m_align) mt = ceil_div(2 * threads, pt.n_ptasks);
