@@ -48,6 +48,36 @@ def best_time(fn, repeats: int) -> float:
     return min(ts)
 
 
+def serve(fn, stdin=None, stdout=None) -> float:
+    """--serve: time fn on request, so that forward.py can interleave the engines call by call.
+    After one warm-up prints {"ready": true}; then each stdin line "time N" runs fn N times and
+    prints {"seconds": best of those N}; "done" ends.  Returns the best time seen."""
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    fn()
+    print(json.dumps({"ready": True}), file=stdout, flush=True)
+    best = float("inf")
+    for line in stdin:
+        cmd = line.split()
+        if not cmd or cmd[0] == "done":
+            break
+        if cmd[0] != "time" or len(cmd) != 2 or not cmd[1].isdigit() or int(cmd[1]) < 1:
+            raise SystemExit(f"baseline_forward --serve: bad request {line.strip()!r} "
+                             f"(expected 'time N' with N >= 1, or 'done')")
+        ts = []
+        for _ in range(int(cmd[1])):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+        best = min(best, min(ts))
+        print(json.dumps({"seconds": min(ts)}), file=stdout, flush=True)
+    return best
+
+
+def timer(a):
+    """How run_torch / run_llamacpp time their forward: best of --repeats, or served (--serve)."""
+    return serve if a.serve else (lambda fn: best_time(fn, a.repeats))
+
+
 # --- torch bf16 ---------------------------------------------------------------------------------
 
 class DenseLlama(torch.nn.Module):
@@ -130,7 +160,7 @@ def run_torch(a, path):
     del net
     batch = batch_tokens(m.c.n_vocab, a.batch, a.seq)
     tokens = torch.tensor(batch, dtype=torch.long)
-    t = best_time(lambda: m.last_logits(tokens), a.repeats)
+    t = timer(a)(lambda: m.last_logits(tokens))
     if a.save_logits:
         np.save(a.save_logits, m.last_logits(tokens[:2]).numpy())
     info = {"threads": torch.get_num_threads(), "omp_wait_policy": OMP_WAIT_POLICY_AT_LOAD}
@@ -183,7 +213,7 @@ def run_llamacpp(a, path):
         if rc != 0:
             raise SystemExit(f"llama_decode returned {rc}")
 
-    t = best_time(run, a.repeats)
+    t = timer(a)(run)
     if a.save_logits:
         run()
         rows = []
@@ -208,6 +238,9 @@ def main():
     ap.add_argument("--seq", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--save-logits", default=None)
+    ap.add_argument("--serve", action="store_true",
+                    help="time on request from stdin ('time N' / 'done'; see serve()) instead of "
+                         "best of --repeats")
     a = ap.parse_args()
     from edgetune import assets
     path = a.model or assets.default_model_path()

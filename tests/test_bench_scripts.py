@@ -79,3 +79,21 @@ def test_no_amx_env_changes_torch_kernel():
     assert "amx" not in no_amx["onednn_impl"] and "avx512" in no_amx["onednn_impl"], no_amx
     assert no_amx["onednn_max_cpu_isa"] == "AVX512_CORE_BF16"
     assert amx["gflops"] > 0 and no_amx["gflops"] > 0
+
+
+def test_baseline_serve_protocol():
+    """baseline_forward.serve (forward.py's turn-taking): one warm-up, 'ready', then per request the
+    best of N calls, 'done' ends with the best overall; a bad request is a clear error."""
+    import io
+    import json
+
+    import baseline_forward
+    calls = []
+    out = io.StringIO()
+    best = baseline_forward.serve(lambda: calls.append(1), io.StringIO("time 3\ntime 1\ndone\n"), out)
+    lines = [json.loads(s) for s in out.getvalue().splitlines()]
+    assert lines[0] == {"ready": True} and len(calls) == 1 + 3 + 1
+    assert len(lines) == 3 and all(v["seconds"] >= 0 for v in lines[1:])
+    assert best == min(v["seconds"] for v in lines[1:])
+    with pytest.raises(SystemExit, match="bad request 'time x'"):
+        baseline_forward.serve(lambda: None, io.StringIO("time x\n"), io.StringIO())
