@@ -12,6 +12,12 @@
 //   int8_k64_store    per 64-element group: TDPBSSD with K=64 (the TMUL's full int8 width) + store;
 //   bf16_k32_accum    TDPBF16PS (K=32 per instruction) accumulating over all K, one store at the end
 //                     (what oneDNN's AMX brgemm does for torch's bf16 matmul);
+//   int8_k32_epilogue  int8_k32_store plus the cheapest exact fp32 epilogue per group: for every
+//                     16 outputs y = fma(float(dot), s·d, y) (cvt, mul, fma; q4_0 with signed codes
+//                     and no mins — q4_1's mins add one more fma), y of the 32 x 32 block in L1;
+//   bf16x2_accum      two TDPBF16PS per K-step accumulating over all K (weights exact as bf16 hi +
+//                     lo, activations rounded to bf16): the cheapest kernel with exact int4 weights
+//                     and no per-group epilogue;
 //   avx512_dpbf16 / avx512_dpbusd  TSC cycles per VDPBF16PS / VPDPBUSD zmm (12 independent
 //                     accumulators): the AVX-512 BF16 and int8-VNNI peaks of one core, for scale;
 //   int8_k32_store_2threads  int8_k32_store on every CPU of the affinity mask at once (one thread
@@ -92,6 +98,56 @@ __attribute__((noinline)) void int8_per_group(Buffers& m) {
     _tile_stored(0, c[0], 64); _tile_stored(1, c[1], 64);
     _tile_stored(2, c[2], 64); _tile_stored(3, c[3], 64);
   }
+}
+
+// int8_per_group<32> followed, per group, by the exact fp32 epilogue of the 32 x 32 block (the
+// sums of group g are folded while the tiles of group g+1 compute, as qgemm_amx.cpp does)
+__attribute__((noinline)) void int8_per_group_epilogue(Buffers& m, float (*y)[32], const float* sc, const float* d) {
+  for (int g = 0, s = 0; g < m.steps; ++g, s = s + 1 == m.sets ? 0 : s + 1) {
+    int32_t (*c)[256] = m.c[g & 1];
+    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+    _tile_loadd(4, m.a(s, 0), 32);
+    _tile_loadd(6, m.b(s, 0), 64);
+    _tile_dpbssd(0, 4, 6);
+    _tile_loadd(7, m.b(s, 1), 64);
+    _tile_dpbssd(1, 4, 7);
+    _tile_loadd(5, m.a(s, 1), 32);
+    _tile_dpbssd(2, 5, 6);
+    _tile_dpbssd(3, 5, 7);
+    _tile_stored(0, c[0], 64); _tile_stored(1, c[1], 64);
+    _tile_stored(2, c[2], 64); _tile_stored(3, c[3], 64);
+    if (g == 0) continue;
+    const int32_t (*p)[256] = m.c[(g - 1) & 1];
+    const __m512 s0 = _mm512_loadu_ps(sc + (g & 7) * 32), s1 = _mm512_loadu_ps(sc + (g & 7) * 32 + 16);
+#pragma GCC unroll 4
+    for (int r = 0; r < 32; ++r) {
+      const __m512 dr = _mm512_set1_ps(d[(g & 7) * 32 + r]);
+      const int t = r < 16 ? 0 : 2, i = r & 15;
+      __m512 y0 = _mm512_load_ps(y[r]), y1 = _mm512_load_ps(y[r] + 16);
+      y0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(p[t] + 16 * i)), _mm512_mul_ps(s0, dr), y0);
+      y1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(p[t + 1] + 16 * i)), _mm512_mul_ps(s1, dr), y1);
+      _mm512_store_ps(y[r], y0);
+      _mm512_store_ps(y[r] + 16, y1);
+    }
+  }
+}
+
+// two TDPBF16PS per K-step into the same accumulators (weights as bf16 hi + lo), one store at the end
+__attribute__((noinline)) void bf16x2_accumulate(Buffers& m) {
+  _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+  for (int g = 0, s = 0; g < m.steps; ++g, s = s + 1 == m.sets ? 0 : s + 1) {
+    const int s2 = s + 1 == m.sets ? 0 : s + 1;  // the lo halves: another operand set
+    _tile_loadd(4, m.a(s, 0), 64);
+    _tile_loadd(5, m.a(s, 1), 64);
+    _tile_loadd(6, m.b(s, 0), 64);
+    _tile_loadd(7, m.b(s, 1), 64);
+    _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
+    _tile_loadd(6, m.b(s2, 0), 64);
+    _tile_loadd(7, m.b(s2, 1), 64);
+    _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, m.c[0][0], 64); _tile_stored(1, m.c[0][1], 64);
+  _tile_stored(2, m.c[0][2], 64); _tile_stored(3, m.c[0][3], 64);
 }
 
 // accumulate over all K-steps, one store at the end; BF16 selects TDPBF16PS over TDPBSSD
@@ -213,17 +269,22 @@ int main(int argc, char** argv) {
   fill(mb, true);
   // The VM's neighbours come and go: the kernels take turns over `rounds` rounds, with a pause
   // between rounds, and each keeps its best repetition over all of them.
-  double k32 = 1e30, k32_nostore = 1e30, k32_l2 = 1e30, k64 = 1e30, bf16 = 1e30;
+  double k32 = 1e30, k32_nostore = 1e30, k32_l2 = 1e30, k64 = 1e30, bf16 = 1e30, k32_epi = 1e30, bf16x2 = 1e30;
+  alignas(64) static float yblk[32][32];
+  alignas(64) static float scl[8 * 32], dsc[8 * 32];
+  for (int i = 0; i < 8 * 32; ++i) { scl[i] = 0.01f + 1e-4f * float(i); dsc[i] = 0.02f - 1e-5f * float(i); }
   const int reps_l2 = std::max(1, reps / 4);
   for (int r = 0; r < rounds; ++r) {
     configure(32, 8);    // int8, K = 32: A 16 x 32 bytes, B 8 x 64
     k32 = std::min(k32, best_cycles([] { int8_per_group<32>(m); }, reps, m.steps));
     k32_nostore = std::min(k32_nostore, best_cycles([] { accumulate<false, 32>(m); }, reps, m.steps));
     k32_l2 = std::min(k32_l2, best_cycles([] { int8_per_group<32>(l2); }, reps_l2, l2.steps));
+    k32_epi = std::min(k32_epi, best_cycles([] { int8_per_group_epilogue(m, yblk, scl, dsc); }, reps, m.steps));
     configure(64, 16);   // int8, K = 64: A 16 x 64 bytes, B 16 x 64
     k64 = std::min(k64, best_cycles([] { int8_per_group<64>(m); }, reps, m.steps));
     // bf16, K = 32 (the same tile shapes): A 16 x 32 bf16, B 16 x (2 x 16) bf16
     bf16 = std::min(bf16, best_cycles([] { accumulate<true, 64>(mb); }, reps, mb.steps));
+    bf16x2 = std::min(bf16x2, best_cycles([] { bf16x2_accumulate(mb); }, reps, mb.steps));
     timespec d{0, 10000000};
     nanosleep(&d, nullptr);
   }
@@ -233,6 +294,9 @@ int main(int argc, char** argv) {
   std::printf("int8_k32_store_l2 %.2f\n", k32_l2);
   std::printf("int8_k64_store %.2f\n", k64);
   std::printf("bf16_k32_accum %.2f\n", bf16);
+  std::printf("int8_k32_epilogue %.2f\n", k32_epi);
+  std::printf("bf16x2_accum %.2f\n", bf16x2);
+  std::printf("checksum %.3g\n", double(yblk[3][5]));
   double dpbf16 = 1e30, dpbusd = 1e30;
   for (int r = 0; r < rounds; ++r) {
     dpbf16 = std::min(dpbf16, avx512_dot_cycles<true>(reps));

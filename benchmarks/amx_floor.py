@@ -10,12 +10,17 @@ repetitions, in TSC cycles per 16x16 output tile and K-step:
   (a) int8 TDPBSSD K=32 + the tile store per group, no epilogue at all (the floor);
   (b) the same with K=64 (the TMUL at full width), for reference;
   (c) AMX-BF16 TDPBF16PS accumulating over all K, one store at the end (what oneDNN runs for torch);
+  (d) (a) plus the cheapest exact fp32 epilogue per group (cvt, mul, fma per 16 outputs: q4_0
+      with signed codes; q4_1's mins add an fma), folding group g while group g+1's tiles compute;
+  (e) exact int4 weights without a per-group epilogue: two TDPBF16PS per K-step (weights as
+      bf16 hi + lo, activations rounded to bf16), accumulating over all K;
 plus (a) without the stores, (a) with its operands in L2, (a) on all threads at once, and the
 AVX-512 BF16 (VDPBF16PS) and int8-VNNI (VPDPBUSD) peaks of one core, for scale.
 (a) becomes a GFLOP/s ceiling for --threads threads (2·16·16·32 flops per tile and group, TSC Hz
 measured against CLOCK_MONOTONIC), set against torch's bf16 matmul 512x4096x4096 into a
 preallocated out= with --threads threads in its own process (benchmarks/torch_matmul.py, torch's
 defaults: AMX on).  edgetune's own q4 GEMM on the same shape is printed for comparison.
+(d) and (e) become ceilings the same way and are printed against the same torch run (informative).
 The LAST line is `amx_floor: ceiling_vs_torch_bf16=X` (ceiling of (a) / torch bf16 GFLOP/s);
 X = n/a, exit 0, on a CPU (or OS) without AMX.  Never pass/fail on time.
 """
@@ -156,6 +161,10 @@ def main():
           f"({f['int8_k64_store'] / 2:.2f} cycles per 32 of K)")
     print(f"(c) bf16 TDPBF16PS K=32, accumulate over all K, one store  : "
           f"{f['bf16_k32_accum']:6.2f} cycles  {gf(f['bf16_k32_accum']):7.1f} GFLOP/s")
+    print(f"(d) (a) + exact fp32 epilogue (cvt, mul, fma per 16 outputs): "
+          f"{f['int8_k32_epilogue']:6.2f} cycles  {gf(f['int8_k32_epilogue']):7.1f} GFLOP/s")
+    print(f"(e) exact weights as bf16 hi+lo: 2 TDPBF16PS, accumulate     : "
+          f"{f['bf16x2_accum']:6.2f} cycles  {gf(f['bf16x2_accum']):7.1f} GFLOP/s")
     print(f"    (a) on {nt} threads at once (slowest thread)             : {cyc_a_all:6.2f} cycles  "
           f"{gf(cyc_a_all, nt):7.1f} GFLOP/s for {nt} threads")
     dpbf16, dpbusd = f["avx512_dpbf16"], f["avx512_dpbusd"]
@@ -180,6 +189,11 @@ def main():
         print(f"edgetune q4 ({path} path) {M}x{N}x{K}, {a.threads} threads: {g:.1f} GFLOP/s = "
               f"{FLOPS_PER_TILE_GROUP * a.threads * hz / (g * 1e9):.1f} TSC cycles per tile-group "
               f"per thread ({g / ceiling:.2f} of the ceiling)")
+    for key, what in (("int8_k32_epilogue", "(d) int8 with the exact epilogue"),
+                      ("bf16x2_accum", "(e) exact weights as bf16 hi+lo")):
+        c = gf(f[key], a.threads)
+        print(f"informative: {what}: ceiling {c:.1f} GFLOP/s for {a.threads} threads = "
+              f"{c / tb['gflops']:.2f}x torch bf16")
     print(f"amx_floor: ceiling_vs_torch_bf16={ceiling / tb['gflops']:.2f}")
 
 
