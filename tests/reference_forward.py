@@ -227,14 +227,17 @@ def to_dense(net, dtype=torch.bfloat16):
 def install(net, layer=torch_layer):
     """Run net's blocks through `layer` (this instance only): Transformer.layer_forward and
     layers_forward are replaced, so every model-level forward uses the reference."""
-    def layer_forward(i, h, perturb=None):   # numpy in, numpy out, as the model's own
-        out = layer(net, i, h, perturb)
-        return out.numpy() if isinstance(h, np.ndarray) else out
+    def keep(h, rows):   # the model's rows= contract: flat rows b*T + t of the full result
+        return h if rows is None else h.reshape(-1, h.shape[-1])[rows]
 
-    def layers_forward(i0, i1, h, perturb=None):
+    def layer_forward(i, h, perturb=None, rows=None):   # numpy in, numpy out, as the model's own
+        out = layer(net, i, h, perturb)
+        return keep(out.numpy() if isinstance(h, np.ndarray) else out, rows)
+
+    def layers_forward(i0, i1, h, perturb=None, rows=None):
         for i in range(i0, i1):
             h = net._run_layer(i, [h], [perturb])[0]
-        return h
+        return keep(h, rows)
 
     net.layer_forward = layer_forward
     net.layers_forward = layers_forward
