@@ -38,14 +38,19 @@ def batch_tokens(n_vocab: int, batch: int, seq: int) -> list:
     return [[int(t) for t in rng.integers(100, n_vocab - 100, seq)] for _ in range(batch)]
 
 
-def best_time(fn, repeats: int) -> float:
-    fn()  # warm-up
+def time_calls(fn, n: int) -> float:
+    """The best wall time of n calls of fn."""
     ts = []
-    for _ in range(repeats):
+    for _ in range(n):
         t = time.perf_counter()
         fn()
         ts.append(time.perf_counter() - t)
     return min(ts)
+
+
+def best_time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    return time_calls(fn, repeats)
 
 
 def serve(fn, stdin=None, stdout=None) -> float:
@@ -63,13 +68,9 @@ def serve(fn, stdin=None, stdout=None) -> float:
         if cmd[0] != "time" or len(cmd) != 2 or not cmd[1].isdigit() or int(cmd[1]) < 1:
             raise SystemExit(f"baseline_forward --serve: bad request {line.strip()!r} "
                              f"(expected 'time N' with N >= 1, or 'done')")
-        ts = []
-        for _ in range(int(cmd[1])):
-            t = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t)
-        best = min(best, min(ts))
-        print(json.dumps({"seconds": min(ts)}), file=stdout, flush=True)
+        t = time_calls(fn, int(cmd[1]))
+        best = min(best, t)
+        print(json.dumps({"seconds": t}), file=stdout, flush=True)
     return best
 
 

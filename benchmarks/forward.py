@@ -35,7 +35,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 import edgetune  # noqa: E402
 from edgetune import assets, kernels  # noqa: E402
-from baseline_forward import batch_tokens  # noqa: E402
+from baseline_forward import batch_tokens, time_calls  # noqa: E402
 from torch_matmul import NO_AMX_ENV, NO_AMX_LABEL  # noqa: E402
 
 
@@ -82,15 +82,6 @@ class Baseline:
         r = self._reply("engine")
         self.p.wait()
         return r
-
-
-def time_calls(fn, n: int) -> float:
-    ts = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return min(ts)
 
 
 def cosine(a, b) -> float:

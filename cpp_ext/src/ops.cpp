@@ -145,33 +145,40 @@ bool ops_set_simd(bool on) {
     return ops_simd();
 }
 
-void rms_norm(const float* x, int64_t M, int64_t D, int64_t ldx, const float* w, float eps, float* out) {
+namespace {
+// rows [m0, m1) of an element-wise op, ROWS_PER_TASK rows per task: rows(m0, m1, simd) runs the
+// AVX-512 twin when simd (ops_simd(), read once per call), else the portable loop
+template <class Rows>
+void by_rows(int64_t M, Rows rows) {
 #if defined(EDGETUNE_HAVE_AVX512)
     const bool simd = ops_simd();
+#else
+    const bool simd = false;
 #endif
-    auto task = [&](int64_t t) {
-        const int64_t m0 = t * ROWS_PER_TASK, m1 = std::min(M, (t + 1) * ROWS_PER_TASK);
+    auto task = [&](int64_t t) { rows(t * ROWS_PER_TASK, std::min(M, (t + 1) * ROWS_PER_TASK), simd); };
+    parallel_for((M + ROWS_PER_TASK - 1) / ROWS_PER_TASK, task);
+}
+}  // namespace
+
+void rms_norm(const float* x, int64_t M, int64_t D, int64_t ldx, const float* w, float eps, float* out) {
+    by_rows(M, [&](int64_t m0, int64_t m1, bool simd) {
 #if defined(EDGETUNE_HAVE_AVX512)
         if (simd) return rms_rows_avx512(x, m0, m1, D, ldx, w, eps, out);
 #endif
+        (void)simd;
         rms_rows(x, m0, m1, D, ldx, w, eps, out);
-    };
-    parallel_for((M + ROWS_PER_TASK - 1) / ROWS_PER_TASK, task);
+    });
 }
 
 void add_rms_norm(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t M, int64_t D, const float* w,
                   float eps, float* sum, float* out) {
-#if defined(EDGETUNE_HAVE_AVX512)
-    const bool simd = ops_simd();
-#endif
-    auto task = [&](int64_t t) {
-        const int64_t m0 = t * ROWS_PER_TASK, m1 = std::min(M, (t + 1) * ROWS_PER_TASK);
+    by_rows(M, [&](int64_t m0, int64_t m1, bool simd) {
 #if defined(EDGETUNE_HAVE_AVX512)
         if (simd) return add_rms_rows_avx512(a, lda, b, ldb, m0, m1, D, w, eps, sum, out);
 #endif
+        (void)simd;
         add_rms_rows(a, lda, b, ldb, m0, m1, D, w, eps, sum, out);
-    };
-    parallel_for((M + ROWS_PER_TASK - 1) / ROWS_PER_TASK, task);
+    });
 }
 
 void silu_mul_row(const float* g, const float* u, int64_t F, float* out) {
@@ -182,17 +189,13 @@ void silu_mul_row(const float* g, const float* u, int64_t F, float* out) {
 }
 
 void silu_mul(const float* g, const float* u, int64_t M, int64_t F, int64_t ld, float* out) {
-#if defined(EDGETUNE_HAVE_AVX512)
-    const bool simd = ops_simd();
-#endif
-    auto task = [&](int64_t t) {
-        const int64_t m0 = t * ROWS_PER_TASK, m1 = std::min(M, (t + 1) * ROWS_PER_TASK);
+    by_rows(M, [&](int64_t m0, int64_t m1, bool simd) {
 #if defined(EDGETUNE_HAVE_AVX512)
         if (simd) return silu_rows_avx512(g, u, m0, m1, F, ld, out);
 #endif
+        (void)simd;
         silu_rows(g, u, m0, m1, F, ld, out);
-    };
-    parallel_for((M + ROWS_PER_TASK - 1) / ROWS_PER_TASK, task);
+    });
 }
 
 void attention(const float* q, const float* k, const float* v, int64_t ldq, int64_t ldk, int64_t ldv,

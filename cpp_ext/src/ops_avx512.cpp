@@ -252,6 +252,28 @@ void silu_rows_avx512(const float* g, const float* u, int64_t m0, int64_t m1, in
     }
 }
 
+namespace {
+// the 16 lanes of acc summed in lane order from 0 (ops.cpp's sequential sum of its acc[16])
+inline float lanes_sum(__m512 acc) {
+    alignas(64) float a16[16];
+    _mm512_store_ps(a16, acc);
+    float ss = 0.0f;
+    for (int j = 0; j < 16; ++j) ss += a16[j];
+    return ss;
+}
+
+// o[j] = (x[j] * r) * w[j]: the RMSNorm's output row
+inline void norm_row(const float* x, float r, const float* w, int64_t D, float* o) {
+    const __m512 rv = set1(r);
+    for (int64_t j = 0; j < D; j += 16) {
+        const __mmask16 k = head_mask(D - j);
+        const __m512 y = _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, x + j), rv),
+                                       _mm512_maskz_loadu_ps(k, w + j));
+        _mm512_mask_storeu_ps(o + j, k, y);
+    }
+}
+}  // namespace
+
 void rms_rows_avx512(const float* x, int64_t m0, int64_t m1, int64_t D, int64_t ldx, const float* w, float eps,
                      float* out) {
     for (int64_t m = m0; m < m1; ++m) {
@@ -262,20 +284,9 @@ void rms_rows_avx512(const float* x, int64_t m0, int64_t m1, int64_t D, int64_t 
             const __m512 v = _mm512_loadu_ps(xr + i);
             acc = _mm512_add_ps(acc, _mm512_mul_ps(v, v));
         }
-        alignas(64) float a16[16];
-        _mm512_store_ps(a16, acc);
-        float ss = 0.0f;
-        for (int j = 0; j < 16; ++j) ss += a16[j];
+        float ss = lanes_sum(acc);
         for (; i < D; ++i) ss += xr[i] * xr[i];
-        const float r = 1.0f / std::sqrt(ss / static_cast<float>(D) + eps);
-        const __m512 rv = set1(r);
-        float* o = out + m * D;
-        for (int64_t j = 0; j < D; j += 16) {
-            const __mmask16 k = head_mask(D - j);
-            const __m512 y = _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, xr + j), rv),
-                                           _mm512_maskz_loadu_ps(k, w + j));
-            _mm512_mask_storeu_ps(o + j, k, y);
-        }
+        norm_row(xr, 1.0f / std::sqrt(ss / static_cast<float>(D) + eps), w, D, out + m * D);
     }
 }
 
@@ -292,24 +303,13 @@ void add_rms_rows_avx512(const float* a, int64_t lda, const float* b, int64_t ld
             _mm512_storeu_ps(sr + i, v);
             acc = _mm512_add_ps(acc, _mm512_mul_ps(v, v));
         }
-        alignas(64) float a16[16];
-        _mm512_store_ps(a16, acc);
-        float ss = 0.0f;
-        for (int j = 0; j < 16; ++j) ss += a16[j];
+        float ss = lanes_sum(acc);
         for (; i < D; ++i) {
             const float v = ar[i] + br[i];
             sr[i] = v;
             ss += v * v;
         }
-        const float r = 1.0f / std::sqrt(ss / static_cast<float>(D) + eps);
-        const __m512 rv = set1(r);
-        float* o = out + m * D;
-        for (int64_t j = 0; j < D; j += 16) {
-            const __mmask16 k = head_mask(D - j);
-            const __m512 y = _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, sr + j), rv),
-                                           _mm512_maskz_loadu_ps(k, w + j));
-            _mm512_mask_storeu_ps(o + j, k, y);
-        }
+        norm_row(sr, 1.0f / std::sqrt(ss / static_cast<float>(D) + eps), w, D, out + m * D);
     }
 }
 
