@@ -30,7 +30,8 @@ def main():
     ap.add_argument("--estimator", default="two_point")
     ap.add_argument("--q", type=int, default=1)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=12,
+                    help="interleaved forward/step pairs (batches 1..N); each side keeps its best")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     a = ap.parse_args()
     cfg = make_config(flag_values=dict(
