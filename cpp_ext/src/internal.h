@@ -89,6 +89,22 @@ inline void quantize_act_row(const float* x, int64_t K, int G, int8_t* q, float*
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// The calling thread's K-float buffer for the rows src produces (nullptr for plain rows): the
+// argument of src.row in every path's quantizer.
+inline float* row_scratch(const RowSource& src, int64_t K) {
+    return src.make ? static_cast<float*>(thread_scratch(SCRATCH_XROW, sizeof(float) * K)) : nullptr;
+}
+
+// QuantAct for M rows of K in this thread's SCRATCH_ACT buffer (d, sum, then q).
+inline QuantAct quant_act_scratch(int64_t M, int64_t K, int64_t NG) {
+    char* act = static_cast<char*>(thread_scratch(SCRATCH_ACT, M * K + 2 * sizeof(float) * M * NG + 64));
+    QuantAct a;
+    a.d = reinterpret_cast<float*>(act);
+    a.sum = a.d + M * NG;
+    a.q = reinterpret_cast<int8_t*>(a.sum + M * NG);
+    return a;
+}
+
 // Split the work into (n-panel range) x (m range) tasks: enough tasks to keep every thread busy,
 // preferring whole-M tasks (a repacked weight panel is then reused across all rows of x).
 struct Partition {

@@ -246,7 +246,7 @@ struct AmxKernel {
         aa.q = reinterpret_cast<int8_t*>(aa.corr + MT * TM * NG);
         auto quant = [&](int64_t mt) {
             int8_t* q = aa.q + mt * NG * TM * G;
-            float* xb = src.make ? static_cast<float*>(thread_scratch(SCRATCH_XROW, sizeof(float) * K)) : nullptr;
+            float* xb = row_scratch(src, K);
             const int64_t tg = mt * NG * TM;  // index of (tile, group 0, row 0) in d/sum/corr
             for (int i = 0; i < TM; ++i) {
                 const int64_t m = mt * TM + i;

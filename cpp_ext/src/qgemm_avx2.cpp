@@ -129,7 +129,7 @@ struct Avx2Kernel {
         int16_t* xq16 = reinterpret_cast<int16_t*>(asum + M * NG);
         int8_t* xq8 = reinterpret_cast<int8_t*>(xq16 + M * K);
         auto quant = [&](int64_t m) {
-            float* xb = src.make ? static_cast<float*>(thread_scratch(SCRATCH_XROW, sizeof(float) * K)) : nullptr;
+            float* xb = row_scratch(src, K);
             quantize_act_row(src.row(m, K, xb), K, G, xq8 + m * K, ad + m * NG, asum + m * NG);
             for (int64_t k = 0; k < K; ++k) xq16[m * K + k] = xq8[m * K + k];
         };

@@ -125,13 +125,9 @@ struct NeonKernel {
 
     static Act quantize(const RowSource& src, int64_t M, int64_t K, int G, const Segment*, int) {
         const int64_t NG = K / G;
-        char* act = static_cast<char*>(thread_scratch(SCRATCH_ACT, M * K + 2 * sizeof(float) * M * NG + 64));
-        QuantAct a;
-        a.d = reinterpret_cast<float*>(act);
-        a.sum = a.d + M * NG;
-        a.q = reinterpret_cast<int8_t*>(a.sum + M * NG);
+        const QuantAct a = quant_act_scratch(M, K, NG);
         auto quant = [&](int64_t m) {
-            float* xb = src.make ? static_cast<float*>(thread_scratch(SCRATCH_XROW, sizeof(float) * K)) : nullptr;
+            float* xb = row_scratch(src, K);
             quantize_act_row(src.row(m, K, xb), K, G, a.q + m * K, a.d + m * NG, a.sum + m * NG);
         };
         parallel_for(M, quant);
