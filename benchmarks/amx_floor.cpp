@@ -81,9 +81,15 @@ struct Buffers {
 inline uint64_t tsc_begin() { _mm_lfence(); uint64_t t = __rdtsc(); _mm_lfence(); return t; }
 inline uint64_t tsc_end() { unsigned aux; uint64_t t = __rdtscp(&aux); _mm_lfence(); return t; }
 
-// int8, K = KB bytes per A row (32 or 64), zero + TDPBSSD + store for every group
-template <int KB>
-__attribute__((noinline)) void int8_per_group(Buffers& m) {
+struct NoEpilogue {
+  void operator()(int, const int32_t (*)[256]) const {}
+};
+
+// int8, K = KB bytes per A row (32 or 64), zero + TDPBSSD + store for every group; then
+// epi(g, sums of group g - 1) for g >= 1 (its tiles were stored one group ago, so it folds them
+// while group g's tiles compute)
+template <int KB, class Epi = NoEpilogue>
+__attribute__((noinline)) void int8_per_group(Buffers& m, Epi epi = Epi()) {
   for (int g = 0, s = 0; g < m.steps; ++g, s = s + 1 == m.sets ? 0 : s + 1) {
     int32_t (*c)[256] = m.c[g & 1];
     _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
@@ -97,27 +103,16 @@ __attribute__((noinline)) void int8_per_group(Buffers& m) {
     _tile_dpbssd(3, 5, 7);
     _tile_stored(0, c[0], 64); _tile_stored(1, c[1], 64);
     _tile_stored(2, c[2], 64); _tile_stored(3, c[3], 64);
+    if (g > 0) epi(g, m.c[(g - 1) & 1]);
   }
 }
 
-// int8_per_group<32> followed, per group, by the exact fp32 epilogue of the 32 x 32 block (the
-// sums of group g are folded while the tiles of group g+1 compute, as qgemm_amx.cpp does)
-__attribute__((noinline)) void int8_per_group_epilogue(Buffers& m, float (*y)[32], const float* sc, const float* d) {
-  for (int g = 0, s = 0; g < m.steps; ++g, s = s + 1 == m.sets ? 0 : s + 1) {
-    int32_t (*c)[256] = m.c[g & 1];
-    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-    _tile_loadd(4, m.a(s, 0), 32);
-    _tile_loadd(6, m.b(s, 0), 64);
-    _tile_dpbssd(0, 4, 6);
-    _tile_loadd(7, m.b(s, 1), 64);
-    _tile_dpbssd(1, 4, 7);
-    _tile_loadd(5, m.a(s, 1), 32);
-    _tile_dpbssd(2, 5, 6);
-    _tile_dpbssd(3, 5, 7);
-    _tile_stored(0, c[0], 64); _tile_stored(1, c[1], 64);
-    _tile_stored(2, c[2], 64); _tile_stored(3, c[3], 64);
-    if (g == 0) continue;
-    const int32_t (*p)[256] = m.c[(g - 1) & 1];
+// the cheapest exact fp32 epilogue of the 32 x 32 block for one group's int32 sums p:
+// y = fma(float(dot), s·d, y) per 16 outputs
+struct ExactEpilogue {
+  float (*y)[32];
+  const float *sc, *d;
+  void operator()(int g, const int32_t (*p)[256]) const {
     const __m512 s0 = _mm512_loadu_ps(sc + (g & 7) * 32), s1 = _mm512_loadu_ps(sc + (g & 7) * 32 + 16);
 #pragma GCC unroll 4
     for (int r = 0; r < 32; ++r) {
@@ -130,7 +125,7 @@ __attribute__((noinline)) void int8_per_group_epilogue(Buffers& m, float (*y)[32
       _mm512_store_ps(y[r] + 16, y1);
     }
   }
-}
+};
 
 // two TDPBF16PS per K-step into the same accumulators (weights as bf16 hi + lo), one store at the end
 __attribute__((noinline)) void bf16x2_accumulate(Buffers& m) {
@@ -279,7 +274,7 @@ int main(int argc, char** argv) {
     k32 = std::min(k32, best_cycles([] { int8_per_group<32>(m); }, reps, m.steps));
     k32_nostore = std::min(k32_nostore, best_cycles([] { accumulate<false, 32>(m); }, reps, m.steps));
     k32_l2 = std::min(k32_l2, best_cycles([] { int8_per_group<32>(l2); }, reps_l2, l2.steps));
-    k32_epi = std::min(k32_epi, best_cycles([] { int8_per_group_epilogue(m, yblk, scl, dsc); }, reps, m.steps));
+    k32_epi = std::min(k32_epi, best_cycles([] { int8_per_group<32>(m, ExactEpilogue{yblk, scl, dsc}); }, reps, m.steps));
     configure(64, 16);   // int8, K = 64: A 16 x 64 bytes, B 16 x 64
     k64 = std::min(k64, best_cycles([] { int8_per_group<64>(m); }, reps, m.steps));
     // bf16, K = 32 (the same tile shapes): A 16 x 32 bf16, B 16 x (2 x 16) bf16
